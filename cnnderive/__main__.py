@@ -1,0 +1,5 @@
+import sys
+
+from cnnderive.cli import main
+
+sys.exit(main())

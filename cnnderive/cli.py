@@ -1,0 +1,45 @@
+"""The ``cnnderive`` console script: one entry point, a subcommand for each use.
+
+Each subcommand's module is imported only when that subcommand runs, so that
+``cnnderive train`` never imports SymPy and ``cnnderive derive`` never loads data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UsageError(Exception):
+    """A problem with the user's input: printed as one clear line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnderive",
+        description="Derive CNN gradients with SymPy, prove their closed forms, "
+        "generate NumPy code from them and train networks with it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from train import cli as train_cli
+
+    train_cli.add_parsers(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as error:
+        print(f"cnnderive {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
