@@ -1,0 +1,375 @@
+"""The proof: SymPy derives each gradient from the index-level definition, and every
+closed form must equal it, element by element, on every configuration of the sweep.
+
+For one configuration of a layer:
+
+1. every input becomes an array of element symbols (``x_{0,1,2,0}``, ...);
+2. the index-level definition is expanded into one expression per output element,
+   and the forward tree must produce exactly those expressions;
+3. the upstream gradient becomes symbols ``delta_{...}`` and SymPy differentiates:
+   ``dL/dx_e = sum_k delta_k * dZ_k/dx_e`` (the chain rule; for a loss, ``dL/dx_e``);
+4. each closed-form tree is evaluated on the same symbols, and the difference from
+   the derived gradient must simplify to zero in every element.
+
+Max pooling needs numbers to decide which element is a window's maximum: its
+definition is differentiated symbolically and then both sides are evaluated at
+integer inputs full of ties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import sympy
+
+from derive import functions
+from derive.ir import Case
+from derive.layer import Configuration, Layer
+from derive.multilinear import Polynomial
+from derive.symbolic import Evaluator, symbol_array, total
+
+
+class VerificationError(AssertionError):
+    """A closed form (or forward tree) differs from what SymPy derived."""
+
+
+# ---------------------------------------------------------------------------
+# Equality of two expressions
+# ---------------------------------------------------------------------------
+
+
+def is_zero(expr) -> bool:
+    """Whether ``expr`` simplifies to zero, trying cheap steps before expensive ones.
+
+    Polynomial closed forms (convolution, pooling, dense) cancel on construction or
+    after ``expand``; the activations and losses need their named functions rewritten
+    as exponentials and the logarithms expanded before ``simplify`` sees the zero."""
+    if isinstance(expr, Polynomial):
+        return expr == 0
+    expr = sympy.sympify(expr)
+    if expr == 0:
+        return True
+    if expr.has(sympy.Piecewise, sympy.Max, sympy.Min):
+        expr = sympy.piecewise_fold(expr.rewrite(sympy.Piecewise))
+        if expr == 0 or sympy.simplify(expr) == 0:
+            return True
+    if sympy.expand(expr) == 0:
+        return True
+    rewritten = expr.rewrite(sympy.exp)
+    for step in (sympy.cancel, sympy.simplify):
+        if step(rewritten) == 0:
+            return True
+    logs = sympy.expand_log(rewritten, force=True)
+    return sympy.simplify(logs) == 0
+
+
+def first_difference(
+    name: str, derived: np.ndarray, closed: np.ndarray, layer: Layer, config_text: str
+):
+    derived = np.asarray(derived, dtype=object)
+    closed = np.asarray(closed, dtype=object)
+    if derived.shape != closed.shape:
+        raise VerificationError(
+            f"{layer.name} {name} on [{config_text}]: the closed form has shape {closed.shape}, "
+            f"the derived gradient {derived.shape}"
+        )
+    for index in np.ndindex(*derived.shape):
+        if not is_zero(derived[index] - closed[index]):
+            raise VerificationError(
+                f"{layer.name} {name} on [{config_text}]: first differing element {list(index)}: "
+                f"derived {_readable(derived[index])}, closed form {_readable(closed[index])}"
+            )
+
+
+def _readable(value):
+    return value.as_expr() if isinstance(value, Polynomial) else value
+
+
+# ---------------------------------------------------------------------------
+# Differentiation
+# ---------------------------------------------------------------------------
+
+
+def chain_rule(
+    outputs: np.ndarray,
+    upstream: np.ndarray | None,
+    wrt: Mapping[str, np.ndarray],
+    method: str = "diff",
+) -> dict[str, np.ndarray]:
+    """``dL/dv = sum_k upstream_k * d outputs_k / dv`` for every element v of ``wrt``.
+
+    Only the elements an output actually depends on are differentiated (the free
+    symbols of that output), which keeps a convolution's proof linear in its size.
+
+    ``method="diff"`` uses ``sympy.diff`` on SymPy expressions.  ``method="coefficients"``
+    works on ``Polynomial`` tables (see ``derive.multilinear``) and reads each
+    derivative off the table by coefficient extraction; it is exact for polynomials
+    (convolution and dense layers are linear in each operand) and far cheaper at the
+    seed network's size.
+    """
+    terms: dict[str, dict] = {name: defaultdict(list) for name in wrt}
+    if method == "coefficients":
+        position = {}
+        for name, array in wrt.items():
+            for index in np.ndindex(*array.shape):
+                (number,) = array[index].variables()
+                position[number] = (name, index)
+        for out_index in np.ndindex(*outputs.shape):
+            expr = outputs[out_index]
+            weight = 1 if upstream is None else upstream[out_index]
+            for number, derivative in expr.partials().items():
+                if number in position:
+                    name, index = position[number]
+                    terms[name][index].append(weight * derivative)
+    else:
+        position = {}
+        for name, array in wrt.items():
+            for index in np.ndindex(*array.shape):
+                position[array[index]] = (name, index)
+        for out_index in np.ndindex(*outputs.shape):
+            expr = sympy.sympify(outputs[out_index])
+            weight = sympy.S.One if upstream is None else upstream[out_index]
+            for symbol in expr.free_symbols:
+                if symbol in position:
+                    name, index = position[symbol]
+                    terms[name][index].append(weight * expr.diff(symbol))
+    gradients = {}
+    for name, array in wrt.items():
+        out = np.empty(array.shape, dtype=object)
+        for index in np.ndindex(*array.shape):
+            out[index] = total(terms[name].get(index, [sympy.S.Zero]))
+        gradients[name] = out
+    return gradients
+
+
+# ---------------------------------------------------------------------------
+# One configuration
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Proof:
+    """Everything computed while proving one configuration (the LaTeX report shows it)."""
+
+    layer: Layer
+    config: Configuration
+    inputs: dict[str, np.ndarray]
+    defined: np.ndarray
+    upstream: np.ndarray | None
+    derived: dict[str, np.ndarray]
+    closed: dict[str, dict[str, np.ndarray]]  # gradient name -> case name -> value
+    substitution: dict = field(default_factory=dict)
+
+
+def prove(layer: Layer, config: Configuration, method: str = "diff", rng_seed: int = 0) -> Proof:
+    """Prove the forward tree and every applicable closed form of ``layer`` on ``config``.
+
+    Raises ``VerificationError`` naming the first differing element."""
+    text = layer.describe(config)
+    problems = layer.violated(config)
+    if problems:
+        raise ValueError(f"{layer.name}: invalid configuration [{text}]: " + "; ".join(problems))
+    shapes = layer.shapes(config)
+    polynomial = method == "coefficients"
+    inputs = {
+        item.name: symbol_array(
+            item.name if item.differentiable else item.latex.lower(),
+            shapes[item.name],
+            polynomial,
+            real=True,
+        )
+        for item in layer.inputs
+    }
+    sizes = dict(config)
+
+    substitution = {}
+    tree_inputs = dict(inputs)
+    if layer.samples is not None:
+        values = layer.samples(shapes, np.random.default_rng(rng_seed))
+        for name, value in values.items():
+            tree_inputs[name] = value
+            for index in np.ndindex(*value.shape):
+                substitution[inputs[name][index]] = sympy.Integer(int(value[index]))
+
+    evaluator = Evaluator(tree_inputs, sizes)
+    for name, node in layer.forward:
+        evaluator.env[name] = evaluator(node)
+    out = np.asarray(evaluator.env[layer.output], dtype=object)
+
+    defined = layer.definition.expand(inputs, sizes, out.shape)
+    first_difference("forward", _substituted(defined, substitution), out, layer, text)
+
+    upstream = None
+    if layer.kind != "loss":
+        upstream = symbol_array("delta", out.shape, polynomial, real=True)
+        evaluator.env[layer.upstream] = upstream
+    wrt = {item.name: inputs[item.name] for item in layer.inputs if item.differentiable}
+    derived = chain_rule(defined, upstream, wrt, method=method)
+
+    closed: dict[str, dict[str, np.ndarray]] = {}
+    for gradient in layer.gradients:
+        expected = _substituted(derived[gradient.wrt], substitution)
+        closed[gradient.name] = {}
+        for case in applicable_cases(gradient.cases, evaluator):
+            value = evaluator(case.tree)
+            first_difference(
+                f"{gradient.name} ({case.name or 'closed form'})", expected, value, layer, text
+            )
+            closed[gradient.name][case.name] = value
+    return Proof(layer, config, inputs, defined, upstream, derived, closed, substitution)
+
+
+def applicable_cases(cases: tuple[Case, ...], evaluator: Evaluator) -> list[Case]:
+    return [case for case in cases if evaluator.condition(case.condition)]
+
+
+def _substituted(array: np.ndarray, substitution: dict) -> np.ndarray:
+    if not substitution:
+        return array
+    out = np.empty(array.shape, dtype=object)
+    for index in np.ndindex(*array.shape):
+        out[index] = sympy.sympify(array[index]).xreplace(substitution)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# A whole layer, and everything
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class LayerResult:
+    """The verified description of one layer: which closed forms hold, on which configurations."""
+
+    name: str
+    ok: bool
+    seconds: float
+    configurations: list[str]
+    cases: dict[str, dict[str, list[str]]]  # gradient -> case name -> configurations proven
+    error: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _prove_chunk(args) -> list[tuple[int, str, dict, float, str]]:
+    layer_name, indices, method = args
+    from derive.layers import LAYERS
+
+    layer = LAYERS[layer_name]
+    configs = configurations_of(layer, method)
+    results = []
+    for number in indices:
+        start = time.perf_counter()
+        try:
+            proof = prove(layer, configs[number], method=method)
+            cases = {g: list(by_case) for g, by_case in proof.closed.items()}
+            results.append(
+                (number, layer.describe(configs[number]), cases, time.perf_counter() - start, "")
+            )
+        except VerificationError as error:
+            results.append(
+                (
+                    number,
+                    layer.describe(configs[number]),
+                    {},
+                    time.perf_counter() - start,
+                    str(error),
+                )
+            )
+    return results
+
+
+def configurations_of(layer: Layer, method: str) -> list[Configuration]:
+    if method == "coefficients":
+        return [layer.seed_size] if layer.seed_size else []
+    return layer.configurations()
+
+
+def verify_layers(
+    layers: list[Layer], *, seed_size: bool = False, workers: int | None = None
+) -> list[LayerResult]:
+    """Prove every layer on its sweep (or at the seed network's size), in parallel."""
+    method = "coefficients" if seed_size else "diff"
+    jobs = []
+    for layer in layers:
+        count = len(configurations_of(layer, method))
+        # Interleave configurations so both workers get a fair share of the large ones.
+        chunk = max(1, count // 8)
+        for start in range(0, count, chunk):
+            jobs.append((layer.name, list(range(start, min(count, start + chunk))), method))
+    workers = workers or min(2, os.cpu_count() or 1)
+    started = {layer.name: time.perf_counter() for layer in layers}
+    collected: dict[str, list] = {layer.name: [] for layer in layers}
+    if workers > 1 and len(jobs) > 1:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            for job, results in zip(jobs, pool.map(_prove_chunk, jobs)):
+                collected[job[0]].extend(results)
+    else:
+        for job in jobs:
+            collected[job[0]].extend(_prove_chunk(job))
+    out = []
+    for layer in layers:
+        results = sorted(collected[layer.name])
+        errors = [r[4] for r in results if r[4]]
+        cases: dict[str, dict[str, list[str]]] = {
+            g.name: {c.name: [] for c in g.cases} for g in layer.gradients
+        }
+        for _, text, proven, _, _ in results:
+            for gradient, names in proven.items():
+                for name in names:
+                    cases[gradient][name].append(text)
+        missing = [
+            f"{g} / {c}"
+            for g, by_case in cases.items()
+            for c, configs in by_case.items()
+            if not configs
+        ]
+        if missing and not errors and results:
+            errors.append(
+                f"{layer.name}: no configuration of the sweep exercised " + ", ".join(missing)
+            )
+        out.append(
+            LayerResult(
+                name=layer.name,
+                ok=not errors and bool(results),
+                seconds=sum(r[3] for r in results),
+                configurations=[r[1] for r in results],
+                cases=cases,
+                error=errors[0] if errors else ("" if results else "no configurations"),
+            )
+        )
+    del started
+    return out
+
+
+def verify_stable_forms() -> LayerResult:
+    """The stable forms the printer emits equal the textbook forms (case split on the sign)."""
+    start = time.perf_counter()
+    u = functions.STABLE_FORM_SYMBOL
+    t = sympy.Symbol("t", positive=True)
+    errors = []
+    for name, (textbook, stable) in functions.STABLE_FORMS.items():
+        for sign in (1, -1):
+            difference = (textbook - stable).xreplace({u: sign * t})
+            if not is_zero(difference):
+                errors.append(
+                    f"stable form of {name} differs from the textbook form for u = {sign} t: {difference}"
+                )
+    return LayerResult(
+        name="stable forms",
+        ok=not errors,
+        seconds=time.perf_counter() - start,
+        configurations=[f"{name}, u > 0 and u < 0" for name in functions.STABLE_FORMS],
+        cases={},
+        error=errors[0] if errors else "",
+    )
