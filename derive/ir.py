@@ -32,7 +32,7 @@ class Param(sympy.Symbol):
     """A run-time integer parameter of a layer, such as ``stride`` or ``padding``."""
 
     def __new__(cls, name: str, latex: str):
-        obj = super().__new__(cls, name, integer=True, nonnegative=True)
+        obj = super().__new__(cls, name, integer=True)
         obj.latex_name = latex
         return obj
 
@@ -89,6 +89,8 @@ class Node:
                 for item in value:
                     if isinstance(item, Node):
                         yield item
+                    elif isinstance(item, tuple):  # Pointwise arguments: (symbol, node) pairs
+                        yield from (part for part in item if isinstance(part, Node))
             elif isinstance(value, Mapping):
                 for item in value.values():
                     if isinstance(item, Node):

@@ -255,12 +255,17 @@ class LayerResult:
     configurations: list[str]
     cases: dict[str, dict[str, list[str]]]  # gradient -> case name -> configurations proven
     error: str = ""
+    # gradient -> case name -> size or parameter name -> [smallest, largest] value proven
+    ranges: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _prove_chunk(args) -> list[tuple[int, str, dict, float, str]]:
+def _prove_chunk(args) -> list[tuple]:
+    """Prove some configurations of one layer (runs in a worker process).
+
+    Returns (number, description, proven cases, seconds, error, {size name: value}) per configuration."""
     layer_name, indices, method = args
     from derive.layers import LAYERS
 
@@ -268,23 +273,16 @@ def _prove_chunk(args) -> list[tuple[int, str, dict, float, str]]:
     configs = configurations_of(layer, method)
     results = []
     for number in indices:
+        config = configs[number]
+        values = {s.name: v for s, v in config.items()}
         start = time.perf_counter()
         try:
-            proof = prove(layer, configs[number], method=method)
+            proof = prove(layer, config, method=method)
             cases = {g: list(by_case) for g, by_case in proof.closed.items()}
-            results.append(
-                (number, layer.describe(configs[number]), cases, time.perf_counter() - start, "")
-            )
-        except VerificationError as error:
-            results.append(
-                (
-                    number,
-                    layer.describe(configs[number]),
-                    {},
-                    time.perf_counter() - start,
-                    str(error),
-                )
-            )
+            error = ""
+        except VerificationError as failure:
+            cases, error = {}, str(failure)
+        results.append((number, layer.describe(config), cases, time.perf_counter() - start, error, values))
     return results
 
 
@@ -324,10 +322,14 @@ def verify_layers(
         cases: dict[str, dict[str, list[str]]] = {
             g.name: {c.name: [] for c in g.cases} for g in layer.gradients
         }
-        for _, text, proven, _, _ in results:
+        ranges: dict = {g.name: {c.name: {} for c in g.cases} for g in layer.gradients}
+        for _, text, proven, _, _, values in results:
             for gradient, names in proven.items():
                 for name in names:
                     cases[gradient][name].append(text)
+                    for key, value in values.items():
+                        low, high = ranges[gradient][name].get(key, [value, value])
+                        ranges[gradient][name][key] = [min(low, value), max(high, value)]
         missing = [
             f"{g} / {c}"
             for g, by_case in cases.items()
@@ -346,6 +348,7 @@ def verify_layers(
                 configurations=[r[1] for r in results],
                 cases=cases,
                 error=errors[0] if errors else ("" if results else "no configurations"),
+                ranges=ranges,
             )
         )
     del started

@@ -1,0 +1,160 @@
+"""The NumPy reading of the closed-form trees: each tree becomes Python statements.
+
+A primitive node becomes a call of the function of the same name in
+``generated/_kernels.py``; a pointwise node becomes a NumPy expression printed by
+``codegen.printer``; a node used twice in one function is computed once.
+Nothing here knows any gradient: it only translates trees that derive/ proved.
+"""
+
+from __future__ import annotations
+
+import keyword
+from collections import Counter
+from dataclasses import dataclass, field, fields
+
+import sympy
+
+from codegen.printer import array_code, integer_code
+from derive import ir
+
+KERNEL_MODULE = "_k"
+
+# Primitive node -> kernel function in generated/_kernels.py.
+KERNELS = {
+    ir.Pad: "pad",
+    ir.Crop: "crop",
+    ir.Dilate: "dilate",
+    ir.Rot180: "rot180",
+    ir.Correlate: "correlate",
+    ir.CorrelateWeights: "correlate_weights",
+    ir.FullConvolve: "full_convolve",
+    ir.WindowSum: "window_sum",
+    ir.WindowArgmax: "window_argmax",
+    ir.GatherWindows: "gather_windows",
+    ir.Upsample: "upsample",
+    ir.ScatterWindows: "scatter_windows",
+    ir.RouteToArgmax: "route_to_argmax",
+    ir.Softmax: "softmax",
+    ir.LogSumExp: "logsumexp",
+}
+
+# Suffix of the variable that holds a shared intermediate, by node type.
+SUFFIXES = {
+    ir.Pad: "padded",
+    ir.Crop: "cropped",
+    ir.Dilate: "dilated",
+    ir.Rot180: "rotated",
+    ir.Softmax: "softmax",
+    ir.LogSumExp: "logsumexp",
+    ir.Sum: "total",
+    ir.Correlate: "correlated",
+    ir.Upsample: "upsampled",
+}
+
+
+def _is_name(text: str) -> bool:
+    return text.isidentifier() and not keyword.iskeyword(text)
+
+
+@dataclass
+class Emitter:
+    """Emits statements for a group of trees that live in one function body."""
+
+    uses: Counter = field(default_factory=Counter)
+    bound: dict = field(default_factory=dict)  # node -> variable name
+    names: set = field(default_factory=set)
+    lines: list = field(default_factory=list)
+
+    def count(self, tree: ir.Node) -> None:
+        for node in tree.walk():
+            self.uses[node] += 1
+
+    def fresh(self, base: str) -> str:
+        name, number = base, 2
+        while name in self.names:
+            name, number = f"{base}_{number}", number + 1
+        self.names.add(name)
+        return name
+
+    def assign(self, target: str, tree: ir.Node) -> None:
+        """``target = <tree>``; ``target`` then stands for that tree in later statements."""
+        self.names.add(target)
+        self.lines.append(f"{target} = {self.code(tree, top=True)}")
+        self.bound.setdefault(tree, target)
+
+    def bind(self, node: ir.Node, base: str) -> str:
+        if node in self.bound:
+            return self.bound[node]
+        expression = self.code(node, top=True)
+        name = self.fresh(base)
+        self.lines.append(f"{name} = {expression}")
+        self.bound[node] = name
+        return name
+
+    def code(self, node: ir.Node, top: bool = False) -> str:
+        if node in self.bound:
+            return self.bound[node]
+        if isinstance(node, ir.Operand):
+            return node.name
+        if not top and self.uses[node] > 1:
+            return self.bind(node, self.base_name(node))
+        return self.expression(node)
+
+    def base_name(self, node: ir.Node) -> str:
+        children = list(node.children())
+        first = self.code(children[0]) if children else "value"
+        first = first if _is_name(first) else "value"
+        return f"{first}_{SUFFIXES.get(type(node), 'part')}"
+
+    def expression(self, node: ir.Node) -> str:
+        if isinstance(node, ir.Pointwise):
+            replacements = {}
+            for symbol, child in node.arguments:
+                text = self.code(child)
+                if not _is_name(text):
+                    text = self.bind(child, symbol.name)
+                replacements[symbol] = sympy.Symbol(text)
+            return array_code(node.expr.xreplace(replacements))
+        if isinstance(node, ir.Sum):
+            inner = self.operand_code(node.a)
+            if not node.axes:
+                return f"{inner}.sum()"
+            keep = ", keepdims=True" if node.keepdims else ""
+            axes = node.axes[0] if len(node.axes) == 1 else node.axes
+            return f"{inner}.sum(axis={axes}{keep})"
+        if isinstance(node, ir.MatMul):
+            return f"{self.operand_code(node.a)} @ {self.operand_code(node.b)}"
+        if isinstance(node, ir.Transpose):
+            return f"{self.operand_code(node.a)}.T"
+        if isinstance(node, ir.Flatten):
+            inner = self.operand_code(node.a)
+            return f"{inner}.reshape({inner}.shape[0], -1)"
+        if isinstance(node, ir.ReshapeLike):
+            return f"{self.operand_code(node.a)}.reshape({self.operand_code(node.like)}.shape)"
+        if type(node) in KERNELS:
+            arguments = []
+            for f in fields(node):
+                value = getattr(node, f.name)
+                if isinstance(value, ir.Node):
+                    arguments.append(self.code(value))
+                else:
+                    arguments.append(integer_code(value))
+            return f"{KERNEL_MODULE}.{KERNELS[type(node)]}({', '.join(arguments)})"
+        raise TypeError(f"no NumPy emission for {type(node).__name__}")
+
+    def operand_code(self, node: ir.Node) -> str:
+        """Code for a node used as the left operand of a method call or operator."""
+        text = self.code(node)
+        return text if _is_name(text) else f"({text})"
+
+
+def dims_in(trees) -> list[ir.Dim]:
+    """Every Dim used by ``trees``, in a stable order (first use)."""
+    found: list[ir.Dim] = []
+    for tree in trees:
+        for node in tree.walk():
+            for expr in node.integer_arguments():
+                for symbol in sorted(expr.free_symbols, key=lambda s: s.name):
+                    if isinstance(symbol, ir.Dim) and symbol not in found:
+                        found.append(symbol)
+    return found
