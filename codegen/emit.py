@@ -145,7 +145,8 @@ class Emitter:
     def operand_code(self, node: ir.Node) -> str:
         """Code for a node used as the left operand of a method call or operator."""
         text = self.code(node)
-        return text if _is_name(text) else f"({text})"
+        simple = all(_is_name(part) for part in text.split("."))  # a name or an attribute, e.g. w.T
+        return text if simple else f"({text})"
 
 
 def dims_in(trees) -> list[ir.Dim]:

@@ -59,7 +59,7 @@ def backward(dout, cache):
     x = cache["x"]
     w = cache["w"]
     _k.check_upstream("dense.backward", "dout", dout, cache["out_shape"])
-    dx = dout @ (w.T)
-    dw = (x.T) @ dout
+    dx = dout @ w.T
+    dw = x.T @ dout
     db = dout.sum(axis=0)
     return dx, dw, db
