@@ -1,0 +1,275 @@
+"""Tests for the networks, optimisers and training loop (train/networks.py, optim.py, loop.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from train import checkpoint as ckpt
+from train import optim
+from train.data import DataBundle, Split, load_dataset
+from train.loop import Recipe, TrainingDiverged, epoch_permutation, train
+from train.networks import NETWORKS, build, toy_images
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped 4,500 / 500 MNIST subset (never a download, never a user's cache)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CNNDERIVE_DATA", "/nonexistent-cnnderive-cache")
+    try:
+        return load_dataset("mnist", allow_download=False, log=lambda line: None)
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def small(shipped):
+    """240 training images of every digit (the subset's files are sorted by digit) and a test split."""
+    train_ = Split(shipped.train.images[::19][:240], shipped.train.labels[::19][:240])
+    validation = Split(shipped.validation.images[::5], shipped.validation.labels[::5])
+    test = Split(shipped.validation.images[2::10], shipped.validation.labels[2::10])
+    return DataBundle("mnist-5k", "a test slice of the shipped subset.", train_, validation, test)
+
+
+# ------------------------------------------------------------------------------ imports
+
+
+def test_training_code_never_imports_sympy_or_the_generators(tmp_path):
+    """Import every train.* module, run a training step and draw the plots, in a fresh Python."""
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "import train.cli, train.loop, train.networks, train.optim, train.plots, "
+        "train.checkpoint, train.data\n"
+        "net = train.networks.build('lenet')\n"
+        "opt = train.optim.build('adam', net.params, lr=1e-3)\n"
+        "loss, out, grads = net.loss_and_gradients(np.zeros((2, 28, 28, 1), np.float32), np.array([1, 2]))\n"
+        "opt.step(net.params, grads)\n"
+        f"train.loop.write_plots(__import__('pathlib').Path({str(tmp_path)!r}), net, "
+        "[{'epoch': 1, 'loss': loss, 'train_accuracy': 0.5, 'val_accuracy': 0.5, "
+        "'test_accuracy': None}], 't')\n"
+        "import tqdm\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'sympy', 'jinja2', 'derive', 'codegen'})\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""
+    assert (tmp_path / "curves.png").exists() and (tmp_path / "filters.png").exists()
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def test_registry_and_parameter_counts():
+    assert set(NETWORKS) == {"seed", "toy", "lenet"}
+    assert build("toy").num_parameters() == 15
+    assert build("seed").num_parameters() == 9 * 9 * 20 + 20 + 2000 * 10 + 10
+    lenet = build("lenet")
+    assert lenet.num_parameters() == 156 + 2416 + 48120 + 10164 + 850
+    for name in NETWORKS:
+        net = build(name, seed=3)
+        assert all(p.dtype == np.float32 for p in net.params.values())
+        again = build(name, seed=3)
+        assert all(np.array_equal(net.params[k], again.params[k]) for k in net.params)
+
+
+def test_toy_task_is_digit_one_against_zero_on_6x6_images(shipped):
+    net = build("toy")
+    split = net.prepare(shipped.validation)
+    assert split.images.shape == (100, 6, 6, 1) and split.images.dtype == np.float32
+    assert np.bincount(split.labels).tolist() == [50, 50]
+    first = shipped.validation.images[shipped.validation.labels == 0][0, :, :, 0]
+    expected = first[2:26, 2:26].reshape(6, 4, 6, 4).mean(axis=(1, 3))
+    np.testing.assert_allclose(split.images[0, :, :, 0], expected, rtol=1e-6)
+    assert toy_images(shipped.validation.images[:2]).shape == (2, 6, 6, 1)
+
+
+def _batch(name: str, rng: np.random.Generator, n: int = 3):
+    shape = NETWORKS[name].input_shape
+    images = rng.random((n, *shape))
+    labels = rng.integers(0, NETWORKS[name].num_classes if name != "toy" else 2, size=n)
+    return images, labels
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_gradients_match_finite_differences_in_float64(name):
+    """d/dt L(p + t d) at t = 0, from the generated backward and from central differences."""
+    rng = np.random.default_rng(7)
+    net = build(name, seed=1, dtype=np.float64)
+    assert all(p.dtype == np.float64 for p in net.params.values())
+    # Non-zero biases, so that no ReLU sits exactly at its kink.
+    for key, value in net.params.items():
+        if key.endswith("_b"):
+            value[...] = rng.normal(0, 0.1, value.shape)
+    images, labels = _batch(name, rng)
+    loss, outputs, grads = net.loss_and_gradients(images, labels)
+    assert set(grads) == set(net.params)
+    for key, value in net.params.items():
+        assert grads[key].shape == value.shape and grads[key].dtype == np.float64
+        direction = rng.standard_normal(value.shape)
+        analytic = float(np.sum(grads[key] * direction))
+        eps = 1e-6
+        original = value.copy()
+        value[...] = original + eps * direction
+        plus = net.forward(images, labels)[0]
+        value[...] = original - eps * direction
+        minus = net.forward(images, labels)[0]
+        value[...] = original
+        numeric = (plus - minus) / (2 * eps)
+        assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (key, analytic, numeric)
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_forward_outputs_are_probabilities(name):
+    rng = np.random.default_rng(0)
+    net = build(name)
+    images, labels = _batch(name, rng, 5)
+    loss, probs = net.forward(images.astype(np.float32), labels)
+    assert np.isfinite(loss) and loss > 0
+    assert probs.shape == (5, NETWORKS[name].num_classes)
+    assert ((probs >= 0) & (probs <= 1)).all()
+    if name == "lenet":
+        np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
+    assert net.predict(images.astype(np.float32)).shape == (5,)
+
+
+# --------------------------------------------------------------------------- optimisers
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_optimiser_updates_in_place_and_its_state_round_trips(kind):
+    rng = np.random.default_rng(0)
+    params = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": np.zeros(4, np.float32)}
+    before = {k: v for k, v in params.items()}
+    grads = [
+        {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+        for _ in range(6)
+    ]
+    first = optim.build(kind, params, lr=0.01)
+    first.start_epoch(1)
+    for g in grads[:3]:
+        first.step(params, g)
+    assert all(params[k] is before[k] and params[k].dtype == np.float32 for k in params)
+    state = first.state_dict()
+    copy = {k: v.copy() for k, v in params.items()}
+    second = optim.build(kind, copy, lr=0.5)
+    second.load_state_dict(state)
+    for g in grads[3:]:
+        first.step(params, g)
+        second.step(copy, g)
+    for k in params:
+        assert np.array_equal(params[k], copy[k])
+
+
+def test_sgd_schedule_momentum_rises_and_lr_halves():
+    sgd = optim.SGD({"w": np.zeros(2, np.float32)}, lr=0.1, momentum_steps=10)
+    sgd.start_epoch(1)
+    assert sgd.current_momentum == 0.5 and sgd.current_lr == 0.1
+    sgd.step_count = 20
+    sgd.start_epoch(3)
+    assert sgd.current_momentum == 0.95 and sgd.current_lr == pytest.approx(0.025)
+
+
+# -------------------------------------------------------------------------------- loop
+
+
+def test_epoch_permutation_depends_only_on_seed_and_epoch():
+    assert np.array_equal(epoch_permutation(1, 2, 50), epoch_permutation(1, 2, 50))
+    assert not np.array_equal(epoch_permutation(1, 2, 50), epoch_permutation(1, 3, 50))
+    assert sorted(epoch_permutation(0, 1, 50)) == list(range(50))
+
+
+@pytest.mark.parametrize(
+    "net, kind, lr", [("seed", "adam", 2e-3), ("lenet", "sgd", 0.05), ("toy", "adam", 0.02)]
+)
+def test_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(small, tmp_path, net, kind, lr):
+    recipe = Recipe(net, kind, lr=lr, lr_decay=0.8, batch_size=32, epochs=2, seed=5)
+    straight, history = train(
+        recipe, small, tmp_path / "straight", progress=False, log=lambda s: None
+    )
+    assert [row["epoch"] for row in history] == [1, 2]
+
+    train(replace_epochs(recipe, 1), small, tmp_path / "split", progress=False, log=lambda s: None)
+    saved = ckpt.load(tmp_path / "split" / "checkpoint.npz")
+    assert saved.epoch == 1
+    resumed, history2 = train(
+        recipe, small, tmp_path / "split", resume_from=saved, progress=False, log=lambda s: None
+    )
+    for key in straight.params:
+        assert np.array_equal(straight.params[key], resumed.params[key]), key
+    a = ckpt.load(tmp_path / "straight" / "checkpoint.npz")
+    b = ckpt.load(tmp_path / "split" / "checkpoint.npz")
+    assert a.epoch == b.epoch == 2
+    assert a.optimizer["step"] == b.optimizer["step"]
+    for key in a.optimizer["buffers"]:
+        assert np.array_equal(a.optimizer["buffers"][key], b.optimizer["buffers"][key])
+    for key in a.params:
+        assert np.array_equal(a.params[key], b.params[key]) and a.params[key].dtype == np.float32
+    assert [r["loss"] for r in history] == [r["loss"] for r in history2]
+
+    metrics = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["epochs"]] == [1, 2]
+    row = metrics["epochs"][-1]
+    for key in (
+        "loss",
+        "train_accuracy",
+        "val_accuracy",
+        "test_accuracy",
+        "seconds",
+        "images_per_second",
+    ):
+        assert isinstance(row[key], float), key
+    for name in ("curves.png", "filters.png"):
+        assert (tmp_path / "split" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def replace_epochs(recipe: Recipe, epochs: int) -> Recipe:
+    from dataclasses import replace
+
+    return replace(recipe, epochs=epochs)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small, tmp_path):
+    good = Recipe("lenet", "sgd", lr=0.01, lr_decay=1.0, batch_size=32, epochs=1, seed=0)
+    train(good, small, tmp_path, progress=False, log=lambda s: None)
+    before = ckpt.load(tmp_path / "checkpoint.npz")
+    bytes_before = (tmp_path / "checkpoint.npz").read_bytes()
+
+    absurd = Recipe("lenet", "sgd", lr=1e30, lr_decay=1.0, batch_size=32, epochs=3, seed=0)
+    with pytest.raises(TrainingDiverged) as caught:
+        train(absurd, small, tmp_path, resume_from=before, progress=False, log=lambda s: None)
+    error = caught.value
+    assert error.epoch == 2 and 1 <= error.step <= error.steps
+    message = str(error)
+    assert f"epoch 2, step {error.step} of {error.steps}" in message
+    assert "last good checkpoint (epoch 1)" in message
+    assert (tmp_path / "checkpoint.npz").read_bytes() == bytes_before
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["epochs"]] == [1]
+
+
+def test_nan_in_the_first_epoch_keeps_the_initial_checkpoint(small, tmp_path):
+    absurd = Recipe("lenet", "sgd", lr=1e30, lr_decay=1.0, batch_size=32, epochs=1, seed=0)
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+ of 8"):
+        train(absurd, small, tmp_path, progress=False, log=lambda s: None)
+    kept = ckpt.load(tmp_path / "checkpoint.npz")
+    assert kept.epoch == 0
+    fresh = build("lenet", seed=0)
+    for key in fresh.params:
+        assert np.array_equal(kept.params[key], fresh.params[key])
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
+        ckpt.load(tmp_path / "checkpoint.npz")
+    (tmp_path / "checkpoint.npz").write_bytes(b"not a zip")
+    with pytest.raises(ckpt.CheckpointError, match="not a readable"):
+        ckpt.load(tmp_path / "checkpoint.npz")

@@ -1,0 +1,190 @@
+"""Tests for ``cnnderive train`` and ``cnnderive evaluate`` (train/cli.py), through cnnderive.cli.main."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from cnnderive.cli import main
+from train import checkpoint as ckpt
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+    """Run in tmp_path with an empty data cache, so the shipped subset is what gets loaded."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CNNDERIVE_DATA", str(tmp_path / "cache"))
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(capsys, *argv, match: str):
+    code, out, err = run(capsys, *argv)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnderive "), err
+    assert match in lines[0], lines[0]
+
+
+TRAIN = ("train", "--no-download")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One epoch of the seed network on the first 256 images, and what it printed."""
+    where = tmp_path_factory.mktemp("run")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CNNDERIVE_DATA", str(where / "cache"))
+    try:
+        import contextlib
+        import io
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(
+                [
+                    *TRAIN,
+                    "--net",
+                    "seed",
+                    "--limit",
+                    "256",
+                    "--epochs",
+                    "1",
+                    "--out",
+                    str(where / "r"),
+                ]
+            )
+    finally:
+        mp.undo()
+    return where / "r", code, out.getvalue(), err.getvalue()
+
+
+def test_tiny_train_run_writes_its_files(tiny_run):
+    run_dir, code, out, err = tiny_run
+    assert code == 0, err
+    assert "5,000-image MNIST subset" in out  # the fallback sentence is printed
+    assert "epoch 1/1" in out
+    for name in ("metrics.json", "checkpoint.npz", "curves.png", "filters.png"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["net"] == "seed" and metrics["data"] == "mnist-5k"
+    assert metrics["recipe"]["limit"] == 256
+    (row,) = metrics["epochs"]
+    assert row["epoch"] == 1 and row["test_accuracy"] is None
+    assert 0 <= row["val_accuracy"] <= 1 and row["images_per_second"] > 0
+    saved = ckpt.load(run_dir / "checkpoint.npz")
+    assert saved.epoch == 1 and saved.meta["net"] == "seed" and saved.meta["seed"] == 0
+    assert "subset" in saved.meta["source"]
+    assert all(p.dtype == np.float32 for p in saved.params.values())
+
+
+def test_evaluate_prints_accuracy_and_json(tiny_run, capsys):
+    run_dir = tiny_run[0]
+    code, out, err = run(capsys, "evaluate", str(run_dir), "--no-download")
+    assert code == 0, err
+    assert "validation accuracy" in out and "of 500 images" in out
+    code, out, err = run(capsys, "evaluate", str(run_dir), "--no-download", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["split"] == "validation" and result["count"] == 500
+    assert result["net"] == "seed" and result["epoch"] == 1
+    assert result["accuracy"] == pytest.approx(result["correct"] / 500)
+    history = json.loads((run_dir / "metrics.json").read_text())["epochs"]
+    assert result["accuracy"] == pytest.approx(history[-1]["val_accuracy"])
+
+
+def test_toy_train_resume_and_nothing_to_do(capsys, tmp_path):
+    args = (*TRAIN, "--net", "toy", "--limit", "1000", "--out", "toy")
+    code, out, err = run(capsys, *args, "--epochs", "1")
+    assert code == 0, err
+    code, out, err = run(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 0, err
+    assert "Resuming toy" in out and "epoch 2/2" in out
+    assert ckpt.load(tmp_path / "toy" / "checkpoint.npz").epoch == 2
+    code, out, err = run(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 0 and "nothing to do" in out
+
+
+def test_default_out_folder(capsys, tmp_path):
+    code, out, err = run(
+        capsys, *TRAIN, "--net", "toy", "--limit", "1000", "--epochs", "1", "--seed", "3"
+    )
+    assert code == 0, err
+    assert (tmp_path / "runs" / "toy-mnist-seed3" / "checkpoint.npz").is_file()
+
+
+def test_nan_loss_exits_1_and_keeps_the_checkpoint(capsys, tmp_path):
+    args = (*TRAIN, "--net", "toy", "--limit", "1000", "--out", "t", "--optimizer", "sgd")
+    assert run(capsys, *args, "--epochs", "1")[0] == 0
+    before = (tmp_path / "t" / "checkpoint.npz").read_bytes()
+    code, out, err = run(capsys, *args, "--epochs", "2", "--resume", "--lr", "1e38")
+    assert code == 1
+    assert "Traceback" not in err
+    assert "epoch 2, step" in err and "last good checkpoint (epoch 1)" in err
+    assert (tmp_path / "t" / "checkpoint.npz").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        ((*TRAIN, "--net", "seed", "--batch-size", "0"), "--batch-size must be at least 1"),
+        ((*TRAIN, "--net", "seed", "--batch-size", "-4"), "--batch-size must be at least 1"),
+        ((*TRAIN, "--net", "seed", "--epochs", "0"), "--epochs must be at least 1"),
+        ((*TRAIN, "--net", "seed", "--limit", "0"), "--limit must be at least 1"),
+        ((*TRAIN, "--net", "seed", "--seed", "-1"), "--seed must be at least 0"),
+        ((*TRAIN, "--net", "seed", "--lr", "-0.1"), "--lr must be a positive number"),
+        ((*TRAIN, "--net", "seed", "--lr", "nan"), "--lr must be a positive number"),
+        (
+            (*TRAIN, "--net", "seed", "--data-dir", "missing"),
+            "data directory missing does not exist",
+        ),
+        ((*TRAIN, "--net", "seed", "--resume", "--out", "nowhere"), "no checkpoint to resume"),
+        (("evaluate", "nowhere"), "nowhere is not a folder"),
+        (("evaluate", "."), "no checkpoint at"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, match):
+    assert_usage_error(capsys, *argv, match=match)
+
+
+def test_argparse_rejects_an_unknown_network(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["train", "--net", "resnet"])
+    assert caught.value.code == 2
+    assert "invalid choice: 'resnet'" in capsys.readouterr().err
+
+
+def test_broken_data_file_exits_2(capsys, tmp_path):
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03junk"))
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"junk"))
+    code, out, err = run(capsys, *TRAIN, "--net", "seed", "--data-dir", str(tmp_path / "data"))
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "train-" in err
+
+
+def test_resume_refuses_a_different_recipe_and_new_run_refuses_an_existing_one(capsys):
+    args = (*TRAIN, "--net", "toy", "--limit", "1000", "--out", "r")
+    assert run(capsys, *args, "--epochs", "1")[0] == 0
+    assert_usage_error(capsys, *args, "--epochs", "1", match="already holds a run; pass --resume")
+    assert_usage_error(
+        capsys, *args, "--epochs", "2", "--resume", "--seed", "4", match="--seed 4 differs"
+    )
+    assert_usage_error(
+        capsys, *args, "--epochs", "2", "--resume", "--optimizer", "sgd", match="--optimizer sgd"
+    )
+
+
+def test_evaluate_rejects_a_corrupt_checkpoint(capsys, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.npz").write_bytes(b"garbage")
+    assert_usage_error(capsys, "evaluate", "bad", match="not a readable cnnderive checkpoint")

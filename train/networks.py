@@ -1,0 +1,403 @@
+"""The networks that ``cnnderive train`` can train, assembled from the generated layers.
+
+Every forward and backward pass here is a call into ``generated/`` (conv2d, avgpool2d,
+maxpool2d, dense, flatten, activations, losses). This module only chains those calls:
+it keeps each layer's cache from the forward pass and hands each layer's upstream
+gradient to the layer's generated backward. No derivative is written out by hand.
+
+A network holds its parameters in ``params``, a dict of named arrays in ``dtype``
+(float32 for training; float64 is there for finite-difference checks). After
+``forward(images, labels)``, ``backward()`` returns a dict of gradients with the same
+names and shapes as ``params``. The generated losses already divide by the batch size,
+so the gradients are those of the mean loss over the batch.
+
+Networks:
+
+``seed``
+    The network of seed 000: conv 9x9, 1 -> 20 channels, valid (28x28 -> 20x20),
+    sigmoid, 2x2 average pool (-> 10x10x20), flatten (2,000), dense 2,000 -> 10,
+    sigmoid, binary cross-entropy against one-hot labels. The final sigmoid and the
+    BCE are computed together by ``losses.bce_with_logits_*``, which is sigmoid + BCE
+    fused (softplus(z) - y z, finite for any logit), so the dense layer's output is the
+    logits. The network's outputs (``probabilities``) are sigmoid(logits): ten
+    independent per-class probabilities that need not sum to 1; the predicted class is
+    the most probable one.
+
+``toy``
+    The 15-parameter network of seed 001: conv 3x3, 1 -> 1 channel, valid (6x6 -> 4x4),
+    ReLU, 2x2 max pool (-> 2x2), flatten (4), dense 4 -> 1, sigmoid, BCE (again fused
+    with the sigmoid: ``bce_with_logits``). Parameters: 9 + 1 + 4 + 1 = 15.
+    Its task is binary: MNIST digit 1 (target 1) against digit 0 (target 0), on images
+    shrunk to 6x6 by cropping the 28x28 image to its central 24x24 (rows and columns
+    2..25) and averaging each 4x4 block. :meth:`ToyNet.prepare` turns a split of MNIST
+    into this task. The output is the probability of "digit 1"; the prediction is
+    1 when it is above 1/2.
+
+``lenet``
+    LeNet-5 style: conv 5x5, 1 -> 6, padding 2 (28x28), ReLU, 2x2 max pool (14x14),
+    conv 5x5, 6 -> 16, valid (10x10), ReLU, 2x2 max pool (5x5x16), flatten (400),
+    dense 400 -> 120, ReLU, dense 120 -> 84, ReLU, dense 84 -> 10, softmax
+    cross-entropy (``losses.softmax_cross_entropy_*``, softmax + CE fused). Outputs are
+    softmax probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from generated import activations, avgpool2d, conv2d, dense, flatten, losses, maxpool2d
+
+from .data import Split
+
+__all__ = ["NETWORKS", "LeNet", "Network", "SeedNet", "ToyNet", "build", "toy_images"]
+
+
+# ------------------------------------------------------------------------------ layers
+#
+# Each layer wraps one generated module. ``forward`` keeps the generated cache on the
+# layer; ``backward`` passes the upstream gradient to the generated backward, stores the
+# parameter gradients it returns in ``grads`` and returns the gradient for the layer below.
+
+
+class _Conv:
+    def __init__(self, weight: str, bias: str, padding: int = 0):
+        self.weight, self.bias, self.padding = weight, bias, padding
+        self.cache = None
+
+    def forward(self, x, params):
+        out, self.cache = conv2d.forward(
+            x, params[self.weight], params[self.bias], padding=self.padding
+        )
+        return out
+
+    def backward(self, dout, grads):
+        # conv2d.backward always returns dx too, even for the first layer, where it is
+        # not needed: the generated code is called as it is.
+        dx, dw, db = conv2d.backward(dout, self.cache)
+        grads[self.weight], grads[self.bias] = dw, db
+        return dx
+
+
+class _Dense:
+    def __init__(self, weight: str, bias: str):
+        self.weight, self.bias = weight, bias
+        self.cache = None
+
+    def forward(self, x, params):
+        out, self.cache = dense.forward(x, params[self.weight], params[self.bias])
+        return out
+
+    def backward(self, dout, grads):
+        dx, dw, db = dense.backward(dout, self.cache)
+        grads[self.weight], grads[self.bias] = dw, db
+        return dx
+
+
+class _Stateless:
+    """A layer without parameters: a generated ``forward(x) -> (out, cache)`` and ``backward``."""
+
+    def __init__(self, forward: Callable, backward: Callable):
+        self._forward, self._backward = forward, backward
+        self.cache = None
+
+    def forward(self, x, params):
+        out, self.cache = self._forward(x)
+        return out
+
+    def backward(self, dout, grads):
+        return self._backward(dout, self.cache)
+
+
+def _sigmoid():
+    return _Stateless(activations.sigmoid_forward, activations.sigmoid_backward)
+
+
+def _relu():
+    return _Stateless(activations.relu_forward, activations.relu_backward)
+
+
+def _avgpool():
+    return _Stateless(avgpool2d.forward, avgpool2d.backward)
+
+
+def _maxpool():
+    return _Stateless(maxpool2d.forward, maxpool2d.backward)
+
+
+def _flatten():
+    return _Stateless(flatten.forward, flatten.backward)
+
+
+# ---------------------------------------------------------------------------- networks
+
+
+class Network:
+    """A chain of generated layers ending in a fused loss on logits.
+
+    Subclasses set ``name``, ``num_classes``, ``first_conv`` (the name of the first
+    convolution's kernel, for plotting), build ``self.layers`` and ``self.params``
+    and choose the loss in :meth:`_loss_forward` / :meth:`_loss_backward`.
+    """
+
+    name = ""
+    first_conv = "conv1_w"
+    num_classes = 10
+    input_shape = (28, 28, 1)
+
+    def __init__(self, seed: int = 0, dtype=np.float32):
+        self.dtype = np.dtype(dtype)
+        if self.dtype.kind != "f":
+            raise ValueError(f"a network computes in floating point, not {self.dtype}")
+        self.seed = seed
+        self.params: dict[str, np.ndarray] = {}
+        self.layers: list = []
+        self._loss_cache = None
+        self._build(np.random.default_rng(seed))
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _build(self, rng: np.random.Generator) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _init(self, rng, name: str, shape: tuple[int, ...], scale: float) -> None:
+        """Normal(0, scale^2) weights, cast to the network's dtype."""
+        self.params[name] = (rng.standard_normal(shape) * scale).astype(self.dtype)
+
+    def _zeros(self, name: str, size: int) -> None:
+        self.params[name] = np.zeros(size, dtype=self.dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.params.values())
+
+    def load_params(self, params: dict[str, np.ndarray]) -> None:
+        """Copy ``params`` into the network's arrays (same names, shapes; cast to dtype)."""
+        missing = sorted(set(self.params) - set(params))
+        extra = sorted(set(params) - set(self.params))
+        if missing or extra:
+            raise ValueError(
+                f"parameters do not fit the {self.name} network: "
+                f"missing {missing or 'none'}, unexpected {extra or 'none'}"
+            )
+        for key, value in params.items():
+            if value.shape != self.params[key].shape:
+                raise ValueError(
+                    f"parameter {key} has shape {value.shape}; the {self.name} network "
+                    f"needs {self.params[key].shape}"
+                )
+            self.params[key][...] = value
+
+    def prepare(self, split: Split) -> Split:
+        """The split as this network's task sees it (identity except for ``toy``)."""
+        return split
+
+    # -- passes -------------------------------------------------------------------------
+
+    def _targets(self, labels: np.ndarray) -> np.ndarray:
+        return np.eye(self.num_classes, dtype=self.dtype)[labels]
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        x = np.asarray(images, dtype=self.dtype)
+        for layer in self.layers:
+            x = layer.forward(x, self.params)
+        return x
+
+    def forward(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        """Mean loss over the batch and the network's outputs (probabilities).
+
+        The layers keep their caches for :meth:`backward`.
+        """
+        logits = self.logits(images)
+        loss, self._loss_cache = self._loss_forward(logits, self._targets(labels))
+        return float(loss), self.probabilities(logits)
+
+    def backward(self) -> dict[str, np.ndarray]:
+        """Gradients of the last :meth:`forward`'s mean loss, keyed like ``params``."""
+        if self._loss_cache is None:
+            raise RuntimeError("backward() needs a forward() first")
+        grads: dict[str, np.ndarray] = {}
+        g = self._loss_backward(self._loss_cache)
+        for layer in reversed(self.layers):
+            g = layer.backward(g, grads)
+        self._loss_cache = None
+        return grads
+
+    def loss_and_gradients(self, images, labels):
+        """``(loss, outputs, grads)`` for one batch: :meth:`forward` then :meth:`backward`."""
+        loss, outputs = self.forward(images, labels)
+        return loss, outputs, self.backward()
+
+    def predict(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """Predicted classes, computed in chunks of ``batch_size`` images."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            out.append(
+                self.classes(self.probabilities(self.logits(images[start : start + batch_size])))
+            )
+        if not out:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(out)
+
+    def accuracy(self, split: Split, batch_size: int = 500) -> float:
+        if len(split.labels) == 0:
+            return float("nan")
+        return float(np.mean(self.predict(split.images, batch_size) == split.labels))
+
+    # -- per-network choices --------------------------------------------------------------
+
+    def _loss_forward(self, logits, targets):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _loss_backward(self, cache):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def classes(self, probabilities: np.ndarray) -> np.ndarray:
+        return probabilities.argmax(axis=1)
+
+
+class _SigmoidBCE:
+    """Sigmoid outputs with binary cross-entropy, fused: ``losses.bce_with_logits``."""
+
+    def _loss_forward(self, logits, targets):
+        return losses.bce_with_logits_forward(logits, targets)
+
+    def _loss_backward(self, cache):
+        return losses.bce_with_logits_backward(cache)
+
+    def probabilities(self, logits):
+        return activations.sigmoid_forward(logits)[0]
+
+
+class SeedNet(_SigmoidBCE, Network):
+    """Seed 000: conv 9x9x1x20 -> sigmoid -> avg pool 2 -> flatten -> dense 2000x10 -> sigmoid + BCE.
+
+    Initialisation: kernels and dense weights Normal(0, 1/fan_in) (fan_in 81 and 2,000),
+    biases zero.
+    """
+
+    name = "seed"
+
+    def _build(self, rng):
+        self._init(rng, "conv1_w", (9, 9, 1, 20), 1.0 / np.sqrt(81))
+        self._zeros("conv1_b", 20)
+        self._init(rng, "fc_w", (2000, 10), 1.0 / np.sqrt(2000))
+        self._zeros("fc_b", 10)
+        self.layers = [
+            _Conv("conv1_w", "conv1_b"),
+            _sigmoid(),
+            _avgpool(),
+            _flatten(),
+            _Dense("fc_w", "fc_b"),
+        ]
+
+
+def toy_images(images: np.ndarray) -> np.ndarray:
+    """28x28 images -> 6x6: crop the central 24x24, then average each 4x4 block."""
+    n = images.shape[0]
+    crop = images[:, 2:26, 2:26, :]
+    return crop.reshape(n, 6, 4, 6, 4, 1).mean(axis=(2, 4))
+
+
+class ToyNet(_SigmoidBCE, Network):
+    """Seed 001's 15 parameters: conv 3x3 (1->1) -> ReLU -> max pool 2 -> flatten 4 -> dense 4->1 -> sigmoid + BCE.
+
+    Task: MNIST digit ``positive`` (target 1) against digit ``negative`` (target 0) on
+    6x6 images (central 24x24 crop, 4x4 block means); :meth:`prepare` builds it from a
+    split. Initialisation: He-normal kernel (fan_in 9), dense Normal(0, 1/4), biases
+    zero.
+    """
+
+    name = "toy"
+    num_classes = 1
+    input_shape = (6, 6, 1)
+    negative, positive = 0, 1
+
+    def _build(self, rng):
+        self._init(rng, "conv1_w", (3, 3, 1, 1), np.sqrt(2.0 / 9))
+        self._zeros("conv1_b", 1)
+        self._init(rng, "fc_w", (4, 1), 1.0 / np.sqrt(4))
+        self._zeros("fc_b", 1)
+        self.layers = [
+            _Conv("conv1_w", "conv1_b"),
+            _relu(),
+            _maxpool(),
+            _flatten(),
+            _Dense("fc_w", "fc_b"),
+        ]
+
+    def prepare(self, split: Split) -> Split:
+        labels = split.labels
+        keep = np.flatnonzero((labels == self.negative) | (labels == self.positive))
+        images = split.images[keep]
+        if images.shape[1:] != self.input_shape:
+            images = toy_images(images)
+        return Split(images=images, labels=(labels[keep] == self.positive).astype(np.int64))
+
+    def _targets(self, labels):
+        return np.asarray(labels, dtype=self.dtype).reshape(-1, 1)
+
+    def classes(self, probabilities):
+        return (probabilities[:, 0] > 0.5).astype(np.int64)
+
+
+class LeNet(Network):
+    """LeNet-5 style, ReLU and max pooling, softmax cross-entropy.
+
+    Initialisation: He-normal (Normal(0, 2/fan_in)) for every layer followed by a ReLU,
+    Normal(0, 1/fan_in) for the last dense layer, biases zero.
+    """
+
+    name = "lenet"
+
+    def _build(self, rng):
+        self._init(rng, "conv1_w", (5, 5, 1, 6), np.sqrt(2.0 / 25))
+        self._zeros("conv1_b", 6)
+        self._init(rng, "conv2_w", (5, 5, 6, 16), np.sqrt(2.0 / 150))
+        self._zeros("conv2_b", 16)
+        self._init(rng, "fc1_w", (400, 120), np.sqrt(2.0 / 400))
+        self._zeros("fc1_b", 120)
+        self._init(rng, "fc2_w", (120, 84), np.sqrt(2.0 / 120))
+        self._zeros("fc2_b", 84)
+        self._init(rng, "fc3_w", (84, 10), np.sqrt(1.0 / 84))
+        self._zeros("fc3_b", 10)
+        self.layers = [
+            _Conv("conv1_w", "conv1_b", padding=2),
+            _relu(),
+            _maxpool(),
+            _Conv("conv2_w", "conv2_b"),
+            _relu(),
+            _maxpool(),
+            _flatten(),
+            _Dense("fc1_w", "fc1_b"),
+            _relu(),
+            _Dense("fc2_w", "fc2_b"),
+            _relu(),
+            _Dense("fc3_w", "fc3_b"),
+        ]
+
+    def _loss_forward(self, logits, targets):
+        return losses.softmax_cross_entropy_forward(logits, targets)
+
+    def _loss_backward(self, cache):
+        return losses.softmax_cross_entropy_backward(cache)
+
+    def probabilities(self, logits):
+        return activations.softmax_forward(logits)[0]
+
+
+NETWORKS: dict[str, type[Network]] = {"seed": SeedNet, "toy": ToyNet, "lenet": LeNet}
+
+
+def build(name: str, seed: int = 0, dtype=np.float32) -> Network:
+    """A freshly initialised network from :data:`NETWORKS`."""
+    try:
+        cls = NETWORKS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown network {name!r}; choose one of: {', '.join(NETWORKS)}"
+        ) from None
+    return cls(seed=seed, dtype=dtype)

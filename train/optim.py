@@ -1,0 +1,192 @@
+"""Optimisers: SGD with momentum and Adam, updating parameter arrays in place.
+
+The update rules live here (they are not gradients: the gradients come from the
+generated backward passes). Every update is done in place with ``out=`` so the
+parameters keep their dtype (float32 in training) and no array is re-allocated.
+
+Both optimisers follow a per-epoch learning-rate schedule,
+``lr(epoch) = lr * lr_decay ** (epoch - 1)`` for epochs counted from 1; the training
+loop calls :meth:`Optimizer.start_epoch` before each epoch. The schedule and the
+state depend only on the epoch number and the step count, so
+``state_dict()`` / ``load_state_dict()`` capture an optimiser exactly: a run resumed
+from a checkpoint makes bit-for-bit the same updates as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["OPTIMIZERS", "SGD", "Adam", "Optimizer", "build"]
+
+
+class Optimizer:
+    kind = ""
+    _hyper: tuple[str, ...] = ("lr", "lr_decay")
+
+    def __init__(self, params: dict[str, np.ndarray], *, lr: float, lr_decay: float = 1.0):
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"the learning rate must be a positive number, got {lr}")
+        if not (0 < lr_decay <= 1):
+            raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+        self.lr = float(lr)
+        self.lr_decay = float(lr_decay)
+        self.step_count = 0
+        self.epoch = 0
+        self.buffers: dict[str, np.ndarray] = {}
+        self._names = list(params)
+
+    def _buffer(self, key: str, like: np.ndarray) -> np.ndarray:
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = np.zeros_like(like)
+        return buf
+
+    def start_epoch(self, epoch: int) -> None:
+        """Set the epoch (from 1) whose learning rate the following steps use."""
+        self.epoch = int(epoch)
+
+    @property
+    def current_lr(self) -> float:
+        return self.lr * self.lr_decay ** max(self.epoch - 1, 0)
+
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        self.step_count += 1
+        for name in self._names:
+            self._update(name, params[name], grads[name])
+
+    def _update(self, name, param, grad):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def hyperparameters(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self._hyper}
+
+    def state_dict(self) -> dict:
+        """``{"kind", "hyper", "step", "epoch", "buffers"}``; buffers are copies."""
+        return {
+            "kind": self.kind,
+            "hyper": self.hyperparameters(),
+            "step": self.step_count,
+            "epoch": self.epoch,
+            "buffers": {key: buf.copy() for key, buf in self.buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"optimiser state is for {state.get('kind')!r}, not {self.kind!r}")
+        for name, value in state["hyper"].items():
+            if name not in self._hyper:
+                raise ValueError(f"unknown {self.kind} hyperparameter {name!r} in the state")
+            setattr(self, name, float(value))
+        self.step_count = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.buffers = {key: np.array(buf, copy=True) for key, buf in state["buffers"].items()}
+
+
+class SGD(Optimizer):
+    """SGD with momentum: ``v = mu v - lr g``, ``p += v``.
+
+    The momentum ``mu`` rises linearly from ``momentum_start`` to ``momentum`` over the
+    first ``momentum_steps`` steps (0.5 -> 0.95 by default): a small momentum while
+    the gradients are large and erratic, a large one later. With the default
+    ``lr_decay = 0.5`` the learning rate halves every epoch.
+    """
+
+    kind = "sgd"
+    _hyper = ("lr", "lr_decay", "momentum", "momentum_start", "momentum_steps")
+
+    def __init__(
+        self,
+        params,
+        *,
+        lr: float = 0.1,
+        lr_decay: float = 0.5,
+        momentum: float = 0.95,
+        momentum_start: float = 0.5,
+        momentum_steps: float = 500,
+    ):
+        super().__init__(params, lr=lr, lr_decay=lr_decay)
+        if not (0 <= momentum_start <= 1 and 0 <= momentum < 1):
+            raise ValueError("momentum must be in [0, 1)")
+        self.momentum = float(momentum)
+        self.momentum_start = float(momentum_start)
+        self.momentum_steps = float(momentum_steps)
+
+    @property
+    def current_momentum(self) -> float:
+        if self.momentum_steps <= 0:
+            return self.momentum
+        t = min(self.step_count / self.momentum_steps, 1.0)
+        return self.momentum_start + (self.momentum - self.momentum_start) * t
+
+    def step(self, params, grads):
+        self._mu = self.current_momentum  # rises with the count of steps taken so far
+        self._lr_now = self.current_lr
+        super().step(params, grads)
+
+    def _update(self, name, param, grad):
+        v = self._buffer(name, param)
+        v *= param.dtype.type(self._mu)
+        v -= param.dtype.type(self._lr_now) * grad
+        param += v
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) with bias correction.
+
+    ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
+    ``p -= lr_t m / (sqrt(v) + eps_t)`` with ``lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)``
+    and ``eps_t = eps sqrt(1 - b2^t)`` (the same update as ``p -= lr m^ / (sqrt(v^) + eps)``
+    with the bias-corrected moments m^ and v^).
+    """
+
+    kind = "adam"
+    _hyper = ("lr", "lr_decay", "beta1", "beta2", "eps")
+
+    def __init__(
+        self,
+        params,
+        *,
+        lr: float = 1e-3,
+        lr_decay: float = 1.0,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+    ):
+        super().__init__(params, lr=lr, lr_decay=lr_decay)
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+
+    def step(self, params, grads):
+        t = self.step_count + 1
+        c2 = math.sqrt(1.0 - self.beta2**t)
+        self._lr_t = self.current_lr * c2 / (1.0 - self.beta1**t)
+        self._eps_t = self.eps * c2
+        super().step(params, grads)
+
+    def _update(self, name, param, grad):
+        f = param.dtype.type
+        m = self._buffer("m/" + name, param)
+        v = self._buffer("v/" + name, param)
+        m *= f(self.beta1)
+        m += f(1.0 - self.beta1) * grad
+        v *= f(self.beta2)
+        v += f(1.0 - self.beta2) * (grad * grad)
+        denom = np.sqrt(v)
+        denom += f(self._eps_t)
+        np.divide(m, denom, out=denom)
+        denom *= f(self._lr_t)
+        param -= denom
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam}
+
+
+def build(kind: str, params: dict[str, np.ndarray], **hyper) -> Optimizer:
+    try:
+        cls = OPTIMIZERS[kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown optimiser {kind!r}; choose one of: {', '.join(OPTIMIZERS)}"
+        ) from None
+    return cls(params, **hyper)
