@@ -22,8 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from codegen import cli as codegen_cli
+    from derive import cli as derive_cli
     from train import cli as train_cli
 
+    derive_cli.add_parsers(commands)
+    codegen_cli.add_parsers(commands)
     train_cli.add_parsers(commands)
     return parser
 

@@ -25,7 +25,9 @@ class ArrayExpressionPrinter(NumPyPrinter):
         # holds.  The pieces here always end in a True condition, so nested np.where is exact.
         *pieces, (last_value, last_condition) = expr.args
         if last_condition != sympy.true:
-            raise ValueError(f"a Piecewise without a final True condition cannot be emitted: {expr}")
+            raise ValueError(
+                f"a Piecewise without a final True condition cannot be emitted: {expr}"
+            )
         text = self._print(last_value)
         for value, condition in reversed(pieces):
             text = f"np.where({self._print(condition)}, {self._print(value)}, {text})"

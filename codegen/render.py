@@ -89,7 +89,12 @@ def _wrap(text: str, indent: str = "    ", width: int = 92) -> list[str]:
 
 def forward_docstring(layer: Layer) -> str:
     names = _latex_names(layer)
-    lines = [f"{layer.title}: forward pass.", "", "    Definition (index notation, 0-based indices)::", ""]
+    lines = [
+        f"{layer.title}: forward pass.",
+        "",
+        "    Definition (index notation, 0-based indices)::",
+        "",
+    ]
     lines += ["        " + line for line in layer.definition.latex_lines]
     lines += ["", "    Computed as::", ""]
     for name, tree in layer.forward:
@@ -98,7 +103,9 @@ def forward_docstring(layer: Layer) -> str:
     for item in layer.inputs:
         lines.append(f"        {item.name}: {item.description}")
     for param in layer.params:
-        default = param.default if param.default is not None else f"None (= {param.default_from.name})"
+        default = (
+            param.default if param.default is not None else f"None (= {param.default_from.name})"
+        )
         lines.append(f"        {param.symbol.name}: {param.description} (default {default})")
     result = "loss, cache" if layer.kind == "loss" else "out, cache"
     lines += ["", f"    Returns ({result}); pass cache to {layer.backward_function}."]
@@ -111,11 +118,19 @@ def backward_docstring(layer: Layer, result: LayerResult) -> str:
     summed = " (summed over the batch)" if layer.kind == "layer" else ""
     lines = [f"{layer.title}: gradients with respect to {wrt}{summed}.", ""]
     if layer.kind != "loss":
-        lines += [f"    {layer.upstream} is the gradient of the loss with respect to the forward output.", ""]
-    lines += ["    Closed forms, proven equal to SymPy's chain-rule derivative of the definition::", ""]
+        lines += [
+            f"    {layer.upstream} is the gradient of the loss with respect to the forward output.",
+            "",
+        ]
+    lines += [
+        "    Closed forms, proven equal to SymPy's chain-rule derivative of the definition::",
+        "",
+    ]
     for gradient in layer.gradients:
         for case in gradient.cases:
-            condition = "" if case.condition == sympy.true else f"    [when {sympy.sstr(case.condition)}]"
+            condition = (
+                "" if case.condition == sympy.true else f"    [when {sympy.sstr(case.condition)}]"
+            )
             lines.append(f"        {gradient.name} = {tree_latex(case.tree, names)}{condition}")
     lines.append("")
     for gradient in layer.gradients:
@@ -125,7 +140,9 @@ def backward_docstring(layer: Layer, result: LayerResult) -> str:
             text = f"{label}: proven on {count} configurations: {_ranges_text(result.ranges[gradient.name][case.name])}."
             lines += _wrap(text)
     if layer.seed_size:
-        lines += _wrap("`cnnderive verify --seed-size` also proves them at the seed network's size.")
+        lines += _wrap(
+            "`cnnderive verify --seed-size` also proves them at the seed network's size."
+        )
     for note in layer.notes:
         lines += [""] + _wrap(note)
     return "\n".join(lines)
@@ -158,7 +175,9 @@ def _cached_names(layer: Layer) -> list[str]:
     operands = [name for name in order if name in needed]
     unknown = needed - set(order)
     if unknown:
-        raise ValueError(f"{layer.name}: backward reads {sorted(unknown)}, which the forward pass does not produce")
+        raise ValueError(
+            f"{layer.name}: backward reads {sorted(unknown)}, which the forward pass does not produce"
+        )
     return operands + [p.symbol.name for p in layer.params if p.symbol in params]
 
 
@@ -167,11 +186,18 @@ def forward_function(layer: Layer) -> Function:
     body: list[str] = []
     for param in layer.params:
         if param.default is None:
-            body += [f"if {param.symbol.name} is None:", f"    {param.symbol.name} = {param.default_from.name}"]
+            body += [
+                f"if {param.symbol.name} is None:",
+                f"    {param.symbol.name} = {param.default_from.name}",
+            ]
     arrays = []
     for item in layer.inputs:
         labels = [f'"{d.name}"' for d in item.axes]
-        axes = "None" if item.any_rank else "(" + ", ".join(labels) + ("," if len(labels) == 1 else "") + ")"
+        axes = (
+            "None"
+            if item.any_rank
+            else "(" + ", ".join(labels) + ("," if len(labels) == 1 else "") + ")"
+        )
         arrays.append(f'"{item.name}": ({item.name}, {axes})')
     body.append(f'_k.check_arrays("{where}", {{{", ".join(arrays)}}})')
     if layer.params:
@@ -195,7 +221,9 @@ def forward_function(layer: Layer) -> Function:
             f"if not ({integer_code(requirement.condition)}):",
             f'    raise ValueError(f"{where}: {message}")',
         ]
-    emitter = Emitter(names={item.name for item in layer.inputs} | {p.symbol.name for p in layer.params})
+    emitter = Emitter(
+        names={item.name for item in layer.inputs} | {p.symbol.name for p in layer.params}
+    )
     for tree in trees:
         emitter.count(tree)
     for name, tree in layer.forward:
@@ -220,7 +248,9 @@ def backward_function(layer: Layer, result: LayerResult) -> Function:
     where = _where(layer, layer.backward_function)
     body = [f'{name} = cache["{name}"]' for name in _cached_names(layer)]
     if layer.kind != "loss":
-        body.append(f'_k.check_upstream("{where}", "{layer.upstream}", {layer.upstream}, cache["out_shape"])')
+        body.append(
+            f'_k.check_upstream("{where}", "{layer.upstream}", {layer.upstream}, cache["out_shape"])'
+        )
     trees = [case.tree for gradient in layer.gradients for case in gradient.cases]
     body += _dim_lines(dims_in(trees))
     emitter = Emitter(names=set(_cached_names(layer)) | {layer.upstream})
@@ -232,7 +262,9 @@ def backward_function(layer: Layer, result: LayerResult) -> Function:
             emitter.assign(gradient.name, gradient.cases[0].tree)
             continue
         if gradient.cases[-1].condition != sympy.true:
-            raise ValueError(f"{layer.name} {gradient.name}: the last case must hold unconditionally")
+            raise ValueError(
+                f"{layer.name} {gradient.name}: the last case must hold unconditionally"
+            )
         body += emitter.lines
         emitter.lines = []
         for number, case in enumerate(gradient.cases):
@@ -261,7 +293,16 @@ def ruff_format(source: str, filename: str) -> str:
     from ruff.__main__ import find_ruff_bin
 
     completed = subprocess.run(
-        [find_ruff_bin(), "format", "--isolated", "--line-length", "100", "--stdin-filename", filename, "-"],
+        [
+            find_ruff_bin(),
+            "format",
+            "--isolated",
+            "--line-length",
+            "100",
+            "--stdin-filename",
+            filename,
+            "-",
+        ],
         input=source,
         capture_output=True,
         text=True,
@@ -284,7 +325,9 @@ def verified_results(layers: list[Layer]) -> dict[str, LayerResult]:
     return results
 
 
-def render(layers: list[Layer] | None = None, results: dict[str, LayerResult] | None = None) -> dict[str, str]:
+def render(
+    layers: list[Layer] | None = None, results: dict[str, LayerResult] | None = None
+) -> dict[str, str]:
     """File name -> content of every file of generated/."""
     layers = list(LAYERS.values()) if layers is None else layers
     results = verified_results(layers) if results is None else results
@@ -308,7 +351,9 @@ def render(layers: list[Layer] | None = None, results: dict[str, LayerResult] | 
             "Regenerate with `cnnderive generate`; see `cnnderive derive LAYER` for the derivations."
         )
         uses_numpy = any("np." in line for f in functions for line in f.body)
-        source = template.render(header=header, docstring=docstring, functions=functions, uses_numpy=uses_numpy)
+        source = template.render(
+            header=header, docstring=docstring, functions=functions, uses_numpy=uses_numpy
+        )
         files[f"{module}.py"] = ruff_format(source, f"{module}.py")
     kernels = env.get_template("_kernels.py.jinja").render(
         header=HEADER.format(sources="codegen/templates/_kernels.py.jinja")

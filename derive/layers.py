@@ -350,7 +350,7 @@ class first_max_indicator(sympy.Function):
         return sympy.S.Zero
 
     def _latex(self, printer, exp=None):
-        return r"\mathbb{1}^{\mathrm{first\,max}}_{%s}" % printer._print(self.args[0])
+        return r"\mathbf{1}^{\mathrm{first\,max}}_{%s}" % printer._print(self.args[0])
 
 
 def _first_max_definition(inputs, sizes, shape):
@@ -389,8 +389,11 @@ maxpool2d = Layer(
     output_latex="P",
     definition=CustomDefinition(
         latex_lines=(
-            r"P_{n,i,j,c} = X_{n,\,si+u^*,\,sj+v^*,\,c},\qquad (u^*, v^*) = \text{the first } (u,v)"
-            r" \text{ in row-major order with } X_{n,si+u,sj+v,c} = \max_{0 \le u',v' < k} X_{n,si+u',sj+v',c}",
+            r"P_{n,i,j,c} = \sum_{u=0}^{k-1} \sum_{v=0}^{k-1} X_{n,\,si+u,\,sj+v,\,c}\;"
+            r"\mathbf{1}^{\mathrm{first\,max}}_{u,v}",
+            r"\mathbf{1}^{\mathrm{first\,max}}_{u,v} = \begin{cases} 1 & (u, v) = (u^*, v^*) \\ 0 & "
+            r"\text{otherwise} \end{cases},\qquad (u^*, v^*) = \text{the first } (u, v) \text{ in row-major "
+            r"order with } X_{n,si+u,sj+v,c} = \max_{0 \le u',v' < k} X_{n,si+u',sj+v',c}",
         ),
         build=_first_max_definition,
     ),
@@ -416,7 +419,7 @@ maxpool2d = Layer(
     samples=_pool_samples,
     chain_rule=(
         r"\frac{\partial L}{\partial X_{n,h,w,c}} = \sum_{i,j} \delta_{n,i,j,c}\,"
-        r"\mathbb{1}\left[(h, w) = (si+u^*_{n,i,j,c},\ sj+v^*_{n,i,j,c})\right]",
+        r"\mathbf{1}\left[(h, w) = (si+u^*_{n,i,j,c},\ sj+v^*_{n,i,j,c})\right]",
     ),
     notes=(
         "Tie rule: the gradient of a window goes to its first maximum in row-major order "
@@ -586,7 +589,7 @@ relu = _activation(
     sympy.Max(_zs, 0),
     sympy.Piecewise((_das, _zs > 0), (0, True)),
     {"da": _da, "z": _z},
-    (r"\frac{\partial L}{\partial Z_{n,k}} = \delta_{n,k}\,\mathbb{1}[Z_{n,k} > 0]",),
+    (r"\frac{\partial L}{\partial Z_{n,k}} = \delta_{n,k}\,\mathbf{1}[Z_{n,k} > 0]",),
     notes=("At Z = 0 the derivative is taken as 0 (the definition's pieces say so).",),
 )
 
@@ -646,8 +649,8 @@ softmax = Layer(
     example={_AN: 1, _AK: 3},
     upstream="da",
     chain_rule=(
-        r"\frac{\partial A_{n,e}}{\partial Z_{n,k}} = A_{n,e}\,(\mathbb{1}[e = k] - A_{n,k})",
-        r"\frac{\partial L}{\partial Z_{n,k}} = \sum_e \delta_{n,e} A_{n,e} (\mathbb{1}[e=k] - A_{n,k})"
+        r"\frac{\partial A_{n,e}}{\partial Z_{n,k}} = A_{n,e}\,(\mathbf{1}[e = k] - A_{n,k})",
+        r"\frac{\partial L}{\partial Z_{n,k}} = \sum_e \delta_{n,e} A_{n,e} (\mathbf{1}[e=k] - A_{n,k})"
         r" = A_{n,k}\left(\delta_{n,k} - \sum_e \delta_{n,e} A_{n,e}\right)",
     ),
     notes=(
@@ -662,7 +665,7 @@ softmax = Layer(
 
 _LN = Dim("batch", "targets", 0, "m")
 _LK = Dim("classes", "targets", 1, "K")
-_Y, _Pi = IndexedBase("Y"), IndexedBase("P")
+_Y = IndexedBase("Y")
 _L = sympy.Symbol("L")
 _ps, _ys, _ts, _ls = sympy.symbols("p y t l", real=True)
 _targets = Input(
@@ -707,9 +710,12 @@ def _loss(
         output_latex="L",
         definition=IndexDefinition(
             lhs=_L,
-            rhs=sympy.Sum(summand(_Pi[n, k], _Y[n, k]), (n, 0, _LN - 1), (k, 0, _LK - 1)) / _LN,
+            rhs=sympy.Sum(
+                summand(IndexedBase(input_latex), _Y[n, k]), (n, 0, _LN - 1), (k, 0, _LK - 1)
+            )
+            / _LN,
             indices=(),
-            arrays=lambda a, sizes: {"P": a[input_name], "Y": a["targets"]},
+            arrays=lambda a, sizes: {input_latex: a[input_name], "Y": a["targets"]},
         ),
         forward=(
             (
@@ -743,7 +749,7 @@ bce = _loss(
     "Binary cross-entropy on probabilities",
     "probs",
     "P",
-    lambda p_, y_: -(y_ * log(p_) + (1 - y_) * log(1 - p_)),
+    lambda P, y_: -(y_ * log(P[n, k]) + (1 - y_) * log(1 - P[n, k])),
     -(_ys * log(_ps) + (1 - _ys) * log(1 - _ps)),
     {"p": None, "y": _y_op},
     (_ps - _ys) / (_ps * (1 - _ps) * _LN),
@@ -763,7 +769,9 @@ bce_with_logits = _loss(
     "Binary cross-entropy on logits (sigmoid + BCE fused)",
     "logits",
     "Z",
-    lambda z_, y_: -(y_ * log(1 / (1 + exp(-z_))) + (1 - y_) * log(1 - 1 / (1 + exp(-z_)))),
+    lambda Z, y_: (
+        -(y_ * log(1 / (1 + exp(-Z[n, k]))) + (1 - y_) * log(1 - 1 / (1 + exp(-Z[n, k]))))
+    ),
     softplus(_ps) - _ys * _ps,
     {"p": None, "y": _y_op},
     (sigmoid(_ps) - _ys) / _LN,
@@ -784,13 +792,13 @@ softmax_cross_entropy = _loss(
     "Softmax cross-entropy on logits (softmax + CE fused)",
     "logits",
     "Z",
-    lambda z_, y_: -y_ * log(exp(z_) / sympy.Sum(exp(_Pi[n, e]), (e, 0, _LK - 1))),
+    lambda Z, y_: -y_ * log(exp(Z[n, k]) / sympy.Sum(exp(Z[n, e]), (e, 0, _LK - 1))),
     _ys * (_ls - _ps),
     {"p": None, "y": _y_op, "l": LogSumExp(Operand("logits"))},
     (_as * _ts - _ys) / _LN,
     {"a": Softmax(Operand("logits")), "t": Sum(_y_op, (-1,), keepdims=True), "y": _y_op},
     (
-        r"\frac{\partial L}{\partial Z_{n,k}} = -\frac{1}{m}\sum_e Y_{n,e}\,(\mathbb{1}[e=k] - A_{n,k})"
+        r"\frac{\partial L}{\partial Z_{n,k}} = -\frac{1}{m}\sum_e Y_{n,e}\,(\mathbf{1}[e=k] - A_{n,k})"
         r" = \frac{1}{m}\left(A_{n,k}\sum_e Y_{n,e} - Y_{n,k}\right)",
         r"\sum_e Y_{n,e} = 1 \implies \frac{\partial L}{\partial Z_{n,k}} = \frac{A_{n,k} - Y_{n,k}}{m}",
     ),
@@ -806,7 +814,7 @@ mse = _loss(
     "Mean squared error",
     "pred",
     "P",
-    lambda p_, y_: (p_ - y_) ** 2,
+    lambda P, y_: (P[n, k] - y_) ** 2,
     (_ps - _ys) ** 2,
     {"p": None, "y": _y_op},
     2 * (_ps - _ys) / _LN,

@@ -36,7 +36,9 @@ def tree_latex(node: ir.Node, names: dict[str, str]) -> str:
         replacements = {}
         for symbol, child in node.arguments:
             text = go(child)
-            replacements[symbol] = sympy.Symbol(text if isinstance(child, ir.Operand) else r"\left(" + text + r"\right)")
+            replacements[symbol] = sympy.Symbol(
+                text if isinstance(child, ir.Operand) else r"\left(" + text + r"\right)"
+            )
         return sympy.latex(node.expr.xreplace(replacements))
     if isinstance(node, ir.Sum):
         if not node.axes:
@@ -50,13 +52,36 @@ def tree_latex(node: ir.Node, names: dict[str, str]) -> str:
     if isinstance(node, ir.Flatten):
         return r"\operatorname{flatten}\left(" + go(node.a) + r"\right)"
     if isinstance(node, ir.ReshapeLike):
-        return r"\operatorname{reshape}\left(" + go(node.a) + r",\ \operatorname{shape}(" + go(node.like) + r")\right)"
+        return (
+            r"\operatorname{reshape}\left("
+            + go(node.a)
+            + r",\ \operatorname{shape}("
+            + go(node.like)
+            + r")\right)"
+        )
     if isinstance(node, ir.Pad):
-        return r"\operatorname{pad}_{" + _int(node.rows) + "," + _int(node.cols) + r"}\left(" + go(node.a) + r"\right)"
+        return (
+            r"\operatorname{pad}_{"
+            + _int(node.rows)
+            + ","
+            + _int(node.cols)
+            + r"}\left("
+            + go(node.a)
+            + r"\right)"
+        )
     if isinstance(node, ir.Crop):
         return (
-            r"\operatorname{crop}_{" + _int(node.top) + "," + _int(node.left) + r"}^{" + _int(node.height)
-            + r" \times " + _int(node.width) + r"}\left(" + go(node.a) + r"\right)"
+            r"\operatorname{crop}_{"
+            + _int(node.top)
+            + ","
+            + _int(node.left)
+            + r"}^{"
+            + _int(node.height)
+            + r" \times "
+            + _int(node.width)
+            + r"}\left("
+            + go(node.a)
+            + r"\right)"
         )
     if isinstance(node, ir.Dilate):
         return r"\operatorname{dilate}_{" + _int(node.stride) + r"}\left(" + go(node.a) + r"\right)"
@@ -64,31 +89,72 @@ def tree_latex(node: ir.Node, names: dict[str, str]) -> str:
         return r"\operatorname{rot180}\left(" + go(node.kernel) + r"\right)"
     if isinstance(node, ir.Correlate):
         stride = "" if sympy.sympify(node.stride) == 1 else r"_{" + _int(node.stride) + "}"
-        return r"\operatorname{correlate}" + stride + r"\left(" + go(node.a) + ",\\ " + go(node.kernel) + r"\right)"
+        return (
+            r"\operatorname{correlate}"
+            + stride
+            + r"\left("
+            + go(node.a)
+            + ",\\ "
+            + go(node.kernel)
+            + r"\right)"
+        )
     if isinstance(node, ir.CorrelateWeights):
-        return r"\operatorname{correlate}_{\Sigma n}\left(" + go(node.a) + ",\\ " + go(node.g) + r"\right)"
+        return (
+            r"\operatorname{correlate}_{\Sigma n}\left("
+            + go(node.a)
+            + ",\\ "
+            + go(node.g)
+            + r"\right)"
+        )
     if isinstance(node, ir.FullConvolve):
-        return r"\operatorname{full\_convolve}\left(" + go(node.g) + ",\\ " + go(node.kernel) + r"\right)"
+        return (
+            r"\operatorname{full\_convolve}\left("
+            + go(node.g)
+            + ",\\ "
+            + go(node.kernel)
+            + r"\right)"
+        )
     if isinstance(node, ir.WindowSum):
         return (
-            r"\operatorname{window\_sum}_{" + _int(node.size) + "," + _int(node.stride) + r"}\left(" + go(node.a) + r"\right)"
+            r"\operatorname{window\_sum}_{"
+            + _int(node.size)
+            + ","
+            + _int(node.stride)
+            + r"}\left("
+            + go(node.a)
+            + r"\right)"
         )
     if isinstance(node, ir.WindowArgmax):
         return (
-            r"\operatorname{first\_argmax}_{" + _int(node.size) + "," + _int(node.stride) + r"}\left("
-            + go(node.a) + r"\right)"
+            r"\operatorname{first\_argmax}_{"
+            + _int(node.size)
+            + ","
+            + _int(node.stride)
+            + r"}\left("
+            + go(node.a)
+            + r"\right)"
         )
     if isinstance(node, ir.GatherWindows):
         return r"\operatorname{gather}\left(" + go(node.a) + ",\\ " + go(node.index) + r"\right)"
     if isinstance(node, ir.Upsample):
         return (
-            r"\operatorname{kron}\left(" + go(node.a) + r",\ \mathbf{1}_{" + _int(node.size) + r" \times "
-            + _int(node.size) + r"}\right)"
+            r"\operatorname{kron}\left("
+            + go(node.a)
+            + r",\ \mathbf{1}_{"
+            + _int(node.size)
+            + r" \times "
+            + _int(node.size)
+            + r"}\right)"
         )
     if isinstance(node, ir.ScatterWindows):
         return (
-            r"\operatorname{scatter\_windows}_{" + _int(node.size) + "," + _int(node.stride) + r"}\left("
-            + go(node.g) + r"\right)"
+            r"\operatorname{scatter\_windows}_{"
+            + _int(node.size)
+            + ","
+            + _int(node.stride)
+            + r"}\left("
+            + go(node.g)
+            + r"\right)"
         )
     if isinstance(node, ir.RouteToArgmax):
         return r"\operatorname{route}\left(" + go(node.g) + r"\ \to\ " + go(node.index) + r"\right)"

@@ -219,7 +219,13 @@ def prove(layer: Layer, config: Configuration, method: str = "diff", rng_seed: i
         expected = _substituted(derived[gradient.wrt], substitution)
         closed[gradient.name] = {}
         for case in applicable_cases(gradient.cases, evaluator):
-            value = evaluator(case.tree)
+            try:
+                value = evaluator(case.tree)
+            except (ValueError, IndexError) as error:  # e.g. operands whose shapes do not fit
+                raise VerificationError(
+                    f"{layer.name} {gradient.name} ({case.name or 'closed form'}) on [{text}]: "
+                    f"the closed form cannot be evaluated: {error}"
+                ) from error
             first_difference(
                 f"{gradient.name} ({case.name or 'closed form'})", expected, value, layer, text
             )
@@ -282,7 +288,9 @@ def _prove_chunk(args) -> list[tuple]:
             error = ""
         except VerificationError as failure:
             cases, error = {}, str(failure)
-        results.append((number, layer.describe(config), cases, time.perf_counter() - start, error, values))
+        results.append(
+            (number, layer.describe(config), cases, time.perf_counter() - start, error, values)
+        )
     return results
 
 

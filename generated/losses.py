@@ -61,7 +61,7 @@ def bce_with_logits_forward(logits, targets):
 
     Definition (index notation, 0-based indices)::
 
-        L = \frac{\sum_{\substack{0 \leq n \leq m - 1\\0 \leq k \leq K - 1}} \left(- \left(1 - {Y}_{n,k}\right) \log{\left(1 - \frac{1}{1 + e^{- {P}_{n,k}}} \right)} - \log{\left(\frac{1}{1 + e^{- {P}_{n,k}}} \right)} {Y}_{n,k}\right)}{m}
+        L = \frac{\sum_{\substack{0 \leq n \leq m - 1\\0 \leq k \leq K - 1}} \left(- \left(1 - {Y}_{n,k}\right) \log{\left(1 - \frac{1}{1 + e^{- {Z}_{n,k}}} \right)} - \log{\left(\frac{1}{1 + e^{- {Z}_{n,k}}} \right)} {Y}_{n,k}\right)}{m}
 
     Computed as::
 
@@ -108,7 +108,7 @@ def softmax_cross_entropy_forward(logits, targets):
 
     Definition (index notation, 0-based indices)::
 
-        L = \frac{\sum_{\substack{0 \leq n \leq m - 1\\0 \leq k \leq K - 1}} - \left(\log{\left(\frac{e^{{P}_{n,k}}}{\sum_{e=0}^{K - 1} e^{{P}_{n,e}}} \right)}\right) {Y}_{n,k}}{m}
+        L = \frac{\sum_{\substack{0 \leq n \leq m - 1\\0 \leq k \leq K - 1}} - \left(\log{\left(\frac{e^{{Z}_{n,k}}}{\sum_{e=0}^{K - 1} e^{{Z}_{n,e}}} \right)}\right) {Y}_{n,k}}{m}
 
     Computed as::
 

@@ -1,0 +1,45 @@
+"""``cnnderive generate``: (re)write generated/ from the proven closed forms."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_parsers(commands) -> None:
+    generate = commands.add_parser(
+        "generate",
+        help="rewrite generated/ from the proven closed forms",
+        description="Prove every closed form, then render generated/ from the templates.  With "
+        "--check, write nothing: print a unified diff and exit 1 if generated/ is out of date.",
+    )
+    generate.add_argument(
+        "--check", action="store_true", help="compare only; exit 1 on any difference"
+    )
+    generate.add_argument(
+        "--output", type=Path, default=None, help="directory to write (default: generated/)"
+    )
+    generate.set_defaults(run=run_generate)
+
+
+def run_generate(args) -> int:
+    from codegen.render import DEFAULT_OUTPUT, UnverifiedError, generate
+
+    output = args.output or DEFAULT_OUTPUT
+    try:
+        diffs = generate(output=output, check=args.check)
+    except UnverifiedError as error:
+        print(f"cnnderive generate: {error}", file=sys.stderr)
+        return 1
+    if args.check:
+        if diffs:
+            sys.stdout.write("".join(diffs))
+            print(
+                f"\n{output} differs from what the proofs and templates generate; run `cnnderive generate`.",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{output} is up to date.")
+        return 0
+    print(f"wrote {output} ({len(diffs)} file(s) changed)")
+    return 0

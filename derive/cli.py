@@ -1,0 +1,191 @@
+"""``cnnderive derive`` and ``cnnderive verify``.
+
+SymPy is imported only when one of these commands runs, never when the parser
+is built, so the training commands stay free of it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+# Command-line option -> the size or parameter names it sets (a layer has at most one of each).
+SIZE_OPTIONS = {
+    "batch": ("batch",),
+    "height": ("in_height",),
+    "width": ("in_width",),
+    "channels": ("in_channels", "channels"),
+    "out_channels": ("out_channels",),
+    "kernel": ("kernel_height", "kernel_width"),
+    "stride": ("stride",),
+    "padding": ("padding",),
+    "size": ("size",),
+    "in_features": ("in_features",),
+    "out_features": ("out_features",),
+    "features": ("features",),
+    "classes": ("classes",),
+}
+MAX_DERIVATION_ELEMENTS = (
+    400  # input elements: beyond this a step-by-step derivation is unreadable and slow
+)
+
+
+def add_parsers(commands) -> None:
+    derive = commands.add_parser(
+        "derive",
+        help="print the derivation of one layer's gradients, step by step",
+        description="Derive a layer's gradients with SymPy and print the derivation: the forward "
+        "equation, the chain rule, the partials element by element, the matrix form, the closed "
+        "form and its verification.  Sizes default to the seeds' worked example.",
+    )
+    derive.add_argument(
+        "layer",
+        help="conv2d, maxpool2d, avgpool2d, dense, flatten, sigmoid, relu, tanh, "
+        "softmax, bce, bce_with_logits, softmax_cross_entropy or mse",
+    )
+    for option in SIZE_OPTIONS:
+        derive.add_argument("--" + option.replace("_", "-"), dest=option, type=int, metavar="N")
+    derive.add_argument("--latex", action="store_true", help="print LaTeX instead of plain text")
+    derive.add_argument(
+        "--standalone", action="store_true", help="with --latex: a complete LaTeX document"
+    )
+    derive.set_defaults(run=run_derive)
+
+    verify = commands.add_parser(
+        "verify",
+        help="prove every closed form on the sweep of configurations",
+        description="Prove every layer's forward pass and closed-form gradients against SymPy's "
+        "derivative of its index-level definition, on every configuration of the sweep.",
+    )
+    verify.add_argument("--json", action="store_true", help="print the results as JSON")
+    verify.add_argument(
+        "--seed-size",
+        action="store_true",
+        help="prove conv2d (28x28x1 input, 9x9x1x20 kernel) and dense (2000 -> 10) at the "
+        "seed network's size instead",
+    )
+    verify.add_argument(
+        "--layer", action="append", metavar="NAME", help="only this layer (repeatable)"
+    )
+    verify.set_defaults(run=run_verify)
+
+
+def _usage_error(message: str):
+    from cnnderive.cli import UsageError
+
+    return UsageError(message)
+
+
+def _layer(name: str):
+    from derive.layers import LAYERS
+
+    if name not in LAYERS:
+        raise _usage_error(f"unknown layer {name!r}; choose one of: {', '.join(LAYERS)}")
+    return LAYERS[name]
+
+
+def configuration_from(layer, args):
+    """The layer's worked example with the sizes given on the command line."""
+    config = dict(layer.example)
+    by_name = {symbol.name: symbol for symbol in config}
+    for option, names in SIZE_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        targets = [by_name[n] for n in names if n in by_name]
+        if not targets:
+            valid = [o for o, ns in SIZE_OPTIONS.items() if any(n in by_name for n in ns)]
+            flags = ", ".join("--" + o.replace("_", "-") for o in valid) or "none"
+            raise _usage_error(
+                f"{layer.name} has no option --{option.replace('_', '-')}; its options are: {flags}"
+            )
+        for target in targets:
+            config[target] = value
+    param_names = {p.symbol.name for p in layer.params}
+    for symbol, value in config.items():
+        if symbol.name not in param_names and value < 1:
+            raise _usage_error(f"{symbol.name} must be at least 1, got {value}")
+    problems = layer.violated(config)
+    if problems:
+        raise _usage_error(f"{layer.name}: " + "; ".join(problems))
+    elements = sum(int(__import__("math").prod(shape)) for shape in layer.shapes(config).values())
+    if elements > MAX_DERIVATION_ELEMENTS:
+        raise _usage_error(
+            f"{layer.name} with {layer.describe(config)} has {elements} input elements; a step-by-step "
+            f"derivation is limited to {MAX_DERIVATION_ELEMENTS}: choose smaller sizes "
+            f"(`cnnderive verify --seed-size` proves the seed network's size)"
+        )
+    return config
+
+
+def run_derive(args) -> int:
+    from derive import report
+
+    layer = _layer(args.layer)
+    if args.standalone and not args.latex:
+        raise _usage_error("--standalone wraps LaTeX output: use it with --latex")
+    config = configuration_from(layer, args)
+    blocks = report.derivation(layer, config)
+    if args.latex:
+        sys.stdout.write(report.to_latex(blocks, standalone=args.standalone))
+    else:
+        sys.stdout.write(report.to_text(blocks))
+    failed = any(block.kind == "text" and block.text.startswith("FAILED") for block in blocks)
+    return 1 if failed else 0
+
+
+def run_verify(args) -> int:
+    from derive.layers import LAYERS
+    from derive.verify import verify_layers, verify_stable_forms
+
+    names = args.layer or list(LAYERS)
+    layers = [_layer(name) for name in names]
+    if args.seed_size:
+        layers = [layer for layer in layers if layer.seed_size]
+        if not layers:
+            raise _usage_error(
+                "none of the chosen layers has a seed-size configuration (conv2d and dense do)"
+            )
+    start = time.perf_counter()
+    results = verify_layers(layers, seed_size=args.seed_size)
+    if not args.seed_size and not args.layer:
+        results.append(verify_stable_forms())
+    elapsed = time.perf_counter() - start
+    ok = all(result.ok for result in results)
+    if args.json:
+        payload = {
+            "ok": ok,
+            "seconds": round(elapsed, 3),
+            "seed_size": args.seed_size,
+            "layers": [
+                {
+                    "layer": r.name,
+                    "ok": r.ok,
+                    "configurations": len(r.configurations),
+                    "cpu_seconds": round(r.seconds, 3),
+                    "closed_forms": {
+                        gradient: {
+                            case or "closed form": len(configs) for case, configs in by_case.items()
+                        }
+                        for gradient, by_case in r.cases.items()
+                    },
+                    "error": r.error,
+                }
+                for r in results
+            ],
+        }
+        print(json.dumps(payload, indent=2))
+    else:
+        print(f"{'layer':<24}{'configurations':>15}  {'status':<8}{'cpu seconds':>12}")
+        for r in results:
+            status = "proven" if r.ok else "FAILED"
+            print(f"{r.name:<24}{len(r.configurations):>15}  {status:<8}{r.seconds:>12.2f}")
+        for r in results:
+            if not r.ok:
+                print(f"\n{r.name}: {r.error}")
+        what = "seed-size proofs" if args.seed_size else "sweep"
+        print(
+            f"\n{'all closed forms proven' if ok else 'SOME PROOFS FAILED'}; {what} took {elapsed:.1f} s wall time"
+        )
+    return 0 if ok else 1
