@@ -603,7 +603,7 @@ tanh = _activation(
     (r"\frac{\partial L}{\partial Z_{n,k}} = \delta_{n,k}\,(1 - A_{n,k}^2)",),
 )
 
-_ss = sympy.Symbol("s", real=True)
+_ss = sympy.Symbol("weighted_sum", real=True)
 softmax = Layer(
     name="softmax",
     title="Softmax over the last axis",
@@ -635,7 +635,7 @@ softmax = Layer(
                         _as * (_das - _ss),
                         a=_a,
                         da=_da,
-                        s=Sum(pointwise(_das * _as, da=_da, a=_a), (-1,), keepdims=True),
+                        weighted_sum=Sum(pointwise(_das * _as, da=_da, a=_a), (-1,), keepdims=True),
                     ),
                     name="A * (dA - sum(dA * A))",
                 ),
@@ -667,7 +667,8 @@ _LN = Dim("batch", "targets", 0, "m")
 _LK = Dim("classes", "targets", 1, "K")
 _Y = IndexedBase("Y")
 _L = sympy.Symbol("L")
-_ps, _ys, _ts, _ls = sympy.symbols("p y t l", real=True)
+_ps, _ys, _ts, _ls = sympy.symbols("p y total row_logsumexp", real=True)
+_softmax_s, _target_sum = sympy.symbols("softmax target_sum", real=True)
 _targets = Input(
     "targets", (_LN, _LK), "Y", "one-hot labels or probabilities (N, K)", differentiable=False
 )
@@ -701,7 +702,7 @@ def _loss(
         prefix=f"{name}_",
         inputs=(
             Input(
-                input_name, (_LN, _LK), input_latex, f"{title.split(' (')[0].lower()} input (N, K)"
+                input_name, (_LN, _LK), input_latex, f"{input_name} (N, K)"
             ),
             _targets,
         ),
@@ -722,7 +723,7 @@ def _loss(
                 "loss",
                 pointwise(
                     _ts / _LN,
-                    t=Sum(
+                    total=Sum(
                         pointwise(
                             forward_summand,
                             **{kk: (inp if vv is None else vv) for kk, vv in forward_args.items()},
@@ -794,9 +795,9 @@ softmax_cross_entropy = _loss(
     "Z",
     lambda Z, y_: -y_ * log(exp(Z[n, k]) / sympy.Sum(exp(Z[n, e]), (e, 0, _LK - 1))),
     _ys * (_ls - _ps),
-    {"p": None, "y": _y_op, "l": LogSumExp(Operand("logits"))},
-    (_as * _ts - _ys) / _LN,
-    {"a": Softmax(Operand("logits")), "t": Sum(_y_op, (-1,), keepdims=True), "y": _y_op},
+    {"p": None, "y": _y_op, "row_logsumexp": LogSumExp(Operand("logits"))},
+    (_softmax_s * _target_sum - _ys) / _LN,
+    {"softmax": Softmax(Operand("logits")), "target_sum": Sum(_y_op, (-1,), keepdims=True), "y": _y_op},
     (
         r"\frac{\partial L}{\partial Z_{n,k}} = -\frac{1}{m}\sum_e Y_{n,e}\,(\mathbf{1}[e=k] - A_{n,k})"
         r" = \frac{1}{m}\left(A_{n,k}\sum_e Y_{n,e} - Y_{n,k}\right)",

@@ -165,6 +165,6 @@ def softmax_backward(da, cache):
     """
     out = cache["out"]
     _k.check_upstream("activations.softmax_backward", "da", da, cache["out_shape"])
-    s = (da * out).sum(axis=-1, keepdims=True)
-    dz = out * (da - s)
+    weighted_sum = (da * out).sum(axis=-1, keepdims=True)
+    dz = out * (da - weighted_sum)
     return dz

@@ -21,7 +21,7 @@ def bce_forward(probs, targets):
         L = \frac{\left(\sum_{\text{all}} - Y \log{\left(P \right)} - \left(1 - Y\right) \log{\left(1 - P \right)}\right)}{m}
 
     Arguments:
-        probs: binary cross-entropy on probabilities input (N, K)
+        probs: probs (N, K)
         targets: one-hot labels or probabilities (N, K)
 
     Returns (loss, cache); pass cache to bce_backward.
@@ -31,8 +31,8 @@ def bce_forward(probs, targets):
         {"probs": (probs, ("batch", "classes")), "targets": (targets, ("batch", "classes"))},
     )
     batch = targets.shape[0]
-    t = (-targets * np.log(probs) - (1 - targets) * np.log(1 - probs)).sum()
-    loss = t / batch
+    total = (-targets * np.log(probs) - (1 - targets) * np.log(1 - probs)).sum()
+    loss = total / batch
     cache = {"probs": probs, "targets": targets}
     return loss, cache
 
@@ -68,7 +68,7 @@ def bce_with_logits_forward(logits, targets):
         L = \frac{\left(\sum_{\text{all}} - Y Z + \operatorname{softplus}\left(Z\right)\right)}{m}
 
     Arguments:
-        logits: binary cross-entropy on logits input (N, K)
+        logits: logits (N, K)
         targets: one-hot labels or probabilities (N, K)
 
     Returns (loss, cache); pass cache to bce_with_logits_backward.
@@ -78,8 +78,8 @@ def bce_with_logits_forward(logits, targets):
         {"logits": (logits, ("batch", "classes")), "targets": (targets, ("batch", "classes"))},
     )
     batch = targets.shape[0]
-    t = (-logits * targets + np.logaddexp(0.0, logits)).sum()
-    loss = t / batch
+    total = (-logits * targets + np.logaddexp(0.0, logits)).sum()
+    loss = total / batch
     cache = {"logits": logits, "targets": targets}
     return loss, cache
 
@@ -115,7 +115,7 @@ def softmax_cross_entropy_forward(logits, targets):
         L = \frac{\left(\sum_{\text{all}} Y \left(- Z + \left(\operatorname{logsumexp}\left(Z\right)\right)\right)\right)}{m}
 
     Arguments:
-        logits: softmax cross-entropy on logits input (N, K)
+        logits: logits (N, K)
         targets: one-hot labels or probabilities (N, K)
 
     Returns (loss, cache); pass cache to softmax_cross_entropy_backward.
@@ -125,9 +125,9 @@ def softmax_cross_entropy_forward(logits, targets):
         {"logits": (logits, ("batch", "classes")), "targets": (targets, ("batch", "classes"))},
     )
     batch = targets.shape[0]
-    l = _k.logsumexp(logits)
-    t = (targets * (l - logits)).sum()
-    loss = t / batch
+    row_logsumexp = _k.logsumexp(logits)
+    total = (targets * (-logits + row_logsumexp)).sum()
+    loss = total / batch
     cache = {"logits": logits, "targets": targets}
     return loss, cache
 
@@ -149,9 +149,9 @@ def softmax_cross_entropy_backward(cache):
     logits = cache["logits"]
     targets = cache["targets"]
     batch = targets.shape[0]
-    a = _k.softmax(logits)
-    t = targets.sum(axis=-1, keepdims=True)
-    dlogits = (a * t - targets) / batch
+    softmax = _k.softmax(logits)
+    target_sum = targets.sum(axis=-1, keepdims=True)
+    dlogits = (softmax * target_sum - targets) / batch
     return dlogits
 
 
@@ -167,7 +167,7 @@ def mse_forward(pred, targets):
         L = \frac{\left(\sum_{\text{all}} \left(P - Y\right)^{2}\right)}{m}
 
     Arguments:
-        pred: mean squared error input (N, K)
+        pred: pred (N, K)
         targets: one-hot labels or probabilities (N, K)
 
     Returns (loss, cache); pass cache to mse_backward.
@@ -177,8 +177,8 @@ def mse_forward(pred, targets):
         {"pred": (pred, ("batch", "classes")), "targets": (targets, ("batch", "classes"))},
     )
     batch = targets.shape[0]
-    t = ((pred - targets) ** 2).sum()
-    loss = t / batch
+    total = ((pred - targets) ** 2).sum()
+    loss = total / batch
     cache = {"pred": pred, "targets": targets}
     return loss, cache
 
