@@ -268,14 +268,18 @@ class LayerResult:
         return dataclasses.asdict(self)
 
 
+# The layers of the running ``verify_layers`` call.  Worker processes are forked, so they
+# inherit this list and prove exactly the Layer objects they were given (layers hold
+# lambdas, which cannot be pickled, and looking them up by name could prove another layer).
+_LAYERS_BEING_PROVEN: list[Layer] = []
+
+
 def _prove_chunk(args) -> list[tuple]:
     """Prove some configurations of one layer (runs in a worker process).
 
     Returns (number, description, proven cases, seconds, error, {size name: value}) per configuration."""
-    layer_name, indices, method = args
-    from derive.layers import LAYERS
-
-    layer = LAYERS[layer_name]
+    layer_number, indices, method = args
+    layer = _LAYERS_BEING_PROVEN[layer_number]
     configs = configurations_of(layer, method)
     results = []
     for number in indices:
@@ -306,23 +310,26 @@ def verify_layers(
     """Prove every layer on its sweep (or at the seed network's size), in parallel."""
     method = "coefficients" if seed_size else "diff"
     jobs = []
-    for layer in layers:
+    for number, layer in enumerate(layers):
         count = len(configurations_of(layer, method))
-        # Interleave configurations so both workers get a fair share of the large ones.
+        # Chunks of about an eighth of a layer's sweep keep both workers busy to the end.
         chunk = max(1, count // 8)
-        for start in range(0, count, chunk):
-            jobs.append((layer.name, list(range(start, min(count, start + chunk))), method))
+        for first in range(0, count, chunk):
+            jobs.append((number, list(range(first, min(count, first + chunk))), method))
     workers = workers or min(2, os.cpu_count() or 1)
-    started = {layer.name: time.perf_counter() for layer in layers}
     collected: dict[str, list] = {layer.name: [] for layer in layers}
-    if workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for job, results in zip(jobs, pool.map(_prove_chunk, jobs)):
-                collected[job[0]].extend(results)
-    else:
-        for job in jobs:
-            collected[job[0]].extend(_prove_chunk(job))
+    _LAYERS_BEING_PROVEN[:] = layers
+    try:
+        if workers > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                for job, results in zip(jobs, pool.map(_prove_chunk, jobs)):
+                    collected[layers[job[0]].name].extend(results)
+        else:
+            for job in jobs:
+                collected[layers[job[0]].name].extend(_prove_chunk(job))
+    finally:
+        _LAYERS_BEING_PROVEN.clear()
     out = []
     for layer in layers:
         results = sorted(collected[layer.name])
@@ -359,7 +366,6 @@ def verify_layers(
                 ranges=ranges,
             )
         )
-    del started
     return out
 
 

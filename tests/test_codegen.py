@@ -326,17 +326,8 @@ def test_verified_results_reports_a_failed_stable_form(monkeypatch):
     assert set(verified_results([LAYERS["dense"]])) == {"dense"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "derive.verify.verify_layers ignores the Layer objects it is given and proves "
-        "derive.layers.LAYERS[layer.name] instead (_prove_chunk looks layers up by name), so "
-        "verified_results([modified layer]) proves the catalogue's layer and passes; "
-        "render(layers=[modified layer]) then emits the unproven closed form"
-    ),
-)
 def test_verified_results_proves_the_layer_it_is_given():
-    """The wrong sigmoid is rejected by prove() itself, but not by verified_results()."""
+    """verified_results() proves the Layer objects it is given, not the catalogue's namesakes."""
     bad = sigmoid_without_one_minus_a()
     with pytest.raises(VerificationError, match="first differing element"):
         prove(bad, bad.example)
