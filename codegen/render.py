@@ -244,43 +244,68 @@ def forward_function(layer: Layer) -> Function:
     return Function(layer.forward_function, signature, forward_docstring(layer), body)
 
 
+def _optional_gradient(layer: Layer):
+    """The input gradient a caller may skip: a layer with parameters also returns their
+    gradients, and a network's first layer has no use for the gradient of its input."""
+    if layer.kind == "layer" and len(layer.gradients) > 1 and layer.gradients[0].wrt == layer.inputs[0].name:
+        return layer.gradients[0]
+    return None
+
+
+def _emit_cases(emitter: Emitter, gradient) -> list[str]:
+    """Statements assigning ``gradient.name``: one closed form, or an if/elif/else over its cases.
+    Each branch starts from what ``emitter`` has already bound."""
+    if len(gradient.cases) == 1:
+        branch = Emitter(uses=emitter.uses, bound=dict(emitter.bound), names=set(emitter.names))
+        branch.assign(gradient.name, gradient.cases[0].tree)
+        return branch.lines
+    if gradient.cases[-1].condition != sympy.true:
+        raise ValueError(f"{gradient.name}: the last case must hold unconditionally")
+    lines = []
+    for number, case in enumerate(gradient.cases):
+        branch = Emitter(bound=dict(emitter.bound), names=set(emitter.names))
+        branch.count(case.tree)
+        branch.assign(gradient.name, case.tree)
+        if number == 0:
+            lines.append(f"if {integer_code(case.condition)}:")
+        elif case.condition == sympy.true:
+            lines.append("else:")
+        else:
+            lines.append(f"elif {integer_code(case.condition)}:")
+        lines += ["    " + line for line in branch.lines]
+    return lines
+
+
 def backward_function(layer: Layer, result: LayerResult) -> Function:
     where = _where(layer, layer.backward_function)
     body = [f'{name} = cache["{name}"]' for name in _cached_names(layer)]
     if layer.kind != "loss":
-        body.append(
-            f'_k.check_upstream("{where}", "{layer.upstream}", {layer.upstream}, cache["out_shape"])'
-        )
+        body.append(f'_k.check_upstream("{where}", "{layer.upstream}", {layer.upstream}, cache["out_shape"])')
     trees = [case.tree for gradient in layer.gradients for case in gradient.cases]
     body += _dim_lines(dims_in(trees))
+    optional = _optional_gradient(layer)
     emitter = Emitter(names=set(_cached_names(layer)) | {layer.upstream})
     for gradient in layer.gradients:
         if len(gradient.cases) == 1:
             emitter.count(gradient.cases[0].tree)
-    for gradient in layer.gradients:
-        if len(gradient.cases) == 1:
+    # The optional gradient goes last, so that what it shares with the others is computed
+    # outside its branch.
+    ordered = [g for g in layer.gradients if g is not optional] + ([optional] if optional else [])
+    for gradient in ordered:
+        if gradient is optional:
+            body += ["if input_gradient:"]
+            body += ["    " + line for line in _emit_cases(emitter, gradient)]
+            body += ["else:", f"    {gradient.name} = None"]
+        elif len(gradient.cases) == 1:
             emitter.assign(gradient.name, gradient.cases[0].tree)
-            continue
-        if gradient.cases[-1].condition != sympy.true:
-            raise ValueError(
-                f"{layer.name} {gradient.name}: the last case must hold unconditionally"
-            )
-        body += emitter.lines
-        emitter.lines = []
-        for number, case in enumerate(gradient.cases):
-            branch = Emitter(bound=dict(emitter.bound), names=set(emitter.names))
-            branch.count(case.tree)
-            branch.assign(gradient.name, case.tree)
-            if number == 0:
-                body.append(f"if {integer_code(case.condition)}:")
-            elif case.condition == sympy.true:
-                body.append("else:")
-            else:
-                body.append(f"elif {integer_code(case.condition)}:")
-            body += ["    " + line for line in branch.lines]
-    body += emitter.lines
+            body += emitter.lines
+            emitter.lines = []
+        else:
+            body += _emit_cases(emitter, gradient)
     body.append("return " + ", ".join(g.name for g in layer.gradients))
     signature = "cache" if layer.kind == "loss" else f"{layer.upstream}, cache"
+    if optional:
+        signature += ", *, input_gradient=True"
     return Function(layer.backward_function, signature, backward_docstring(layer, result), body)
 
 

@@ -67,7 +67,7 @@ def forward(x, w, b, *, stride=1, padding=0):
     return out, cache
 
 
-def backward(dout, cache):
+def backward(dout, cache, *, input_gradient=True):
     r"""2-D convolution (multi-channel, batch, stride, zero padding, bias): gradients with respect to x, w, b (summed over the batch).
 
     dout is the gradient of the loss with respect to the forward output.
@@ -108,9 +108,6 @@ def backward(dout, cache):
     kernel_width = w.shape[1]
     out_width = dout.shape[2]
     dout_dilated = _k.dilate(dout, stride)
-    dx = _k.crop(
-        _k.full_convolve(dout_dilated, _k.rot180(w)), padding, padding, in_height, in_width
-    )
     dw = _k.correlate_weights(
         _k.crop(
             x_padded,
@@ -122,4 +119,10 @@ def backward(dout, cache):
         dout_dilated,
     )
     db = dout.sum(axis=(0, 1, 2))
+    if input_gradient:
+        dx = _k.crop(
+            _k.full_convolve(dout_dilated, _k.rot180(w)), padding, padding, in_height, in_width
+        )
+    else:
+        dx = None
     return dx, dw, db

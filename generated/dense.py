@@ -39,7 +39,7 @@ def forward(x, w, b):
     return out, cache
 
 
-def backward(dout, cache):
+def backward(dout, cache, *, input_gradient=True):
     r"""Dense (fully connected) layer with bias: gradients with respect to x, w, b (summed over the batch).
 
     dout is the gradient of the loss with respect to the forward output.
@@ -59,7 +59,10 @@ def backward(dout, cache):
     x = cache["x"]
     w = cache["w"]
     _k.check_upstream("dense.backward", "dout", dout, cache["out_shape"])
-    dx = dout @ w.T
     dw = x.T @ dout
     db = dout.sum(axis=0)
+    if input_gradient:
+        dx = dout @ w.T
+    else:
+        dx = None
     return dx, dw, db
