@@ -542,3 +542,22 @@ def test_softmax_of_huge_inputs_is_finite(dtype):
     assert s.dtype == dtype and ds.dtype == dtype
     np.testing.assert_allclose(s, [[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]], atol=1e-7)
     np.testing.assert_allclose(ds, np.zeros_like(z), atol=1e-7)
+
+
+@pytest.mark.parametrize("module", ["conv2d", "dense"])
+def test_input_gradient_false_skips_only_the_input_gradient(module):
+    """Reference: the default call; input_gradient=False returns None for dx and identical dw, db."""
+    import importlib
+
+    layer = importlib.import_module(f"generated.{module}")
+    rng = np.random.default_rng(7)
+    if module == "conv2d":
+        x, w, b = rng.standard_normal((2, 6, 6, 2)), rng.standard_normal((3, 3, 2, 4)), rng.standard_normal(4)
+    else:
+        x, w, b = rng.standard_normal((3, 5)), rng.standard_normal((5, 4)), rng.standard_normal(4)
+    out, cache = layer.forward(x, w, b)
+    dout = rng.standard_normal(out.shape)
+    dx, dw, db = layer.backward(dout, cache)
+    skipped = layer.backward(dout, cache, input_gradient=False)
+    assert dx is not None and skipped[0] is None
+    assert np.array_equal(skipped[1], dw) and np.array_equal(skipped[2], db)
