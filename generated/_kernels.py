@@ -76,7 +76,10 @@ def pad(a, rows, cols):
     """Zero padding of axes 1 and 2."""
     if rows == 0 and cols == 0:
         return a
-    return np.pad(a, ((0, 0), (rows, rows), (cols, cols), (0, 0)))
+    n, h, w, c = a.shape
+    out = np.zeros((n, h + 2 * rows, w + 2 * cols, c), dtype=a.dtype)
+    out[:, rows : rows + h, cols : cols + w, :] = a
+    return out
 
 
 def crop(a, top, left, height, width):
@@ -107,106 +110,371 @@ def rot180(kernel):
 # ---------------------------------------------------------------------------
 # Correlation and convolution
 # ---------------------------------------------------------------------------
+#
+# im2col / col2im around one BLAS matrix product per block of images.  The batch
+# is cut into blocks whose temporaries take about _BLOCK_BYTES: a block's patch
+# matrix stays in the CPU caches between being written and being multiplied, and
+# no temporary is large enough to be mmapped (and page-faulted in) afresh on
+# every call.  Where one input channel makes the copies short, the block is laid
+# out with the batch axis innermost, (row, column, image), so that every copy
+# and addition runs over long contiguous stretches of memory.
+
+_BLOCK_BYTES = 1 << 22
+# Kernels with at least this many taps (KH*KW) use the batch-innermost im2col in
+# correlate (measured: it pays for 9x9 kernels, not for 5x5 ones).
+_BATCH_INNER_MIN_TAPS = 32
 
 
-def _patches(a, kh, kw, stride):
-    """im2col: rows (n, i, j), columns (u, v, c) of a[n, stride*i+u, stride*j+v, c]."""
-    n, h, w, c = a.shape
-    out_h = (h - kh) // stride + 1
-    out_w = (w - kw) // stride + 1
-    s_n, s_h, s_w, s_c = a.strides
-    view = as_strided(
+def _block_size(n, bytes_per_image):
+    """Images per block: temporaries of about _BLOCK_BYTES, at least one image."""
+    return int(max(1, min(n, _BLOCK_BYTES // max(1, bytes_per_image))))
+
+
+def _blocks(n, block):
+    for start in range(0, n, block):
+        yield start, min(n, start + block)
+
+
+def _patch_view(a, kh, kw, stride, axes=(1, 2)):
+    """View p[..., u, v] = a[..., stride*i+u, stride*j+v, ...] with (i, j) at ``axes``.
+
+    For NHWC ``a`` and the default axes: p[n, i, j, c, u, v] = a[n, s*i+u, s*j+v, c].
+    """
+    h_axis, w_axis = axes
+    out_h = (a.shape[h_axis] - kh) // stride + 1
+    out_w = (a.shape[w_axis] - kw) // stride + 1
+    shape, strides = list(a.shape), list(a.strides)
+    shape[h_axis], shape[w_axis] = out_h, out_w
+    strides[h_axis] *= stride
+    strides[w_axis] *= stride
+    return as_strided(
         a,
-        shape=(n, out_h, out_w, kh, kw, c),
-        strides=(s_n, s_h * stride, s_w * stride, s_h, s_w, s_c),
+        shape=(*shape, kh, kw),
+        strides=(*strides, a.strides[h_axis], a.strides[w_axis]),
         writeable=False,
     )
-    return view.reshape(n * out_h * out_w, kh * kw * c), (n, out_h, out_w)
 
 
 def correlate(a, kernel, stride=1):
     """out[n,i,j,o] = sum_{u,v,c} a[n, s*i+u, s*j+v, c] * kernel[u,v,c,o]."""
     kh, kw, c_in, c_out = kernel.shape
-    patches, (n, out_h, out_w) = _patches(a, kh, kw, stride)
-    out = patches @ kernel.reshape(kh * kw * c_in, c_out)
-    return out.reshape(n, out_h, out_w, c_out)
+    n, h, w, _ = a.shape
+    out_h = (h - kh) // stride + 1
+    out_w = (w - kw) // stride + 1
+    dtype = np.result_type(a.dtype, kernel.dtype)
+    out = np.empty((n, out_h, out_w, c_out), dtype=dtype)
+    taps = kh * kw * c_in
+    if out.size == 0 or taps == 0:
+        out[...] = 0
+        return out
+    weights = kernel.reshape(taps, c_out).astype(dtype, copy=False)
+    rows = out_h * out_w
+    block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
+    patch_buffer = np.empty(block * rows * taps, dtype=dtype)
+    if c_in == 1 and kh * kw >= _BATCH_INNER_MIN_TAPS:
+        # Batch innermost: image block (h, w, n), patches (u, v, i, j, n), product (i, j, n, o).
+        # The copies run over whole (j, n) rows, at the price of one transpose of the
+        # product (runs of C_out): worth it when the patches are many times the output.
+        image_buffer = np.empty(block * h * w, dtype=dtype)
+        product_buffer = np.empty(block * rows * c_out, dtype=dtype)
+        for start, stop in _blocks(n, block):
+            m = stop - start
+            image = image_buffer[: h * w * m].reshape(h, w, m)
+            np.copyto(image, a[start:stop, :, :, 0].transpose(1, 2, 0))
+            patches = patch_buffer[: taps * rows * m].reshape(kh, kw, out_h, out_w, m)
+            np.copyto(
+                patches, _patch_view(image, kh, kw, stride, axes=(0, 1)).transpose(3, 4, 0, 1, 2)
+            )
+            product = product_buffer[: rows * m * c_out].reshape(out_h, out_w, m, c_out)
+            np.matmul(
+                patches.reshape(taps, rows * m).T, weights, out=product.reshape(rows * m, c_out)
+            )
+            np.copyto(out[start:stop], product.transpose(2, 0, 1, 3))
+    elif c_in == 1:
+        # Patches laid out (u, v, n, i, j): each copied run is an output row, out_w long.
+        view = _patch_view(a[:, :, :, 0], kh, kw, stride).transpose(3, 4, 0, 1, 2)
+        flat = out.reshape(n * rows, c_out)
+        for start, stop in _blocks(n, block):
+            m = stop - start
+            patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, out_h, out_w)
+            np.copyto(patches, view[:, :, start:stop])
+            np.matmul(
+                patches.reshape(taps, m * rows).T, weights, out=flat[start * rows : stop * rows]
+            )
+    else:
+        # Rows (n, i, j), columns (u, v, c): each copied run is a window row, KW*C long.
+        view = _patch_view(a, kh, kw, stride).transpose(0, 1, 2, 4, 5, 3)
+        flat = out.reshape(n * rows, c_out)
+        for start, stop in _blocks(n, block):
+            m = stop - start
+            patches = patch_buffer[: m * rows * taps].reshape(m, out_h, out_w, kh, kw, c_in)
+            np.copyto(patches, view[start:stop])
+            np.matmul(
+                patches.reshape(m * rows, taps), weights, out=flat[start * rows : stop * rows]
+            )
+    return out
 
 
 def correlate_weights(a, g):
     """out[u,v,c,o] = sum_{n,i,j} a[n, u+i, v+j, c] * g[n,i,j,o]."""
     n, gh, gw, c_out = g.shape
-    kh, kw = a.shape[1] - gh + 1, a.shape[2] - gw + 1
-    c_in = a.shape[3]
-    patches, _ = _patches(a, kh, kw, 1)  # rows (n, i, j), columns (u, v, c)
-    out = patches.T @ g.reshape(n * gh * gw, c_out)
+    h, w, c_in = a.shape[1:]
+    kh, kw = h - gh + 1, w - gw + 1
+    dtype = np.result_type(a.dtype, g.dtype)
+    taps = kh * kw * c_in
+    out = np.zeros((taps, c_out), dtype=dtype)
+    rows = gh * gw
+    if n * rows == 0 or out.size == 0:
+        return out.reshape(kh, kw, c_in, c_out)
+    block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
+    patch_buffer = np.empty(block * rows * taps, dtype=dtype)
+    partial = np.empty_like(out)
+    if c_in == 1 and kh * kw >= _BATCH_INNER_MIN_TAPS:
+        # Batch innermost, as in correlate: image (h, w, n), patches (u, v, i, j, n) and
+        # the gradient transposed to (i, j, n, o) to match.
+        image_buffer = np.empty(block * h * w, dtype=dtype)
+        gradient_buffer = np.empty(block * rows * c_out, dtype=dtype)
+        for start, stop in _blocks(n, block):
+            m = stop - start
+            image = image_buffer[: h * w * m].reshape(h, w, m)
+            np.copyto(image, a[start:stop, :, :, 0].transpose(1, 2, 0))
+            patches = patch_buffer[: taps * rows * m].reshape(kh, kw, gh, gw, m)
+            np.copyto(patches, _patch_view(image, kh, kw, 1, axes=(0, 1)).transpose(3, 4, 0, 1, 2))
+            gradient = gradient_buffer[: rows * m * c_out].reshape(gh, gw, m, c_out)
+            np.copyto(gradient, g[start:stop].transpose(1, 2, 0, 3))
+            np.matmul(
+                patches.reshape(taps, rows * m), gradient.reshape(rows * m, c_out), out=partial
+            )
+            out += partial
+        return out.reshape(kh, kw, c_in, c_out)
+    g_flat = g.reshape(n * rows, c_out).astype(dtype, copy=False)
+    if c_in == 1:
+        # Patches laid out (u, v, n, i, j): each copied run is a row of the gradient's width.
+        view = _patch_view(a[:, :, :, 0], kh, kw, 1).transpose(3, 4, 0, 1, 2)
+    else:
+        view = _patch_view(a, kh, kw, 1).transpose(0, 1, 2, 4, 5, 3)  # (n, i, j, u, v, c)
+    for start, stop in _blocks(n, block):
+        m = stop - start
+        if c_in == 1:
+            patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, gh, gw)
+            np.copyto(patches, view[:, :, start:stop])
+            matrix = patches.reshape(taps, m * rows)
+        else:
+            patches = patch_buffer[: m * rows * taps].reshape(m, gh, gw, kh, kw, c_in)
+            np.copyto(patches, view[start:stop])
+            matrix = patches.reshape(m * rows, taps).T
+        np.matmul(matrix, g_flat[start * rows : stop * rows], out=partial)
+        out += partial
     return out.reshape(kh, kw, c_in, c_out)
 
 
 def full_convolve(g, kernel):
     """out[n,y,x,c] = sum_{u,v,o} g~[n, y+u, x+v, o] * kernel[u,v,c,o], g~ = g padded by K-1."""
-    kh, kw = kernel.shape[:2]
-    return correlate(pad(g, kh - 1, kw - 1), kernel.transpose(0, 1, 3, 2))
+    # col2im: with i = y + u - (KH-1) and j = x + v - (KW-1) the sum is
+    #   out[n, i + KH-1-u, j + KW-1-v, c] += sum_o g[n,i,j,o] * kernel[u,v,c,o]:
+    # one matrix product gives every (u, v, c) column, then KH*KW shifted additions.
+    # Neither g padded by K-1 nor its patch matrix (KH*KW*C_out wide) is ever made.
+    n, gh, gw, c_out = g.shape
+    kh, kw, c_in, _ = kernel.shape
+    dtype = np.result_type(g.dtype, kernel.dtype)
+    height, width = gh + kh - 1, gw + kw - 1
+    out = np.empty((n, height, width, c_in), dtype=dtype)
+    taps = kh * kw
+    if out.size == 0 or g.size == 0:
+        out[...] = 0
+        return out
+    # Everything below is laid out batch innermost: gradient (i, j, n, o), columns
+    # (u, v, i, j, n, c), sums (y, x, n, c).
+    if c_in == 1:
+        # Rows of the gradient are widened with zeros to the output's width, so that
+        # each shifted addition is one contiguous run: in the flattened (y, x, n) sums
+        # a shift by (y0, x0) is an offset, and what spills past the end of a row comes
+        # from the zero columns.  It costs (W+KW-1)/W more product, and saves far more
+        # in the additions.
+        span = width
+        weights = kernel.reshape(taps, c_out).astype(dtype, copy=False)
+    else:
+        span = gw
+        # one (C_out x C_in) matrix per tap (u, v)
+        weights = kernel.reshape(taps, c_in, c_out).transpose(0, 2, 1).astype(dtype, copy=False)
+    rows = gh * span
+    block = _block_size(
+        n, (rows * (taps * c_in + c_out) + (height + 1) * width * c_in) * dtype.itemsize
+    )
+    gradient_buffer = np.zeros(block * rows * c_out, dtype=dtype)
+    column_buffer = np.empty(block * rows * taps * c_in, dtype=dtype)
+    sum_buffer = np.empty(block * (height + 1) * width * c_in, dtype=dtype)
+    for start, stop in _blocks(n, block):
+        m = stop - start
+        gradient = gradient_buffer[: rows * m * c_out].reshape(gh, span, m, c_out)
+        if m < block:
+            gradient[...] = 0  # a shorter last block: its zero columns are elsewhere
+        np.copyto(gradient[:, :gw], g[start:stop].transpose(1, 2, 0, 3))
+        gradient = gradient.reshape(rows * m, c_out)
+        columns = column_buffer[: taps * rows * m * c_in].reshape(taps, rows * m, c_in)
+        if c_in == 1:
+            np.matmul(weights, gradient.T, out=columns[:, :, 0])
+        else:
+            np.matmul(gradient, weights, out=columns)
+        sums = sum_buffer[: (height + 1) * width * m * c_in]
+        sums[...] = 0
+        if c_in == 1:
+            length = rows * m
+            columns = columns.reshape(kh, kw, length)
+            for u in range(kh):
+                for v in range(kw):
+                    offset = ((kh - 1 - u) * width + (kw - 1 - v)) * m
+                    target = sums[offset : offset + length]
+                    target += columns[u, v]
+        else:
+            columns = columns.reshape(kh, kw, gh, gw, m, c_in)
+            grid = sums.reshape(height + 1, width, m, c_in)
+            for u in range(kh):
+                for v in range(kw):
+                    y, x = kh - 1 - u, kw - 1 - v
+                    grid[y : y + gh, x : x + gw] += columns[u, v]
+        sums = sums[: height * width * m * c_in].reshape(height, width, m, c_in)
+        np.copyto(out[start:stop], sums.transpose(2, 0, 1, 3))
+    return out
 
 
 # ---------------------------------------------------------------------------
 # Windows (pooling)
 # ---------------------------------------------------------------------------
+#
+# Window position (u, v) is the strided slice a[:, u::stride, v::stride, :] cut to
+# the output size, so each primitive below is a few whole-array operations per
+# window position, for any size and stride.  Selections by index are bitwise
+# (an all-ones or all-zeros mask and-ed with the value's bits): exact for every
+# value, inf and NaN included, and in the input's dtype.
 
 
-def _windows(a, size, stride):
-    """View windows[n, i, j, c, u, v] = a[n, stride*i+u, stride*j+v, c]."""
-    return sliding_window_view(a, (size, size), axis=(1, 2))[:, ::stride, ::stride, :, :, :]
+def _position(a, u, v, stride, out_h, out_w):
+    """View a[n, stride*i+u, stride*j+v, c] for i < out_h, j < out_w."""
+    return a[
+        :, u : u + stride * (out_h - 1) + 1 : stride, v : v + stride * (out_w - 1) + 1 : stride, :
+    ]
+
+
+def _index_dtype(size):
+    """The smallest integer type that holds every window position 0 .. size*size-1."""
+    return np.min_scalar_type(-(size * size))
+
+
+def _bits(dtype):
+    """The unsigned integer type as wide as ``dtype``, or None if there is none."""
+    try:
+        return np.dtype(f"u{np.dtype(dtype).itemsize}")
+    except TypeError:
+        return None
+
+
+def _masks(index, count, bits):
+    """(k, mask) for k < count: mask all ones where index == k, else zero (bool if bits is None)."""
+    equal = np.empty(index.shape, dtype=bool)
+    for position in range(count):
+        np.equal(index, position, out=equal)
+        if bits is None:
+            yield position, equal
+        else:
+            mask = equal.astype(bits)
+            np.negative(mask, out=mask)
+            yield position, mask
+
+
+def _select(values, mask, bits, out):
+    """out = values where the mask is set, exact zeros elsewhere."""
+    if bits is None:
+        np.copyto(out, np.where(mask, values, 0))
+    else:
+        np.bitwise_and(values.view(bits), mask, out=out.view(bits))
 
 
 def window_sum(a, size, stride):
     """Sum of each size x size window, windows ``stride`` apart."""
-    if stride == size:
-        n, h, w, c = a.shape
-        out_h, out_w = h // size, w // size
-        tiles = a[:, : out_h * size, : out_w * size, :].reshape(n, out_h, size, out_w, size, c)
-        return tiles.sum(axis=(2, 4))
-    return _windows(a, size, stride).sum(axis=(4, 5))
+    n, h, w, c = a.shape
+    out_h = (h - size) // stride + 1
+    out_w = (w - size) // stride + 1
+    # The rows of each window first, over whole rows of the input (long contiguous
+    # runs), then the columns of those row sums.
+    span_h = stride * (out_h - 1) + 1
+    span_w = stride * (out_w - 1) + 1
+    rows = a[:, 0:span_h:stride, :, :].copy()
+    for u in range(1, size):
+        rows += a[:, u : u + span_h : stride, :, :]
+    out = rows[:, :, 0:span_w:stride, :].copy()
+    for v in range(1, size):
+        out += rows[:, :, v : v + span_w : stride, :]
+    return out
 
 
 def window_argmax(a, size, stride):
     """Position u*size + v of each window's first maximum in row-major order."""
-    windows = _windows(a, size, stride)
-    n, out_h, out_w, c = windows.shape[:4]
-    # np.argmax returns the first occurrence of the maximum: the tie rule.
-    return windows.reshape(n, out_h, out_w, c, size * size).argmax(axis=-1)
-
-
-def _window_rows_cols(index, size, stride):
-    n, out_h, out_w, c = index.shape
-    u, v = np.divmod(index, size)
-    rows = u + stride * np.arange(out_h).reshape(1, out_h, 1, 1)
-    cols = v + stride * np.arange(out_w).reshape(1, 1, out_w, 1)
-    return rows, cols
+    n, h, w, c = a.shape
+    out_h = (h - size) // stride + 1
+    out_w = (w - size) // stride + 1
+    positions = [_position(a, u, v, stride, out_h, out_w) for u in range(size) for v in range(size)]
+    top = positions[0].copy()
+    for candidate in positions[1:]:
+        np.maximum(top, candidate, out=top)
+    if np.isnan(top).any():
+        # A window holds NaN: NaN counts as its maximum and the first NaN wins, as in
+        # np.argmax (NaN compares equal to nothing, so the rule below cannot see it).
+        windows = sliding_window_view(a, (size, size), axis=(1, 2))[:, ::stride, ::stride]
+        flat = windows.reshape(n, out_h, out_w, c, size * size)
+        return flat.argmax(axis=-1).astype(_index_dtype(size))
+    # Counting back from the last position: index_k = [a_k < max] * (1 + index_(k+1)),
+    # index_last = 0.  index_0 is then the first position whose value equals the
+    # window's maximum: equal values compare equal, so a tie goes to the first maximum.
+    index = np.zeros(top.shape, dtype=_index_dtype(size))
+    below = np.empty(top.shape, dtype=bool)
+    for candidate in reversed(positions[:-1]):
+        np.less(candidate, top, out=below)
+        index += 1
+        np.multiply(index, below, out=index)
+    return index
 
 
 def gather_windows(a, index, size, stride):
     """The element of each window at position ``index``."""
     n, out_h, out_w, c = index.shape
-    rows, cols = _window_rows_cols(index, size, stride)
-    batch = np.arange(n).reshape(n, 1, 1, 1)
-    channel = np.arange(c).reshape(1, 1, 1, c)
-    return a[batch, rows, cols, channel]
+    bits = _bits(a.dtype)
+    out = np.zeros(index.shape, dtype=a.dtype)
+    picked = np.empty(index.shape, dtype=a.dtype)
+    for position, mask in _masks(index, size * size, bits):
+        u, v = divmod(position, size)
+        _select(_position(a, u, v, stride, out_h, out_w), mask, bits, picked)
+        # One position is selected per element: the others contribute exact zeros.
+        if bits is None:
+            out += picked
+        else:
+            np.bitwise_or(out.view(bits), picked.view(bits), out=out.view(bits))
+    return out
 
 
 def route_to_argmax(g, index, size, stride, height, width):
     """Each g[n,i,j,c] added at its window's position ``index`` in a zero (N, height, width, C) array."""
     n, out_h, out_w, c = g.shape
-    rows, cols = _window_rows_cols(index, size, stride)
-    flat = ((np.arange(n).reshape(n, 1, 1, 1) * height + rows) * width + cols) * c + np.arange(c)
-    out = np.bincount(flat.ravel(), weights=g.ravel(), minlength=n * height * width * c)
-    return out.astype(g.dtype, copy=False).reshape(n, height, width, c)
+    out = np.zeros((n, height, width, c), dtype=g.dtype)
+    bits = _bits(g.dtype)
+    overlapping = stride < size
+    picked = np.empty(g.shape, dtype=g.dtype) if overlapping else None
+    for position, mask in _masks(index, size * size, bits):
+        u, v = divmod(position, size)
+        target = _position(out, u, v, stride, out_h, out_w)
+        if overlapping:
+            _select(g, mask, bits, picked)
+            target += picked
+        else:
+            # Windows do not overlap: each element of ``out`` belongs to one window
+            # position at most, so it is written, not added to.
+            _select(g, mask, bits, target)
+    return out
 
 
 def upsample(a, size):
     """kron(a, ones(size, size)) on axes 1 and 2."""
-    n, h, w, c = a.shape
-    tiles = np.broadcast_to(a[:, :, None, :, None, :], (n, h, size, w, size, c))
-    return tiles.reshape(n, h * size, w * size, c)
+    return np.repeat(np.repeat(a, size, axis=1), size, axis=2)
 
 
 def scatter_windows(g, size, stride, height, width):
@@ -215,12 +483,8 @@ def scatter_windows(g, size, stride, height, width):
     out = np.zeros((n, height, width, c), dtype=g.dtype)
     for u in range(size):
         for v in range(size):
-            out[
-                :,
-                u : u + stride * (out_h - 1) + 1 : stride,
-                v : v + stride * (out_w - 1) + 1 : stride,
-                :,
-            ] += g
+            target = _position(out, u, v, stride, out_h, out_w)
+            target += g
     return out
 
 
