@@ -408,12 +408,38 @@ def window_sum(a, size, stride):
     return out
 
 
+def _pixels(a):
+    """(N, H, W, C) ``a`` as an (N, H, W) array of records of its C values per pixel.
+
+    Strided copies of records move each pixel's C values as one block: several times
+    faster than element by element when C is small.  None for arrays without channels.
+    """
+    if a.shape[3] == 0 or a.size == 0:
+        return None
+    if a.strides[3] != a.itemsize:
+        a = np.ascontiguousarray(a)
+    return a.view(np.dtype((np.void, a.itemsize * a.shape[3])))[..., 0]
+
+
+def _position_values(a, pixels, u, v, stride, out_h, out_w):
+    """A contiguous copy of window position (u, v): out[n,i,j,c] = a[n, s*i+u, s*j+v, c]."""
+    if pixels is None:
+        return _position(a, u, v, stride, out_h, out_w).copy()
+    view = _position(pixels[..., None], u, v, stride, out_h, out_w)[..., 0]
+    return view.copy().view(a.dtype).reshape(*view.shape, a.shape[3])
+
+
 def window_argmax(a, size, stride):
     """Position u*size + v of each window's first maximum in row-major order."""
     n, h, w, c = a.shape
     out_h = (h - size) // stride + 1
     out_w = (w - size) // stride + 1
-    positions = [_position(a, u, v, stride, out_h, out_w) for u in range(size) for v in range(size)]
+    pixels = _pixels(a)
+    positions = [
+        _position_values(a, pixels, u, v, stride, out_h, out_w)
+        for u in range(size)
+        for v in range(size)
+    ]
     top = positions[0].copy()
     for candidate in positions[1:]:
         np.maximum(top, candidate, out=top)
@@ -439,11 +465,12 @@ def gather_windows(a, index, size, stride):
     """The element of each window at position ``index``."""
     n, out_h, out_w, c = index.shape
     bits = _bits(a.dtype)
+    pixels = _pixels(a)
     out = np.zeros(index.shape, dtype=a.dtype)
     picked = np.empty(index.shape, dtype=a.dtype)
     for position, mask in _masks(index, size * size, bits):
         u, v = divmod(position, size)
-        _select(_position(a, u, v, stride, out_h, out_w), mask, bits, picked)
+        _select(_position_values(a, pixels, u, v, stride, out_h, out_w), mask, bits, picked)
         # One position is selected per element: the others contribute exact zeros.
         if bits is None:
             out += picked
@@ -457,18 +484,21 @@ def route_to_argmax(g, index, size, stride, height, width):
     n, out_h, out_w, c = g.shape
     out = np.zeros((n, height, width, c), dtype=g.dtype)
     bits = _bits(g.dtype)
-    overlapping = stride < size
-    picked = np.empty(g.shape, dtype=g.dtype) if overlapping else None
+    pixels = _pixels(out)
+    picked = np.empty(g.shape, dtype=g.dtype)
     for position, mask in _masks(index, size * size, bits):
         u, v = divmod(position, size)
-        target = _position(out, u, v, stride, out_h, out_w)
-        if overlapping:
-            _select(g, mask, bits, picked)
+        _select(g, mask, bits, picked)
+        if stride < size:
+            target = _position(out, u, v, stride, out_h, out_w)
             target += picked
-        else:
+        elif pixels is not None:
             # Windows do not overlap: each element of ``out`` belongs to one window
-            # position at most, so it is written, not added to.
-            _select(g, mask, bits, target)
+            # position at most, so it is written (as whole pixels), not added to.
+            target = _position(pixels[..., None], u, v, stride, out_h, out_w)[..., 0]
+            np.copyto(target, _pixels(picked))
+        else:
+            np.copyto(_position(out, u, v, stride, out_h, out_w), picked)
     return out
 
 
