@@ -12,7 +12,15 @@ import pytest
 from train import checkpoint as ckpt
 from train import optim
 from train.data import DataBundle, Split, load_dataset
-from train.loop import Recipe, TrainingDiverged, epoch_permutation, train
+from train.loop import (
+    RECIPES,
+    Recipe,
+    TrainingDiverged,
+    epoch_permutation,
+    epoch_shifts,
+    shift_images,
+    train,
+)
 from train.networks import NETWORKS, build, toy_images
 
 
@@ -181,6 +189,19 @@ def test_sgd_schedule_momentum_rises_and_lr_halves():
 # -------------------------------------------------------------------------------- loop
 
 
+def test_shift_images_moves_each_image_by_its_offset():
+    images = np.arange(2 * 5 * 5, dtype=np.float32).reshape(2, 5, 5, 1)
+    moved = shift_images(images, np.array([[1, -2], [0, 0]]), 2)
+    assert moved.dtype == np.float32 and moved.shape == images.shape
+    expected = np.zeros((5, 5), np.float32)
+    expected[1:, :3] = images[0, :4, 2:, 0]
+    assert np.array_equal(moved[0, :, :, 0], expected)
+    assert np.array_equal(moved[1], images[1])
+    offsets = epoch_shifts(3, 1, 100, 2)
+    assert offsets.min() == -2 and offsets.max() == 2
+    assert np.array_equal(offsets, epoch_shifts(3, 1, 100, 2))
+
+
 def test_epoch_permutation_depends_only_on_seed_and_epoch():
     assert np.array_equal(epoch_permutation(1, 2, 50), epoch_permutation(1, 2, 50))
     assert not np.array_equal(epoch_permutation(1, 2, 50), epoch_permutation(1, 3, 50))
@@ -188,10 +209,17 @@ def test_epoch_permutation_depends_only_on_seed_and_epoch():
 
 
 @pytest.mark.parametrize(
-    "net, kind, lr", [("seed", "adam", 2e-3), ("lenet", "sgd", 0.05), ("toy", "adam", 0.02)]
+    "net, kind, extra",
+    [
+        ("seed", "adam", {"lr": 2e-3}),
+        ("lenet", "sgd", {"lr": 0.05, "momentum": 0.9, "shift": 1, "weight_decay": 1e-3}),
+        ("toy", "sgd", {"lr": 0.5}),
+    ],
 )
-def test_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(small, tmp_path, net, kind, lr):
-    recipe = Recipe(net, kind, lr=lr, lr_decay=0.8, batch_size=32, epochs=2, seed=5)
+def test_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(
+    small, tmp_path, net, kind, extra
+):
+    recipe = Recipe(net, kind, lr_decay=0.8, batch_size=32, epochs=2, seed=5, **extra)
     straight, history = train(
         recipe, small, tmp_path / "straight", progress=False, log=lambda s: None
     )
@@ -273,3 +301,13 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "checkpoint.npz").write_bytes(b"not a zip")
     with pytest.raises(ckpt.CheckpointError, match="not a readable"):
         ckpt.load(tmp_path / "checkpoint.npz")
+
+
+def test_every_network_has_a_default_recipe_and_an_alternative_optimiser():
+    from train.loop import ALTERNATIVE_OPTIMIZERS
+
+    for name in NETWORKS:
+        recipe = RECIPES[name]
+        assert recipe.net == name and recipe.epochs >= 1 and recipe.batch_size >= 1
+        (other,) = {"sgd", "adam"} - {recipe.optimizer}
+        assert set(ALTERNATIVE_OPTIMIZERS[name][other]) <= {"lr", "lr_decay", "momentum"}

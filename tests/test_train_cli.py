@@ -113,12 +113,16 @@ def test_toy_train_resume_and_nothing_to_do(capsys, tmp_path):
     assert code == 0 and "nothing to do" in out
 
 
-def test_default_out_folder(capsys, tmp_path):
+def test_default_out_folder_and_the_alternative_optimiser(capsys, tmp_path):
     code, out, err = run(
-        capsys, *TRAIN, "--net", "toy", "--limit", "1000", "--epochs", "1", "--seed", "3"
-    )
+        capsys, *TRAIN, "--net", "toy", "--limit", "1000", "--epochs", "1", "--seed", "3",
+        "--optimizer", "adam",
+    )  # fmt: skip
     assert code == 0, err
-    assert (tmp_path / "runs" / "toy-mnist-seed3" / "checkpoint.npz").is_file()
+    run_dir = tmp_path / "runs" / "toy-mnist-seed3"
+    assert (run_dir / "checkpoint.npz").is_file()
+    recipe = json.loads((run_dir / "metrics.json").read_text())["recipe"]
+    assert recipe["optimizer"] == "adam" and recipe["lr"] == 0.02 and recipe["seed"] == 3
 
 
 def test_nan_loss_exits_1_and_keeps_the_checkpoint(capsys, tmp_path):
@@ -142,6 +146,8 @@ def test_nan_loss_exits_1_and_keeps_the_checkpoint(capsys, tmp_path):
         ((*TRAIN, "--net", "seed", "--seed", "-1"), "--seed must be at least 0"),
         ((*TRAIN, "--net", "seed", "--lr", "-0.1"), "--lr must be a positive number"),
         ((*TRAIN, "--net", "seed", "--lr", "nan"), "--lr must be a positive number"),
+        ((*TRAIN, "--net", "seed", "--shift", "-1"), "--shift must be at least 0"),
+        ((*TRAIN, "--net", "seed", "--weight-decay", "-1"), "--weight-decay must be a number"),
         (
             (*TRAIN, "--net", "seed", "--data-dir", "missing"),
             "data directory missing does not exist",
@@ -180,7 +186,7 @@ def test_resume_refuses_a_different_recipe_and_new_run_refuses_an_existing_one(c
         capsys, *args, "--epochs", "2", "--resume", "--seed", "4", match="--seed 4 differs"
     )
     assert_usage_error(
-        capsys, *args, "--epochs", "2", "--resume", "--optimizer", "sgd", match="--optimizer sgd"
+        capsys, *args, "--epochs", "2", "--resume", "--optimizer", "adam", match="--optimizer adam"
     )
 
 

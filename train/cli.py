@@ -33,19 +33,12 @@ from .networks import NETWORKS
 
 __all__ = ["add_parsers"]
 
-# An optimiser other than the recipe's starts from these (lr, lr_decay).
-OPTIMIZER_DEFAULTS = {"sgd": (0.1, 0.5), "adam": (1e-3, 0.8)}
-
 
 def add_parsers(commands) -> None:
     """Add the ``train`` and ``evaluate`` subcommands to ``commands`` (argparse subparsers)."""
     from .loop import RECIPES
 
-    defaults = "; ".join(
-        f"{r.net}: {r.optimizer} lr {r.lr:g} (x{r.lr_decay:g} per epoch), batch {r.batch_size}, "
-        f"{r.epochs} epochs"
-        for r in RECIPES.values()
-    )
+    defaults = "; ".join(f"{r.net}: {r.describe()}" for r in RECIPES.values())
     p = commands.add_parser(
         "train",
         help="train a network on MNIST or Fashion-MNIST",
@@ -66,6 +59,12 @@ def add_parsers(commands) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.npz")
     p.add_argument("--optimizer", choices=("sgd", "adam"), help="optimiser")
     p.add_argument("--lr", type=float, help="learning rate of the first epoch")
+    p.add_argument(
+        "--weight-decay", type=float, help="decoupled weight decay of the kernels and weights"
+    )
+    p.add_argument(
+        "--shift", type=int, help="augment: move each image by up to this many pixels (0: off)"
+    )
     p.add_argument("--limit", type=int, metavar="N", help="use only the first N training images")
     p.add_argument(
         "--progress",
@@ -115,12 +114,15 @@ def _load_checkpoint(path: Path):
 def _recipe(args):
     """The run's recipe and its checkpoint (when resuming), from the options and defaults."""
     from .checkpoint import CHECKPOINT_NAME
-    from .loop import RECIPES, Recipe
+    from .loop import ALTERNATIVE_OPTIMIZERS, RECIPES, Recipe
 
     _positive("--epochs", args.epochs)
     _positive("--batch-size", args.batch_size)
     _positive("--limit", args.limit)
     _positive("--seed", args.seed, 0)
+    _positive("--shift", args.shift, 0)
+    if args.weight_decay is not None and not (0 <= args.weight_decay < math.inf):
+        raise UsageError(f"--weight-decay must be a number of at least 0, got {args.weight_decay}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     seed = 0 if args.seed is None else args.seed
@@ -135,9 +137,15 @@ def _recipe(args):
             )
         recipe = replace(RECIPES[args.net], seed=seed, dataset=dataset, limit=args.limit)
         if args.optimizer is not None and args.optimizer != recipe.optimizer:
-            lr, decay = OPTIMIZER_DEFAULTS[args.optimizer]
-            recipe = replace(recipe, optimizer=args.optimizer, lr=lr, lr_decay=decay)
-        changes = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+            alternative = ALTERNATIVE_OPTIMIZERS[args.net][args.optimizer]
+            recipe = replace(recipe, optimizer=args.optimizer, **alternative)
+        changes = {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "shift": args.shift,
+        }
         recipe = replace(recipe, **{k: v for k, v in changes.items() if v is not None})
         return recipe, out, None
 
@@ -151,6 +159,8 @@ def _recipe(args):
         "--seed": (args.seed, stored.seed),
         "--optimizer": (args.optimizer, stored.optimizer),
         "--limit": (args.limit, stored.limit),
+        "--weight-decay": (args.weight_decay, stored.weight_decay),
+        "--shift": (args.shift, stored.shift),
     }
     for option, (given, kept) in fixed.items():
         if given is not None and given != kept:
@@ -187,9 +197,8 @@ def run_train(args) -> int:
     what = "Resuming" if checkpoint is not None else "Training"
     start = checkpoint.epoch if checkpoint is not None else 0
     print(
-        f"{what} {recipe.net} ({recipe.optimizer}, lr {recipe.lr:g} x{recipe.lr_decay:g} per epoch, "
-        f"batch {recipe.batch_size}, seed {recipe.seed}) from epoch {start + 1} to "
-        f"{recipe.epochs} in {out}"
+        f"{what} {recipe.net} ({recipe.describe()}, seed {recipe.seed}) "
+        f"from epoch {start + 1} to {recipe.epochs} in {out}"
     )
     began = time.perf_counter()
     try:

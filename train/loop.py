@@ -15,9 +15,10 @@ What a run writes in its folder, RUN_DIR:
     Loss and accuracy per epoch; the first convolution's filters (:mod:`train.plots`).
 
 Exact resumption: epoch ``e`` visits the training images in the order
-``np.random.default_rng([seed, e]).permutation(n)``, which depends on nothing but the
-seed and the epoch; the network has no other randomness and the optimiser state is
-saved whole. So a run resumed from the checkpoint of epoch ``k`` ends with bit for bit
+``np.random.default_rng([seed, e]).permutation(n)`` and (when the recipe asks for
+augmentation) moves them by translations drawn from ``default_rng([seed, e, 1])``:
+both depend on nothing but the seed and the epoch. The network has no other
+randomness and the optimiser state is saved whole. So a run resumed from the checkpoint of epoch ``k`` ends with bit for bit
 the weights of a run that never stopped.
 
 A loss that is NaN or infinite (or parameters that stop being finite) ends the run
@@ -42,6 +43,7 @@ from .data import DataBundle, Split
 from .networks import Network, build
 
 __all__ = [
+    "ALTERNATIVE_OPTIMIZERS",
     "RECIPES",
     "Recipe",
     "TrainingDiverged",
@@ -69,9 +71,27 @@ class Recipe:
     seed: int = 0
     dataset: str = "mnist"
     limit: int | None = None  # use only the first ``limit`` training images
+    weight_decay: float = 0.0  # decoupled, see train.optim
+    shift: int = 0  # augmentation: random translations of up to this many pixels
+    momentum: float = 0.95  # SGD only: the momentum reached after its warm-up from 0.5
+
+    def describe(self) -> str:
+        text = f"{self.optimizer} lr {self.lr:g}"
+        if self.optimizer == "sgd":
+            text += f" momentum 0.5->{self.momentum:g}"
+        if self.lr_decay != 1:
+            text += f" x{self.lr_decay:g} per epoch"
+        if self.weight_decay:
+            text += f", weight decay {self.weight_decay:g}"
+        if self.shift:
+            text += f", shifts of up to {self.shift} px"
+        return text + f", batch {self.batch_size}, {self.epochs} epochs"
 
     def optimizer_hyper(self) -> dict[str, float]:
-        return {"lr": self.lr, "lr_decay": self.lr_decay}
+        hyper = {"lr": self.lr, "lr_decay": self.lr_decay, "weight_decay": self.weight_decay}
+        if self.optimizer == "sgd":
+            hyper["momentum"] = self.momentum
+        return hyper
 
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
@@ -80,11 +100,23 @@ class Recipe:
 
 
 # The default recipe of each network: the best found on the shipped 4,500 / 500 MNIST
-# subset within a few minutes of CPU time (see the README's accuracy table).
+# subset within a few minutes of CPU time. Validation accuracy over three seeds at the
+# last epoch: seed 96.4-97.8% (Adam instead: about 92-93% after 8 epochs), lenet
+# 97.0-98.4%, toy 99-100%. SGD's momentum rises from 0.5 to ``momentum`` over the
+# first 500 steps.
 RECIPES: dict[str, Recipe] = {
-    "seed": Recipe("seed", "adam", lr=2e-3, lr_decay=0.8, batch_size=32, epochs=12),
-    "toy": Recipe("toy", "adam", lr=2e-2, lr_decay=0.8, batch_size=32, epochs=10),
-    "lenet": Recipe("lenet", "adam", lr=2e-3, lr_decay=0.8, batch_size=32, epochs=12),
+    "seed": Recipe("seed", "sgd", lr=0.5, lr_decay=0.85, batch_size=32, epochs=12, shift=1),
+    "toy": Recipe("toy", "sgd", lr=0.5, lr_decay=0.8, batch_size=32, epochs=10),
+    "lenet": Recipe(
+        "lenet", "sgd", lr=0.05, lr_decay=0.85, batch_size=32, epochs=15, shift=2, momentum=0.9
+    ),
+}
+
+# What ``--optimizer`` changes in a recipe when it names the other optimiser.
+ALTERNATIVE_OPTIMIZERS: dict[str, dict[str, dict[str, float]]] = {
+    "seed": {"adam": {"lr": 2e-3, "lr_decay": 0.8}},
+    "toy": {"adam": {"lr": 2e-2, "lr_decay": 0.8}},
+    "lenet": {"adam": {"lr": 1e-3, "lr_decay": 0.85}},
 }
 
 
@@ -112,6 +144,20 @@ class TrainingDiverged(RuntimeError):
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order in which epoch ``epoch`` visits ``n`` training images."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def epoch_shifts(seed: int, epoch: int, n: int, shift: int) -> np.ndarray:
+    """(n, 2) random (down, right) translations in [-shift, shift] for epoch ``epoch``."""
+    return np.random.default_rng([seed, epoch, 1]).integers(-shift, shift + 1, size=(n, 2))
+
+
+def shift_images(images: np.ndarray, offsets: np.ndarray, shift: int) -> np.ndarray:
+    """Each image moved by its (down, right) offset, zeros coming in at the edges."""
+    n, height, width, _ = images.shape
+    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+    rows = np.arange(height) + shift - offsets[:, :1]  # (n, height)
+    cols = np.arange(width) + shift - offsets[:, 1:]  # (n, width)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def prepare_splits(
@@ -234,6 +280,8 @@ def train(
             for epoch in range(start + 1, recipe.epochs + 1):
                 optimizer.start_epoch(epoch)
                 order = epoch_permutation(recipe.seed, epoch, n)
+                if recipe.shift:
+                    offsets = epoch_shifts(recipe.seed, epoch, n, recipe.shift)
                 loss_sum, correct = 0.0, 0
                 bar = tqdm(
                     total=n,
@@ -247,6 +295,10 @@ def train(
                 for step in range(1, steps + 1):
                     index = order[(step - 1) * batch : step * batch]
                     x, y = images[index], labels[index]
+                    if recipe.shift:
+                        x = shift_images(
+                            x, offsets[(step - 1) * batch : step * batch], recipe.shift
+                        )
                     loss, outputs, grads = net.loss_and_gradients(x, y)
                     if not math.isfinite(loss):
                         raise TrainingDiverged(

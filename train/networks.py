@@ -275,15 +275,20 @@ class _SigmoidBCE:
 class SeedNet(_SigmoidBCE, Network):
     """Seed 000: conv 9x9x1x20 -> sigmoid -> avg pool 2 -> flatten -> dense 2000x10 -> sigmoid + BCE.
 
-    Initialisation: kernels and dense weights Normal(0, 1/fan_in) (fan_in 81 and 2,000),
-    biases zero.
+    Initialisation: kernels Normal(0, 1) with biases -2, dense weights Normal(0, 1/2000)
+    with biases zero. The large kernels put the sigmoids in their non-linear range from
+    the start, and the negative bias keeps most of them near 0 (sigmoid(-2) = 0.12), so
+    the 2,000 dense inputs do not share a large common mean. With Normal(0, 1/81)
+    kernels and zero biases every sigmoid sits near 1/2 in its linear part; the
+    network then behaves much like a linear model and validation accuracy stalls near
+    88-91% on the 4,500-image subset.
     """
 
     name = "seed"
 
     def _build(self, rng):
-        self._init(rng, "conv1_w", (9, 9, 1, 20), 1.0 / np.sqrt(81))
-        self._zeros("conv1_b", 20)
+        self._init(rng, "conv1_w", (9, 9, 1, 20), 1.0)
+        self.params["conv1_b"] = np.full(20, -2.0, dtype=self.dtype)
         self._init(rng, "fc_w", (2000, 10), 1.0 / np.sqrt(2000))
         self._zeros("fc_b", 10)
         self.layers = [

@@ -4,6 +4,10 @@ The update rules live here (they are not gradients: the gradients come from the
 generated backward passes). Every update is done in place with ``out=`` so the
 parameters keep their dtype (float32 in training) and no array is re-allocated.
 
+Both can shrink weights (parameters named ``*_w``, not biases) by
+``lr(epoch) * weight_decay`` of themselves before each update: decoupled weight decay,
+an update rule of the optimiser, not a gradient.
+
 Both optimisers follow a per-epoch learning-rate schedule,
 ``lr(epoch) = lr * lr_decay ** (epoch - 1)`` for epochs counted from 1; the training
 loop calls :meth:`Optimizer.start_epoch` before each epoch. The schedule and the
@@ -23,15 +27,25 @@ __all__ = ["OPTIMIZERS", "SGD", "Adam", "Optimizer", "build"]
 
 class Optimizer:
     kind = ""
-    _hyper: tuple[str, ...] = ("lr", "lr_decay")
+    _hyper: tuple[str, ...] = ("lr", "lr_decay", "weight_decay")
 
-    def __init__(self, params: dict[str, np.ndarray], *, lr: float, lr_decay: float = 1.0):
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        *,
+        lr: float,
+        lr_decay: float = 1.0,
+        weight_decay: float = 0.0,
+    ):
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"the learning rate must be a positive number, got {lr}")
         if not (0 < lr_decay <= 1):
             raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+        if not (weight_decay >= 0):
+            raise ValueError(f"weight_decay must be at least 0, got {weight_decay}")
         self.lr = float(lr)
         self.lr_decay = float(lr_decay)
+        self.weight_decay = float(weight_decay)
         self.step_count = 0
         self.epoch = 0
         self.buffers: dict[str, np.ndarray] = {}
@@ -53,8 +67,12 @@ class Optimizer:
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
         self.step_count += 1
+        shrink = 1.0 - self.current_lr * self.weight_decay
         for name in self._names:
-            self._update(name, params[name], grads[name])
+            param = params[name]
+            if self.weight_decay and name.endswith("_w"):
+                param *= param.dtype.type(shrink)
+            self._update(name, param, grads[name])
 
     def _update(self, name, param, grad):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -94,7 +112,7 @@ class SGD(Optimizer):
     """
 
     kind = "sgd"
-    _hyper = ("lr", "lr_decay", "momentum", "momentum_start", "momentum_steps")
+    _hyper = ("lr", "lr_decay", "weight_decay", "momentum", "momentum_start", "momentum_steps")
 
     def __init__(
         self,
@@ -102,11 +120,12 @@ class SGD(Optimizer):
         *,
         lr: float = 0.1,
         lr_decay: float = 0.5,
+        weight_decay: float = 0.0,
         momentum: float = 0.95,
         momentum_start: float = 0.5,
         momentum_steps: float = 500,
     ):
-        super().__init__(params, lr=lr, lr_decay=lr_decay)
+        super().__init__(params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay)
         if not (0 <= momentum_start <= 1 and 0 <= momentum < 1):
             raise ValueError("momentum must be in [0, 1)")
         self.momentum = float(momentum)
@@ -142,7 +161,7 @@ class Adam(Optimizer):
     """
 
     kind = "adam"
-    _hyper = ("lr", "lr_decay", "beta1", "beta2", "eps")
+    _hyper = ("lr", "lr_decay", "weight_decay", "beta1", "beta2", "eps")
 
     def __init__(
         self,
@@ -150,11 +169,12 @@ class Adam(Optimizer):
         *,
         lr: float = 1e-3,
         lr_decay: float = 1.0,
+        weight_decay: float = 0.0,
         beta1: float = 0.9,
         beta2: float = 0.999,
         eps: float = 1e-8,
     ):
-        super().__init__(params, lr=lr, lr_decay=lr_decay)
+        super().__init__(params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
 
     def step(self, params, grads):
