@@ -3,9 +3,9 @@
 Examples::
 
     cnnderive train --net seed                       # the default recipe, runs/seed-mnist-seed0
-    cnnderive train --net lenet --epochs 5 --optimizer sgd --lr 0.05
+    cnnderive train --net lenet --epochs 5 --optimizer adam --lr 1e-3 --out runs/quick
     cnnderive train --net seed --epochs 20 --resume  # continue runs/seed-mnist-seed0
-    cnnderive train --net seed --dataset fashion-mnist --epochs 3
+    cnnderive train --net seed --dataset fashion-mnist --epochs 3 --lr 0.1 --shift 0
     cnnderive evaluate runs/seed-mnist-seed0 --json
 
 Options left out take the network's default recipe (:data:`train.loop.RECIPES`); with
@@ -65,7 +65,13 @@ def add_parsers(commands) -> None:
     p.add_argument(
         "--shift", type=int, help="augment: move each image by up to this many pixels (0: off)"
     )
-    p.add_argument("--limit", type=int, metavar="N", help="use only the first N training images")
+    p.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="use only the first N training images, in file order (the shipped 5k subset "
+        "is sorted by digit, so a small N there covers only the first digits)",
+    )
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

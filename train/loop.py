@@ -18,8 +18,8 @@ Exact resumption: epoch ``e`` visits the training images in the order
 ``np.random.default_rng([seed, e]).permutation(n)`` and (when the recipe asks for
 augmentation) moves them by translations drawn from ``default_rng([seed, e, 1])``:
 both depend on nothing but the seed and the epoch. The network has no other
-randomness and the optimiser state is saved whole. So a run resumed from the checkpoint of epoch ``k`` ends with bit for bit
-the weights of a run that never stopped.
+randomness and the optimiser state is saved whole. So a run resumed from the
+checkpoint of epoch ``k`` ends with bit for bit the weights of a run that never stopped.
 
 A loss that is NaN or infinite (or parameters that stop being finite) ends the run
 with :class:`TrainingDiverged`, naming the epoch and step; the checkpoint of the last
@@ -124,13 +124,8 @@ class TrainingDiverged(RuntimeError):
     """The loss (or a parameter) stopped being finite."""
 
     def __init__(self, epoch: int, step: int, steps: int, what: str, kept: Path | None, kept_epoch):
-        self.epoch, self.step, self.steps, self.kept, self.kept_epoch = (
-            epoch,
-            step,
-            steps,
-            kept,
-            kept_epoch,
-        )
+        self.epoch, self.step, self.steps = epoch, step, steps
+        self.kept, self.kept_epoch = kept, kept_epoch
         where = f"epoch {epoch}, step {step} of {steps}"
         if kept is not None:
             tail = f"the last good checkpoint (epoch {kept_epoch}) is kept in {kept}"
