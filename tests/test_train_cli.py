@@ -194,3 +194,15 @@ def test_evaluate_rejects_a_corrupt_checkpoint(capsys, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "checkpoint.npz").write_bytes(b"garbage")
     assert_usage_error(capsys, "evaluate", "bad", match="not a readable cnnderive checkpoint")
+
+
+def test_resume_through_the_cli_is_bitwise_exact(capsys, tmp_path):
+    args = (*TRAIN, "--net", "lenet", "--limit", "300", "--batch-size", "64")
+    assert run(capsys, *args, "--epochs", "2", "--out", "straight")[0] == 0
+    assert run(capsys, *args, "--epochs", "1", "--out", "split")[0] == 0
+    assert run(capsys, *args, "--epochs", "2", "--out", "split", "--resume")[0] == 0
+    a = ckpt.load(tmp_path / "straight" / "checkpoint.npz")
+    b = ckpt.load(tmp_path / "split" / "checkpoint.npz")
+    assert a.epoch == b.epoch == 2
+    for key in a.params:
+        assert np.array_equal(a.params[key], b.params[key]), key
