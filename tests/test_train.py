@@ -85,6 +85,7 @@ def test_registry_and_parameter_counts():
     for name in NETWORKS:
         net = build(name, seed=3)
         assert all(p.dtype == np.float32 for p in net.params.values())
+        assert net.layers[0].input_gradient is False  # the images need no gradient
         again = build(name, seed=3)
         assert all(np.array_equal(net.params[k], again.params[k]) for k in net.params)
 

@@ -58,10 +58,13 @@ __all__ = ["NETWORKS", "LeNet", "Network", "SeedNet", "ToyNet", "build", "toy_im
 #
 # Each layer wraps one generated module. ``forward`` keeps the generated cache on the
 # layer; ``backward`` passes the upstream gradient to the generated backward, stores the
-# parameter gradients it returns in ``grads`` and returns the gradient for the layer below.
+# parameter gradients it returns in ``grads`` and returns the gradient for the layer below
+# (None from the first layer, whose generated backward is told to skip it).
 
 
 class _Conv:
+    input_gradient = True  # False for a first layer: nothing below it needs dx
+
     def __init__(self, weight: str, bias: str, padding: int = 0):
         self.weight, self.bias, self.padding = weight, bias, padding
         self.cache = None
@@ -73,14 +76,14 @@ class _Conv:
         return out
 
     def backward(self, dout, grads):
-        # conv2d.backward always returns dx too, even for the first layer, where it is
-        # not needed: the generated code is called as it is.
-        dx, dw, db = conv2d.backward(dout, self.cache)
+        dx, dw, db = conv2d.backward(dout, self.cache, input_gradient=self.input_gradient)
         grads[self.weight], grads[self.bias] = dw, db
         return dx
 
 
 class _Dense:
+    input_gradient = True
+
     def __init__(self, weight: str, bias: str):
         self.weight, self.bias = weight, bias
         self.cache = None
@@ -90,7 +93,7 @@ class _Dense:
         return out
 
     def backward(self, dout, grads):
-        dx, dw, db = dense.backward(dout, self.cache)
+        dx, dw, db = dense.backward(dout, self.cache, input_gradient=self.input_gradient)
         grads[self.weight], grads[self.bias] = dw, db
         return dx
 
@@ -155,6 +158,9 @@ class Network:
         self.layers: list = []
         self._loss_cache = None
         self._build(np.random.default_rng(seed))
+        # The images need no gradient: the first layer's generated backward skips dx.
+        if hasattr(self.layers[0], "input_gradient"):
+            self.layers[0].input_gradient = False
 
     # -- set-up -------------------------------------------------------------------------
 
