@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -206,3 +208,19 @@ def test_resume_through_the_cli_is_bitwise_exact(capsys, tmp_path):
     assert a.epoch == b.epoch == 2
     for key in a.params:
         assert np.array_equal(a.params[key], b.params[key]), key
+
+
+def test_the_train_command_never_imports_sympy(tmp_path):
+    """`cnnderive train` builds the whole parser (derive and codegen commands included) but
+    must not load SymPy or Jinja2: their commands import them only when they run."""
+    script = (
+        "import sys\n"
+        "from cnnderive.cli import main\n"
+        f"code = main(['train', '--net', 'toy', '--epochs', '1', '--limit', '200', '--no-download',\n"
+        f"             '--no-progress', '--out', {str(tmp_path / 'run')!r}])\n"
+        "assert code == 0, code\n"
+        "loaded = {'sympy', 'jinja2', 'mpmath'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
