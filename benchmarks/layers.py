@@ -83,13 +83,15 @@ class OtherLoad:
         )
 
     def share(self):
-        """Other processes' CPU use since start, as a share of all CPUs' time (or None)."""
+        """Other processes' CPU use since start, as a share of all CPUs' time (None: unknown)."""
         end = self._sample()
         if self.start is None or end is None:
             return None
         wall = (end[0] - self.start[0]) * (os.cpu_count() or 1)
+        if wall < 1.0:  # /proc/stat counts in clock ticks: too coarse for shorter spans
+            return None
         other = (end[1] - self.start[1]) - (end[2] - self.start[2])
-        return max(0.0, other) / wall if wall > 0 else None
+        return min(1.0, max(0.0, other / wall))
 
 
 def describe_environment():
@@ -399,7 +401,7 @@ def main(argv=None):
 
 
 def _percent(share):
-    return "?" if share is None else f"{100 * share:.0f}%"
+    return "-" if share is None else f"{100 * share:.0f}%"
 
 
 if __name__ == "__main__":
