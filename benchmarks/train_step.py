@@ -338,20 +338,29 @@ def _im2col(x, k):
     """Patches (N*H'*W', k*k*C) of a valid k x k correlation over NHWC x."""
     n, h, w, c = x.shape
     oh, ow = h - k + 1, w - k + 1
+    if c == 1:
+        # One tap at a time: each copy moves whole output rows, not k values at a time.
+        cols = np.empty((k, k, n, oh, ow), dtype=x.dtype)
+        for u in range(k):
+            for v in range(k):
+                cols[u, v] = x[:, u : u + oh, v : v + ow, 0]
+        return cols.reshape(k * k, n * oh * ow).T, (n, oh, ow)
     s = x.strides
     view = as_strided(x, (n, oh, ow, k, k, c), (s[0], s[1], s[2], s[1], s[2], s[3]))
     return view.reshape(n * oh * ow, k * k * c), (n, oh, ow)
 
 
-def _col2im(cols, shape, k):
-    """The adjoint of _im2col: cols (N*H'*W', k*k*C) summed back into an NHWC array."""
-    n, h, w, c = shape
-    oh, ow = h - k + 1, w - k + 1
-    cols = cols.reshape(n, oh, ow, k, k, c)
-    out = np.zeros(shape, dtype=cols.dtype)
+def _conv_input_gradient(dz, w, shape):
+    """dX of a valid k x k correlation: one (C_out x C_in) product per tap, added back shifted."""
+    n, h, wd, c_in = shape
+    k, _, _, c_out = w.shape
+    oh, ow = h - k + 1, wd - k + 1
+    taps = np.matmul(dz.reshape(-1, c_out), w.reshape(k * k, c_in, c_out).transpose(0, 2, 1))
+    taps = taps.reshape(k, k, n, oh, ow, c_in)
+    out = np.zeros(shape, dtype=dz.dtype)
     for u in range(k):
         for v in range(k):
-            out[:, u : u + oh, v : v + ow, :] += cols[:, :, :, u, v, :]
+            out[:, u : u + oh, v : v + ow, :] += taps[u, v]
     return out
 
 
@@ -478,7 +487,7 @@ class NumpyStep:
         dz2 = d.reshape(-1, 16)
         grads["conv2_w"] = (cols2.T @ dz2).reshape(5, 5, 6, 16)
         grads["conv2_b"] = dz2.sum(axis=0)
-        d = _col2im(dz2 @ p["conv2_w"].reshape(150, 16).T, p1.shape, 5)
+        d = _conv_input_gradient(dz2, p["conv2_w"], p1.shape)
         d = _maxpool2_backward(d, masks1, a1.shape)
         d *= a1 > 0
         dz1 = d.reshape(-1, 6)
