@@ -119,6 +119,8 @@ class Emitter:
             inner = self.operand_code(node.a)
             if not node.axes:
                 return f"{inner}.sum()"
+            if not node.keepdims and node.axes == tuple(range(len(node.axes))):
+                return f"{KERNEL_MODULE}.sum_leading({self.code(node.a)}, {len(node.axes)})"
             keep = ", keepdims=True" if node.keepdims else ""
             axes = node.axes[0] if len(node.axes) == 1 else node.axes
             return f"{inner}.sum(axis={axes}{keep})"

@@ -118,7 +118,7 @@ def backward(dout, cache, *, input_gradient=True):
         ),
         dout_dilated,
     )
-    db = dout.sum(axis=(0, 1, 2))
+    db = _k.sum_leading(dout, 3)
     if input_gradient:
         dx = _k.crop(
             _k.full_convolve(dout_dilated, _k.rot180(w)), padding, padding, in_height, in_width

@@ -60,7 +60,7 @@ def backward(dout, cache, *, input_gradient=True):
     w = cache["w"]
     _k.check_upstream("dense.backward", "dout", dout, cache["out_shape"])
     dw = x.T @ dout
-    db = dout.sum(axis=0)
+    db = _k.sum_leading(dout, 1)
     if input_gradient:
         dx = dout @ w.T
     else:
