@@ -63,13 +63,6 @@ class Dim(sympy.Symbol):
         return self.latex_name
 
 
-IntLike = "int | sympy.Expr"
-
-
-def integer_symbols(expr) -> set[sympy.Symbol]:
-    return set(sympy.sympify(expr).free_symbols)
-
-
 # ---------------------------------------------------------------------------
 # Nodes
 # ---------------------------------------------------------------------------

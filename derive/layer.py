@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 import sympy
@@ -193,15 +193,3 @@ class Layer:
             if not bool(requirement.condition.xreplace(dict(config))):
                 problems.append(requirement.format(values))
         return problems
-
-
-def grid(layer_dims: Sequence[sympy.Symbol], **choices: Sequence[int]) -> list[dict]:
-    """Every combination of the given values, as configurations keyed by symbol."""
-    import itertools
-
-    by_name = {s.name: s for s in layer_dims}
-    names = list(choices)
-    configs = []
-    for values in itertools.product(*(choices[n] for n in names)):
-        configs.append({by_name[n]: v for n, v in zip(names, values)})
-    return configs

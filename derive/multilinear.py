@@ -114,17 +114,6 @@ class Polynomial:
     def __hash__(self):
         return hash(frozenset(self.terms.items()))
 
-    def derivative(self, number: int) -> "Polynomial":
-        """d/d(variable ``number``), by coefficient extraction."""
-        out: dict = {}
-        for monomial, coefficient in self.terms.items():
-            power = monomial.count(number)
-            if power:
-                position = monomial.index(number)
-                rest = monomial[:position] + monomial[position + 1 :]
-                out[rest] = out.get(rest, 0) + coefficient * power
-        return Polynomial(out)
-
     def partials(self) -> dict[int, "Polynomial"]:
         """Every nonzero first derivative, {variable number: derivative}, in one pass
         over the table (coefficient extraction for all variables at once)."""
@@ -154,7 +143,3 @@ class Polynomial:
 
     def __repr__(self):
         return f"Polynomial({self.as_expr()})"
-
-
-def number_of(symbol: sympy.Symbol) -> int:
-    return _number(symbol)
