@@ -247,7 +247,11 @@ def forward_function(layer: Layer) -> Function:
 def _optional_gradient(layer: Layer):
     """The input gradient a caller may skip: a layer with parameters also returns their
     gradients, and a network's first layer has no use for the gradient of its input."""
-    if layer.kind == "layer" and len(layer.gradients) > 1 and layer.gradients[0].wrt == layer.inputs[0].name:
+    if (
+        layer.kind == "layer"
+        and len(layer.gradients) > 1
+        and layer.gradients[0].wrt == layer.inputs[0].name
+    ):
         return layer.gradients[0]
     return None
 
@@ -280,7 +284,9 @@ def backward_function(layer: Layer, result: LayerResult) -> Function:
     where = _where(layer, layer.backward_function)
     body = [f'{name} = cache["{name}"]' for name in _cached_names(layer)]
     if layer.kind != "loss":
-        body.append(f'_k.check_upstream("{where}", "{layer.upstream}", {layer.upstream}, cache["out_shape"])')
+        body.append(
+            f'_k.check_upstream("{where}", "{layer.upstream}", {layer.upstream}, cache["out_shape"])'
+        )
     trees = [case.tree for gradient in layer.gradients for case in gradient.cases]
     body += _dim_lines(dims_in(trees))
     optional = _optional_gradient(layer)

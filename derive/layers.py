@@ -697,9 +697,7 @@ def _loss(
         module="losses",
         prefix=f"{name}_",
         inputs=(
-            Input(
-                input_name, (_LN, _LK), input_latex, f"{input_name} (N, K)"
-            ),
+            Input(input_name, (_LN, _LK), input_latex, f"{input_name} (N, K)"),
             _targets,
         ),
         params=(),
@@ -793,7 +791,11 @@ softmax_cross_entropy = _loss(
     _ys * (_ls - _ps),
     {"p": None, "y": _y_op, "row_logsumexp": LogSumExp(Operand("logits"))},
     (_softmax_s * _target_sum - _ys) / _LN,
-    {"softmax": Softmax(Operand("logits")), "target_sum": Sum(_y_op, (-1,), keepdims=True), "y": _y_op},
+    {
+        "softmax": Softmax(Operand("logits")),
+        "target_sum": Sum(_y_op, (-1,), keepdims=True),
+        "y": _y_op,
+    },
     (
         r"\frac{\partial L}{\partial Z_{n,k}} = -\frac{1}{m}\sum_e Y_{n,e}\,(\mathbf{1}[e=k] - A_{n,k})"
         r" = \frac{1}{m}\left(A_{n,k}\sum_e Y_{n,e} - Y_{n,k}\right)",

@@ -552,7 +552,11 @@ def test_input_gradient_false_skips_only_the_input_gradient(module):
     layer = importlib.import_module(f"generated.{module}")
     rng = np.random.default_rng(7)
     if module == "conv2d":
-        x, w, b = rng.standard_normal((2, 6, 6, 2)), rng.standard_normal((3, 3, 2, 4)), rng.standard_normal(4)
+        x, w, b = (
+            rng.standard_normal((2, 6, 6, 2)),
+            rng.standard_normal((3, 3, 2, 4)),
+            rng.standard_normal(4),
+        )
     else:
         x, w, b = rng.standard_normal((3, 5)), rng.standard_normal((5, 4)), rng.standard_normal(4)
     out, cache = layer.forward(x, w, b)

@@ -222,5 +222,7 @@ def test_the_train_command_never_imports_sympy(tmp_path):
         "loaded = {'sympy', 'jinja2', 'mpmath'} & set(sys.modules)\n"
         "assert not loaded, loaded\n"
     )
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
