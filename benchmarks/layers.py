@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +34,8 @@ try:
     from scipy import signal
 except ImportError:  # pragma: no cover - scipy is in the "bench" extra
     sys.exit("benchmarks/layers.py needs scipy (pip install -e '.[bench]')")
+
+from _measure import OtherLoad, describe_environment, percent
 
 from generated import activations, avgpool2d, conv2d, dense, flatten, losses, maxpool2d
 
@@ -55,75 +55,6 @@ def median_ms(fn, repeats, warmup=1):
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
-
-
-class OtherLoad:
-    """CPU time that other processes used while this one ran (Linux /proc/stat).
-
-    Timings on a shared machine are only meaningful when this stays near zero.
-    """
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample():
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        hz = os.sysconf("SC_CLK_TCK")
-        busy = (sum(fields[:3]) + sum(fields[5:8])) / hz  # user nice system irq softirq steal
-        mine = os.times()
-        return (
-            time.monotonic(),
-            busy,
-            mine.user + mine.system + mine.children_user + mine.children_system,
-        )
-
-    def share(self):
-        """Other processes' CPU use since start, as a share of all CPUs' time (None: unknown)."""
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        wall = (end[0] - self.start[0]) * (os.cpu_count() or 1)
-        if wall < 1.0:  # /proc/stat counts in clock ticks: too coarse for shorter spans
-            return None
-        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
-        return min(1.0, max(0.0, other / wall))
-
-
-def describe_environment():
-    lines = [
-        f"python {platform.python_version()}, numpy {np.__version__}, "
-        f"{os.cpu_count()} CPUs, load average {_load():.2f}"
-    ]
-    try:
-        from threadpoolctl import threadpool_info
-
-        for pool in threadpool_info():
-            lines.append(
-                f"{pool.get('internal_api')} {pool.get('version')} "
-                f"({pool.get('architecture')}), {pool.get('num_threads')} threads"
-            )
-    except ImportError:
-        lines.append("threadpoolctl not installed: BLAS library not shown")
-    for name in (
-        "OPENBLAS_CORETYPE",
-        "OPENBLAS_L2_SIZE",
-        "OPENBLAS_NUM_THREADS",
-        "OMP_NUM_THREADS",
-    ):
-        lines.append(f"{name}={os.environ.get(name, '(unset)')}")
-    return "\n".join(lines)
-
-
-def _load():
-    try:
-        return os.getloadavg()[0]
-    except OSError:  # pragma: no cover - not on Linux
-        return float("nan")
 
 
 # ---------------------------------------------------------------- reference layers
@@ -389,19 +320,15 @@ def main(argv=None):
             ref_ms = median_ms(case.reference, ref_repeats, warmup=0 if args.quick else 1)
             print(
                 f"{name:<30} {n:>5} {fwd_ms:>8.2f} {bwd_ms:>8.2f} {gen_ms:>10.2f} "
-                f"{ref_ms:>10.2f} {ref_ms / gen_ms:>6.1f}x {_percent(row_load.share()):>6}",
+                f"{ref_ms:>10.2f} {ref_ms / gen_ms:>6.1f}x {percent(row_load.share()):>6}",
                 flush=True,
             )
     print()
     print("generated / reference: ms per forward+backward (median); ratio = reference / generated")
     print(
         "other: CPU time other processes used during the row, as a share of the machine; "
-        f"whole run {_percent(whole_run.share())}. Rows with more than a few % are disturbed."
+        f"whole run {percent(whole_run.share())}. Rows with more than a few % are disturbed."
     )
-
-
-def _percent(share):
-    return "-" if share is None else f"{100 * share:.0f}%"
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
+from _measure import OtherLoad, describe_environment
 from numpy.lib.stride_tricks import as_strided
 
 from train.networks import build
@@ -51,80 +51,6 @@ LR, MOMENTUM = 0.01, 0.9
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _load():
-    try:
-        return os.getloadavg()[0]
-    except OSError:  # pragma: no cover - not on Linux
-        return float("nan")
-
-
-class OtherLoad:
-    """CPU time that other processes used while this one ran (Linux /proc/stat).
-
-    Timings on a shared machine are only meaningful when this stays near zero.
-    """
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample():
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        hz = os.sysconf("SC_CLK_TCK")
-        busy = (sum(fields[:3]) + sum(fields[5:8])) / hz  # user nice system irq softirq steal
-        mine = os.times()
-        return (
-            time.monotonic(),
-            busy,
-            mine.user + mine.system + mine.children_user + mine.children_system,
-        )
-
-    def share(self):
-        """Other processes' CPU use since start, as a share of all CPUs' time (None: unknown)."""
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        wall = (end[0] - self.start[0]) * (os.cpu_count() or 1)
-        if wall < 1.0:  # /proc/stat counts in clock ticks: too coarse for shorter spans
-            return None
-        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
-        return min(1.0, max(0.0, other / wall))
-
-
-def describe_environment():
-    lines = [
-        f"python {platform.python_version()}, numpy {np.__version__}, "
-        f"{os.cpu_count()} CPUs, load average {_load():.2f}"
-    ]
-    try:
-        from threadpoolctl import threadpool_info
-
-        for pool in threadpool_info():
-            lines.append(
-                f"{pool.get('internal_api')} {pool.get('version')} "
-                f"({pool.get('architecture')}, {pool.get('filepath', '').rsplit('/', 1)[-1]}), "
-                f"{pool.get('num_threads')} threads"
-            )
-    except ImportError:
-        lines.append("threadpoolctl not installed: BLAS library not shown")
-    if torch is not None:
-        lines.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    else:
-        lines.append("torch not importable: the reference is hand-vectorised NumPy")
-    for name in (
-        "OPENBLAS_CORETYPE",
-        "OPENBLAS_L2_SIZE",
-        "OPENBLAS_NUM_THREADS",
-        "OMP_NUM_THREADS",
-    ):
-        lines.append(f"{name}={os.environ.get(name, '(unset)')}")
-    return "\n".join(lines)
 
 
 def mnist_batch(n):
@@ -609,7 +535,11 @@ def main(argv=None):
     if len(impls) == 1 or args.numpy:
         impls.append("numpy")
 
-    print(describe_environment())
+    if torch is not None:
+        reference = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    else:
+        reference = "torch not importable: the reference is hand-vectorised NumPy"
+    print(describe_environment([reference]))
     if "torch" not in impls:
         print("reference: hand-vectorised NumPy (torch not used)")
     print(
