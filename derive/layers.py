@@ -57,7 +57,7 @@ from derive.layer import (
     Requirement,
     RuntimeParam,
 )
-from derive.symbolic import object_zeros
+from derive.symbolic import first_maximum, object_zeros
 
 # Index symbols of the definitions (0-based, like the code).
 n, i, j, k, c, o, u, v, d, e = sympy.symbols("n i j k c o u v d e", integer=True, nonnegative=True)
@@ -335,11 +335,7 @@ class first_max_indicator(sympy.Function):
     @classmethod
     def eval(cls, position, *values):
         if all(value.is_number for value in values):
-            best = 0
-            for index, value in enumerate(values):
-                if value > values[best]:  # strictly greater: the first maximum wins a tie
-                    best = index
-            return sympy.S.One if int(position) == best else sympy.S.Zero
+            return sympy.S.One if int(position) == first_maximum(values) else sympy.S.Zero
         return None
 
     def fdiff(self, argindex=1):

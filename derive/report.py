@@ -16,7 +16,7 @@ import sympy
 
 from derive.layer import Configuration, Layer
 from derive.treelatex import operand_latex, tree_latex
-from derive.verify import Proof, VerificationError, prove
+from derive.verify import Proof, VerificationError, prove, substituted
 
 MAX_ELEMENTS = 6  # per-element equations shown per gradient; the rest is summarised
 
@@ -193,6 +193,10 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
         return blocks
 
     renames, text_renames = _short_names(proof), _short_names(proof, text=True)
+    # The derived gradients at the example's numbers, where the proof fixed some (max pooling).
+    derived_values = {
+        g.wrt: substituted(proof.derived[g.wrt], proof.substitution) for g in layer.gradients
+    }
     blocks.append(heading("3. Element by element"))
     if proof.substitution:
         blocks.append(
@@ -204,11 +208,7 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
             )
         )
     for gradient in layer.gradients:
-        derived = proof.derived[gradient.wrt]
-        if proof.substitution:
-            derived = np.vectorize(
-                lambda e: sympy.sympify(e).xreplace(proof.substitution), otypes=[object]
-            )(derived)
+        derived = derived_values[gradient.wrt]
         symbols = proof.inputs[gradient.wrt]
         shown = 0
         for index in np.ndindex(*symbols.shape):
@@ -224,11 +224,7 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
 
     blocks.append(heading("4. Matrix form"))
     for gradient in layer.gradients:
-        derived = proof.derived[gradient.wrt]
-        if proof.substitution:
-            derived = np.vectorize(
-                lambda e: sympy.sympify(e).xreplace(proof.substitution), otypes=[object]
-            )(derived)
+        derived = derived_values[gradient.wrt]
         shown = _as_matrix(derived, renames, text_renames)
         label = r"\frac{\partial L}{\partial " + operand_latex(gradient.wrt, names) + "}"
         if shown is None:

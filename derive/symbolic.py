@@ -67,6 +67,15 @@ def add_reduce(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+def first_maximum(values) -> int:
+    """Position of the first maximum of ``values``: the tie rule of max pooling."""
+    best = 0
+    for position, value in enumerate(values):
+        if value > values[best]:  # strictly greater: the first maximum wins a tie
+            best = position
+    return best
+
+
 def object_zeros(shape) -> np.ndarray:
     out = np.empty(shape, dtype=object)
     out.fill(sympy.S.Zero)
@@ -261,11 +270,7 @@ class Evaluator:
                 raise TypeError(
                     "WindowArgmax needs numeric window values; the tie rule decides on numbers"
                 )
-            best = 0
-            for position, value in enumerate(values):
-                if value > values[best]:  # strictly greater: the first maximum wins a tie
-                    best = position
-            out[index] = best
+            out[index] = first_maximum(values)
         return out
 
     def eval_GatherWindows(self, node: ir.GatherWindows):

@@ -205,7 +205,7 @@ def prove(layer: Layer, config: Configuration, method: str = "diff", rng_seed: i
     out = np.asarray(evaluator.env[layer.output], dtype=object)
 
     defined = layer.definition.expand(inputs, sizes, out.shape)
-    first_difference("forward", _substituted(defined, substitution), out, layer, text)
+    first_difference("forward", substituted(defined, substitution), out, layer, text)
 
     upstream = None
     if layer.kind != "loss":
@@ -216,7 +216,7 @@ def prove(layer: Layer, config: Configuration, method: str = "diff", rng_seed: i
 
     closed: dict[str, dict[str, np.ndarray]] = {}
     for gradient in layer.gradients:
-        expected = _substituted(derived[gradient.wrt], substitution)
+        expected = substituted(derived[gradient.wrt], substitution)
         closed[gradient.name] = {}
         for case in applicable_cases(gradient.cases, evaluator):
             try:
@@ -237,7 +237,7 @@ def applicable_cases(cases: tuple[Case, ...], evaluator: Evaluator) -> list[Case
     return [case for case in cases if evaluator.condition(case.condition)]
 
 
-def _substituted(array: np.ndarray, substitution: dict) -> np.ndarray:
+def substituted(array: np.ndarray, substitution: dict) -> np.ndarray:
     if not substitution:
         return array
     out = np.empty(array.shape, dtype=object)
