@@ -213,8 +213,8 @@ def forward_function(layer: Layer) -> Function:
     body += _dim_lines(dims)
     for requirement in layer.requirements:
         message = requirement.message
+        names = {s.name: s for s in requirement.condition.free_symbols}
         for placeholder in requirement.placeholders():
-            names = {s.name: s for s in requirement.condition.free_symbols}
             expr = sympy.sympify(placeholder, locals={**names, "Min": sympy.Min})
             message = message.replace("{" + placeholder + "}", "{" + integer_code(expr) + "}")
         body += [
