@@ -21,7 +21,8 @@ from train.loop import (
     shift_images,
     train,
 )
-from train.networks import NETWORKS, build, toy_images
+from train.networks import NETWORKS, build, split_batch, toy_images
+from train.parallel import WorkerFailed
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,64 @@ def test_gradients_match_finite_differences_in_float64(name):
         assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (key, analytic, numeric)
 
 
+def test_split_batch_makes_contiguous_parts_of_nearly_equal_size():
+    assert split_batch(7, 3) == [slice(0, 3), slice(3, 5), slice(5, 7)]
+    assert split_batch(2, 3) == [slice(0, 1), slice(1, 2)]  # never an empty part
+    assert split_batch(5, 1) == [slice(0, 5)]
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+@pytest.mark.parametrize("batch", [7, 2])
+def test_parts_on_worker_processes_give_the_one_process_result(name, batch):
+    """threads=3: part 0 here, two parts in worker processes, recombined with weights m_i/m.
+    Reference: the same network in one process; float64, so only rounding may differ."""
+    rng = np.random.default_rng(batch)
+    one, three = (
+        build(name, seed=2, dtype=np.float64),
+        build(name, seed=2, dtype=np.float64, threads=3),
+    )
+    try:
+        images = rng.random((batch, *one.input_shape))
+        labels = rng.integers(0, 2 if name == "toy" else 10, batch)
+        loss1, out1, grads1 = one.loss_and_gradients(images, labels)
+        loss3, out3, grads3 = three.loss_and_gradients(images, labels)
+        assert loss3 == pytest.approx(loss1, rel=1e-12, abs=1e-14)
+        np.testing.assert_allclose(out3, out1, rtol=1e-12, atol=1e-15)
+        assert grads3.keys() == grads1.keys()
+        for key in grads1:
+            np.testing.assert_allclose(
+                grads3[key], grads1[key], rtol=1e-10, atol=1e-14, err_msg=key
+            )
+        np.testing.assert_allclose(three.logits(images), one.logits(images), rtol=1e-12)
+        # The workers see parameter changes made in this process.
+        for value in three.params.values():
+            value *= 0.5
+        for value in one.params.values():
+            value *= 0.5
+        np.testing.assert_allclose(three.logits(images), one.logits(images), rtol=1e-12)
+    finally:
+        three.close()
+
+
+def test_a_failing_worker_names_the_error_and_the_network_recovers():
+    net = build("lenet", threads=2)
+    try:
+        images = np.zeros((4, 28, 28, 1), np.float32)
+        with pytest.raises(WorkerFailed, match="IndexError"):
+            net.forward(images, np.array([1, 2, 3, 99]))  # 99 is in the worker's part
+        loss, outputs = net.forward(images, np.array([1, 2, 3, 4]))
+        assert np.isfinite(loss) and outputs.shape == (4, 10)
+        assert set(net.backward()) == set(net.params)
+    finally:
+        net.close()
+
+
+def test_threads_must_be_a_whole_number_of_at_least_one():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads must be a whole number"):
+            build("seed", threads=bad)
+
+
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_forward_outputs_are_probabilities(name):
     rng = np.random.default_rng(0)
@@ -213,6 +272,7 @@ def test_epoch_permutation_depends_only_on_seed_and_epoch():
     "net, kind, extra",
     [
         ("seed", "adam", {"lr": 2e-3}),
+        ("seed", "sgd", {"lr": 0.5, "threads": 2}),
         ("lenet", "sgd", {"lr": 0.05, "momentum": 0.9, "shift": 1, "weight_decay": 1e-3}),
         ("toy", "sgd", {"lr": 0.5}),
     ],

@@ -149,6 +149,7 @@ def test_nan_loss_exits_1_and_keeps_the_checkpoint(capsys, tmp_path):
         ((*TRAIN, "--net", "seed", "--lr", "-0.1"), "--lr must be a positive number"),
         ((*TRAIN, "--net", "seed", "--lr", "nan"), "--lr must be a positive number"),
         ((*TRAIN, "--net", "seed", "--shift", "-1"), "--shift must be at least 0"),
+        ((*TRAIN, "--net", "seed", "--threads", "0"), "--threads must be at least 1"),
         ((*TRAIN, "--net", "seed", "--weight-decay", "-1"), "--weight-decay must be a number"),
         (
             (*TRAIN, "--net", "seed", "--data-dir", "missing"),

@@ -10,8 +10,8 @@ Examples::
 
 Options left out take the network's default recipe (:data:`train.loop.RECIPES`); with
 ``--resume`` they take the checkpoint's recipe instead, and only ``--epochs`` (the total
-to reach), ``--lr`` and ``--batch-size`` may change (an exact continuation needs them
-unchanged). Bad input and data problems print one line and exit with code 2; a loss
+to reach), ``--lr``, ``--batch-size`` and ``--threads`` may change (an exact
+continuation needs them unchanged). Bad input and data problems print one line and exit with code 2; a loss
 that becomes NaN or infinite stops the run with exit code 1, keeping the last good
 checkpoint.
 """
@@ -73,6 +73,13 @@ def add_parsers(commands) -> None:
         "is sorted by digit, so a small N there covers only the first digits)",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        metavar="K",
+        help="cut each batch into K parts computed at the same time by K processes "
+        "(default: 2 for seed and lenet, 1 for toy); K changes the result only by rounding",
+    )
+    p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -127,6 +134,7 @@ def _recipe(args):
     _positive("--limit", args.limit)
     _positive("--seed", args.seed, 0)
     _positive("--shift", args.shift, 0)
+    _positive("--threads", args.threads)
     if args.weight_decay is not None and not (0 <= args.weight_decay < math.inf):
         raise UsageError(f"--weight-decay must be a number of at least 0, got {args.weight_decay}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
@@ -151,6 +159,7 @@ def _recipe(args):
             "lr": args.lr,
             "weight_decay": args.weight_decay,
             "shift": args.shift,
+            "threads": args.threads,
         }
         recipe = replace(recipe, **{k: v for k, v in changes.items() if v is not None})
         return recipe, out, None
@@ -174,7 +183,12 @@ def _recipe(args):
                 f"--resume: {option} {given} differs from the checkpoint's {kept}; "
                 "leave it out or start a new run with another --out"
             )
-    changes = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    changes = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "threads": args.threads,
+    }
     recipe = replace(stored, **{k: v for k, v in changes.items() if v is not None})
     return recipe, out, checkpoint
 

@@ -11,6 +11,15 @@ A network holds its parameters in ``params``, a dict of named arrays in ``dtype`
 names and shapes as ``params``. The generated losses already divide by the batch size,
 so the gradients are those of the mean loss over the batch.
 
+Threads: a network built with ``threads=k`` (k > 1) cuts each batch into k contiguous
+parts of (nearly) equal size; it runs part 0 itself and hands the others to k - 1
+worker processes (:mod:`train.parallel`), each with its own copy of the layers. The
+mean loss of the whole batch is the mean of the parts' mean losses weighted by their
+sizes, m_i / m, and so are its gradients: each part's generated loss divides by its
+own m_i, and the weights make that 1/m. The parts are added up in a fixed order, so
+a run is reproducible for a given k; a different k changes the result only by
+rounding.
+
 Networks:
 
 ``seed``
@@ -50,8 +59,18 @@ import numpy as np
 from generated import activations, avgpool2d, conv2d, dense, flatten, losses, maxpool2d
 
 from .data import Split
+from .parallel import PartWorkers, one_blas_thread, parallel_supported
 
-__all__ = ["NETWORKS", "LeNet", "Network", "SeedNet", "ToyNet", "build", "toy_images"]
+__all__ = [
+    "NETWORKS",
+    "LeNet",
+    "Network",
+    "SeedNet",
+    "ToyNet",
+    "build",
+    "split_batch",
+    "toy_images",
+]
 
 
 # ------------------------------------------------------------------------------ layers
@@ -133,6 +152,17 @@ def _flatten():
     return _Stateless(flatten.forward, flatten.backward)
 
 
+# ------------------------------------------------------------------------------ parts
+
+
+def split_batch(n: int, parts: int) -> list[slice]:
+    """``parts`` contiguous slices of range(n), sizes differing by at most one (none empty)."""
+    parts = max(1, min(parts, n))
+    sizes = [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+    bounds = np.cumsum([0, *sizes])
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 # ---------------------------------------------------------------------------- networks
 
 
@@ -140,8 +170,9 @@ class Network:
     """A chain of generated layers ending in a fused loss on logits.
 
     Subclasses set ``name``, ``num_classes``, ``first_conv`` (the name of the first
-    convolution's kernel, for plotting), build ``self.layers`` and ``self.params``
-    and choose the loss in :meth:`_loss_forward` / :meth:`_loss_backward`.
+    convolution's kernel, for plotting), make the parameters in :meth:`_build`, return
+    a fresh list of layers from :meth:`_layers` and choose the loss in
+    :meth:`_loss_forward` / :meth:`_loss_backward`.
     """
 
     name = ""
@@ -149,23 +180,35 @@ class Network:
     num_classes = 10
     input_shape = (28, 28, 1)
 
-    def __init__(self, seed: int = 0, dtype=np.float32):
+    def __init__(self, seed: int = 0, dtype=np.float32, threads: int = 1):
         self.dtype = np.dtype(dtype)
         if self.dtype.kind != "f":
             raise ValueError(f"a network computes in floating point, not {self.dtype}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a whole number of at least 1, got {threads!r}")
         self.seed = seed
+        self.threads = threads
         self.params: dict[str, np.ndarray] = {}
-        self.layers: list = []
-        self._loss_cache = None
         self._build(np.random.default_rng(seed))
-        # The images need no gradient: the first layer's generated backward skips dx.
-        if hasattr(self.layers[0], "input_gradient"):
-            self.layers[0].input_gradient = False
+        self.layers = self._new_layers()
+        self._loss_cache = None
+        self._workers: PartWorkers | None = None
+        self._parts: list[slice] = []
 
     # -- set-up -------------------------------------------------------------------------
 
     def _build(self, rng: np.random.Generator) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _layers(self) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _new_layers(self) -> list:
+        layers = self._layers()
+        # The images need no gradient: the first layer's generated backward skips dx.
+        if hasattr(layers[0], "input_gradient"):
+            layers[0].input_gradient = False
+        return layers
 
     def _init(self, rng, name: str, shape: tuple[int, ...], scale: float) -> None:
         """Normal(0, scale^2) weights, cast to the network's dtype."""
@@ -203,30 +246,115 @@ class Network:
     def _targets(self, labels: np.ndarray) -> np.ndarray:
         return np.eye(self.num_classes, dtype=self.dtype)[labels]
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        x = np.asarray(images, dtype=self.dtype)
+    def _split(self, n: int) -> list[slice]:
+        """The parts of a batch of ``n`` images: one part unless there are workers to share it."""
+        if self.threads == 1 or not parallel_supported():
+            return [slice(0, n)]
+        return split_batch(n, self.threads)
+
+    def _start_workers(self, parts: list[slice], images: np.ndarray) -> PartWorkers:
+        """The worker processes, running, with ``images``'s parts 1.. and the parameters copied in."""
+        if self._workers is None:
+            cls, seed, dtype = type(self), self.seed, self.dtype
+            self._workers = PartWorkers(
+                lambda: cls(seed=seed, dtype=dtype), self.threads - 1, self.name
+            )
+        workers = self._workers
+        workers.ensure(
+            self.params,
+            self.dtype,
+            max(part.stop - part.start for part in parts),
+            images.shape[1:],
+            self.num_classes,
+        )
+        for name, value in self.params.items():
+            workers.views.params[name][...] = value
+        for index, part in enumerate(parts[1:]):
+            workers.views.images[index][: part.stop - part.start] = images[part]
+        return workers
+
+    @staticmethod
+    def _counts(parts: list[slice]) -> list[int]:
+        return [part.stop - part.start for part in parts[1:]]
+
+    @staticmethod
+    def _weights(parts: list[slice]) -> list[float]:
+        total = parts[-1].stop - parts[0].start
+        return [(part.stop - part.start) / total for part in parts]
+
+    def _own_logits(self, x: np.ndarray) -> np.ndarray:
         for layer in self.layers:
             x = layer.forward(x, self.params)
         return x
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        x = np.asarray(images, dtype=self.dtype)
+        parts = self._split(len(x))
+        if len(parts) == 1:
+            return self._own_logits(x)
+        workers = self._start_workers(parts, x)
+        with one_blas_thread():
+            workers.send("logits", self._counts(parts))
+            first = self._own_logits(x[parts[0]])
+            workers.receive()
+        counts = self._counts(parts)
+        return np.concatenate(
+            [first, *(workers.views.outputs[i][:c] for i, c in enumerate(counts))]
+        )
 
     def forward(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """Mean loss over the batch and the network's outputs (probabilities).
 
         The layers keep their caches for :meth:`backward`.
         """
-        logits = self.logits(images)
-        loss, self._loss_cache = self._loss_forward(logits, self._targets(labels))
-        return float(loss), self.probabilities(logits)
+        x = np.asarray(images, dtype=self.dtype)
+        labels = np.asarray(labels)
+        parts = self._split(len(x))
+        if len(parts) == 1:
+            logits = self._own_logits(x)
+            loss, self._loss_cache = self._loss_forward(logits, self._targets(labels))
+            self._parts = parts
+            return float(loss), self.probabilities(logits)
+        workers = self._start_workers(parts, x)
+        counts = self._counts(parts)
+        with one_blas_thread():
+            workers.send("forward", counts, [labels[part] for part in parts[1:]])
+            first = parts[0]
+            logits = self._own_logits(x[first])
+            loss, self._loss_cache = self._loss_forward(logits, self._targets(labels[first]))
+            losses = [float(loss), *workers.receive()]
+        self._parts = parts
+        loss = sum(w * part_loss for w, part_loss in zip(self._weights(parts), losses))
+        outputs = [self.probabilities(logits)]
+        outputs += [workers.views.outputs[i][:c] for i, c in enumerate(counts)]
+        return loss, np.concatenate(outputs)
 
-    def backward(self) -> dict[str, np.ndarray]:
-        """Gradients of the last :meth:`forward`'s mean loss, keyed like ``params``."""
-        if self._loss_cache is None:
-            raise RuntimeError("backward() needs a forward() first")
+    def _own_backward(self) -> dict[str, np.ndarray]:
         grads: dict[str, np.ndarray] = {}
         g = self._loss_backward(self._loss_cache)
         for layer in reversed(self.layers):
             g = layer.backward(g, grads)
         self._loss_cache = None
+        return grads
+
+    def backward(self) -> dict[str, np.ndarray]:
+        """Gradients of the last :meth:`forward`'s mean loss, keyed like ``params``."""
+        if self._loss_cache is None:
+            raise RuntimeError("backward() needs a forward() first")
+        parts, self._parts = self._parts, []
+        if len(parts) == 1:
+            return self._own_backward()
+        workers = self._workers
+        with one_blas_thread():
+            workers.send("backward", self._counts(parts))
+            first = self._own_backward()
+            workers.receive()
+        # d(sum_i w_i L_i) = sum_i w_i dL_i, added up in the parts' order.
+        weights = self._weights(parts)
+        grads = {key: value * weights[0] for key, value in first.items()}
+        for w, part in zip(weights[1:], workers.views.grads):
+            for key, value in part.items():
+                grads[key] += w * value
         return grads
 
     def loss_and_gradients(self, images, labels):
@@ -249,6 +377,12 @@ class Network:
         if len(split.labels) == 0:
             return float("nan")
         return float(np.mean(self.predict(split.images, batch_size) == split.labels))
+
+    def close(self) -> None:
+        """Stop the worker processes (a network with threads > 1 starts them on first use)."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     # -- per-network choices --------------------------------------------------------------
 
@@ -297,7 +431,9 @@ class SeedNet(_SigmoidBCE, Network):
         self.params["conv1_b"] = np.full(20, -2.0, dtype=self.dtype)
         self._init(rng, "fc_w", (2000, 10), 1.0 / np.sqrt(2000))
         self._zeros("fc_b", 10)
-        self.layers = [
+
+    def _layers(self):
+        return [
             _Conv("conv1_w", "conv1_b"),
             _sigmoid(),
             _avgpool(),
@@ -332,7 +468,9 @@ class ToyNet(_SigmoidBCE, Network):
         self._zeros("conv1_b", 1)
         self._init(rng, "fc_w", (4, 1), 1.0 / np.sqrt(4))
         self._zeros("fc_b", 1)
-        self.layers = [
+
+    def _layers(self):
+        return [
             _Conv("conv1_w", "conv1_b"),
             _relu(),
             _maxpool(),
@@ -375,7 +513,9 @@ class LeNet(Network):
         self._zeros("fc2_b", 84)
         self._init(rng, "fc3_w", (84, 10), np.sqrt(1.0 / 84))
         self._zeros("fc3_b", 10)
-        self.layers = [
+
+    def _layers(self):
+        return [
             _Conv("conv1_w", "conv1_b", padding=2),
             _relu(),
             _maxpool(),
@@ -403,12 +543,12 @@ class LeNet(Network):
 NETWORKS: dict[str, type[Network]] = {"seed": SeedNet, "toy": ToyNet, "lenet": LeNet}
 
 
-def build(name: str, seed: int = 0, dtype=np.float32) -> Network:
-    """A freshly initialised network from :data:`NETWORKS`."""
+def build(name: str, seed: int = 0, dtype=np.float32, threads: int = 1) -> Network:
+    """A freshly initialised network from :data:`NETWORKS`, running on ``threads`` threads."""
     try:
         cls = NETWORKS[name]
     except KeyError:
         raise ValueError(
             f"unknown network {name!r}; choose one of: {', '.join(NETWORKS)}"
         ) from None
-    return cls(seed=seed, dtype=dtype)
+    return cls(seed=seed, dtype=dtype, threads=threads)

@@ -1,0 +1,256 @@
+"""Worker processes that run the other parts of a batch: data parallelism across cores.
+
+A network built with ``threads=k`` (k > 1) cuts each batch into k contiguous parts and
+computes part 0 itself while k - 1 worker processes compute the others, each through
+its own copy of the network's generated layers. Processes rather than Python threads:
+NumPy releases the GIL inside its loops, but the generated layers allocate large
+arrays, and in one process the threads' page faults and mmap/munmap calls wait on one
+another (measured here: two threads ran a LeNet step no faster than one). Separate
+processes share nothing but the memory set up for them.
+
+Shared memory, one anonymous mapping made before the workers are forked:
+
+- the parameters, written by the parent before every forward pass;
+- per worker: its part's images, its outputs (probabilities or logits) and its
+  gradients, laid out like the parameters.
+
+Labels, the loss and control messages go through a pipe per worker. Each worker holds
+BLAS to one thread, as the parent does while the parts run: the parts already keep
+every core busy.
+
+The workers are started with ``fork`` (POSIX), lazily, on the first call that needs
+them, with room for the largest part seen so far; a larger part restarts them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import signal
+import traceback
+import warnings
+
+import numpy as np
+
+__all__ = ["PartWorkers", "WorkerFailed", "one_blas_thread", "parallel_supported"]
+
+_BLAS = None  # a threadpoolctl controller, made on first use (it scans the loaded libraries)
+
+
+def one_blas_thread():
+    """A context in which BLAS uses one thread."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
+def parallel_supported() -> bool:
+    """Whether worker processes can be forked here (not on Windows)."""
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process raised an error or died."""
+
+
+class _Layout:
+    """Where each array lives in the shared mapping (offsets in elements of ``dtype``)."""
+
+    def __init__(self, params, dtype, workers, capacity, image_shape, outputs):
+        self.dtype = np.dtype(dtype)
+        self.names = list(params)
+        self.shapes = {name: params[name].shape for name in self.names}
+        self.param_size = sum(params[name].size for name in self.names)
+        self.capacity, self.image_shape, self.outputs = capacity, tuple(image_shape), outputs
+        self.image_size = capacity * int(np.prod(image_shape))
+        self.output_size = capacity * outputs
+        self.worker_size = self.image_size + self.output_size + self.param_size
+        self.total = self.param_size + workers * self.worker_size
+
+    def fits(self, params, dtype, capacity, image_shape, outputs) -> bool:
+        return (
+            np.dtype(dtype) == self.dtype
+            and list(params) == self.names
+            and capacity <= self.capacity
+            and tuple(image_shape) == self.image_shape
+            and outputs == self.outputs
+        )
+
+
+class _Views:
+    """NumPy views of the shared mapping, for the parent or for worker ``index``."""
+
+    def __init__(self, buffer, layout: _Layout):
+        flat = np.frombuffer(buffer, dtype=layout.dtype, count=layout.total)
+        self.params = self._split(flat[: layout.param_size], layout)
+        self.images, self.outputs, self.grads = [], [], []
+        offset = layout.param_size
+        for _ in range((layout.total - layout.param_size) // max(1, layout.worker_size)):
+            block = flat[offset : offset + layout.worker_size]
+            self.images.append(block[: layout.image_size].reshape(-1, *layout.image_shape))
+            self.outputs.append(
+                block[layout.image_size : layout.image_size + layout.output_size].reshape(
+                    -1, layout.outputs
+                )
+            )
+            self.grads.append(self._split(block[layout.image_size + layout.output_size :], layout))
+            offset += layout.worker_size
+
+    @staticmethod
+    def _split(flat, layout):
+        arrays, offset = {}, 0
+        for name in layout.names:
+            size = int(np.prod(layout.shapes[name]))
+            arrays[name] = flat[offset : offset + size].reshape(layout.shapes[name])
+            offset += size
+        return arrays
+
+
+def _worker_main(connection, build_network, layout, index):
+    """A worker's loop: one message in, one reply out, until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
+    except Exception:  # no threadpoolctl or no BLAS found: run with the defaults
+        pass
+    net = build_network()
+    views = _Views(_worker_main.buffer, layout)
+    images, outputs, grads = views.images[index], views.outputs[index], views.grads[index]
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            return
+        kind, count, labels, errors = message
+        if kind == "close":
+            return
+        try:
+            with np.errstate(**errors):
+                if kind in ("forward", "logits"):
+                    for name, value in views.params.items():
+                        net.params[name][...] = value
+                if kind == "forward":
+                    loss, out = net.forward(images[:count], labels)
+                    outputs[:count] = out
+                    reply = ("ok", loss)
+                elif kind == "logits":
+                    outputs[:count] = net.logits(images[:count])
+                    reply = ("ok", None)
+                elif kind == "backward":
+                    for name, value in net.backward().items():
+                        grads[name][...] = value
+                    reply = ("ok", None)
+                else:
+                    reply = ("error", f"unknown message {kind!r}")
+        except BaseException:
+            reply = ("error", traceback.format_exc())
+        connection.send(reply)
+
+
+class PartWorkers:
+    """``count`` worker processes, each running one part of every batch for a network.
+
+    ``build_network()`` makes the worker's own network (one thread) in the worker.
+    """
+
+    def __init__(self, build_network, count: int, name: str):
+        self.build_network, self.count, self.name = build_network, count, name
+        self.layout: _Layout | None = None
+        self.processes, self.connections = [], []
+        self.buffer = None
+        self.views: _Views | None = None
+        self.pending: list[int] = []
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def ensure(self, params, dtype, capacity, image_shape, outputs) -> None:
+        """Workers running with room for ``capacity`` images of ``image_shape`` per part."""
+        if self.layout is not None and self.layout.fits(
+            params, dtype, capacity, image_shape, outputs
+        ):
+            return
+        if self.layout is not None:
+            capacity = max(capacity, self.layout.capacity)
+        self.close()
+        self.layout = _Layout(params, dtype, self.count, capacity, image_shape, outputs)
+        self.buffer = mmap.mmap(-1, max(1, self.layout.total * self.layout.dtype.itemsize))
+        self.views = _Views(self.buffer, self.layout)
+        context = multiprocessing.get_context("fork")
+        # The child inherits the mapping through fork; _worker_main finds it here.
+        _worker_main.buffer = self.buffer
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns that forking a multi-threaded process may deadlock.
+                # The only other threads here are BLAS's (OpenBLAS re-initialises its
+                # pool in the child through pthread_atfork) and the worker runs no
+                # code that could wait on a lock held by them.
+                warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+                for index in range(self.count):
+                    parent_end, child_end = context.Pipe()
+                    process = context.Process(
+                        target=_worker_main,
+                        args=(child_end, self.build_network, self.layout, index),
+                        name=f"cnnderive-{self.name}-part{index + 1}",
+                        daemon=True,
+                    )
+                    process.start()
+                    child_end.close()
+                    self.processes.append(process)
+                    self.connections.append(parent_end)
+        finally:
+            del _worker_main.buffer
+
+    def close(self) -> None:
+        """Stop the workers and release the shared memory."""
+        for connection in self.connections:
+            try:
+                connection.send(("close", 0, None, {}))
+            except (OSError, ValueError):
+                pass
+            connection.close()
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.processes, self.connections, self.pending = [], [], []
+        self.views = None
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None
+        self.layout = None
+
+    # -- one round ------------------------------------------------------------------------
+
+    def send(self, kind: str, counts: list[int], labels: list | None = None) -> None:
+        """Ask worker i to run ``kind`` on its first ``counts[i]`` images."""
+        errors = np.geterr()
+        self.pending = []
+        for index, count in enumerate(counts):
+            part_labels = None if labels is None else labels[index]
+            self.connections[index].send((kind, count, part_labels, errors))
+            self.pending.append(index)
+
+    def receive(self) -> list:
+        """The replies of the last :meth:`send`, in the workers' order."""
+        replies, failures = [], []
+        for index in self.pending:
+            try:
+                status, value = self.connections[index].recv()
+            except (EOFError, OSError):
+                status = "error"
+                code = self.processes[index].exitcode
+                value = f"worker process {index + 1} died (exit code {code})"
+            if status != "ok":
+                failures.append(value)
+            replies.append(value)
+        self.pending = []
+        if failures:
+            self.close()  # a dead or confused worker: start afresh on the next call
+            raise WorkerFailed(f"a worker of the {self.name} network failed:\n{failures[0]}")
+        return replies
