@@ -8,6 +8,7 @@ Everything is vectorised and computes in the dtype of its inputs.
 """
 
 import numbers
+import threading
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
@@ -135,6 +136,27 @@ def _blocks(n, block):
         yield start, min(n, start + block)
 
 
+_thread_scratch = threading.local()
+
+
+def _scratch(name, size, dtype):
+    """A 1-D work array of ``size`` elements, kept from call to call for this thread only.
+
+    A fresh temporary of a few MiB is mapped from the system and page-faulted in on every
+    call once other arrays have been freed in between (as in training); a kept one is not.
+    It lives in thread-local storage because the kernels are called from several threads
+    at once.  Nothing made from it may be returned: its contents change at the next call.
+    """
+    buffers = getattr(_thread_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _thread_scratch.buffers = {}
+    dtype = np.dtype(dtype)
+    buffer = buffers.get((name, dtype))
+    if buffer is None or buffer.size < size:
+        buffer = buffers[(name, dtype)] = np.empty(size, dtype=dtype)
+    return buffer[:size]
+
+
 def _patch_view(a, kh, kw, stride, axes=(1, 2)):
     """View p[..., u, v] = a[..., stride*i+u, stride*j+v, ...] with (i, j) at ``axes``.
 
@@ -170,13 +192,13 @@ def correlate(a, kernel, stride=1):
     weights = kernel.reshape(taps, c_out).astype(dtype, copy=False)
     rows = out_h * out_w
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
-    patch_buffer = np.empty(block * rows * taps, dtype=dtype)
+    patch_buffer = _scratch("patches", block * rows * taps, dtype)
     if c_in == 1 and kh * kw >= _BATCH_INNER_MIN_TAPS:
         # Batch innermost: image block (h, w, n), patches (u, v, i, j, n), product (i, j, n, o).
         # The copies run over whole (j, n) rows, at the price of one transpose of the
         # product (runs of C_out): worth it when the patches are many times the output.
-        image_buffer = np.empty(block * h * w, dtype=dtype)
-        product_buffer = np.empty(block * rows * c_out, dtype=dtype)
+        image_buffer = _scratch("image", block * h * w, dtype)
+        product_buffer = _scratch("correlate.product", block * rows * c_out, dtype)
         for start, stop in _blocks(n, block):
             m = stop - start
             image = image_buffer[: h * w * m].reshape(h, w, m)
@@ -227,13 +249,13 @@ def correlate_weights(a, g):
     if n * rows == 0 or out.size == 0:
         return out.reshape(kh, kw, c_in, c_out)
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
-    patch_buffer = np.empty(block * rows * taps, dtype=dtype)
+    patch_buffer = _scratch("patches", block * rows * taps, dtype)
     partial = np.empty_like(out)
     if c_in == 1 and kh * kw >= _BATCH_INNER_MIN_TAPS:
         # Batch innermost, as in correlate: image (h, w, n), patches (u, v, i, j, n) and
         # the gradient transposed to (i, j, n, o) to match.
-        image_buffer = np.empty(block * h * w, dtype=dtype)
-        gradient_buffer = np.empty(block * rows * c_out, dtype=dtype)
+        image_buffer = _scratch("image", block * h * w, dtype)
+        gradient_buffer = _scratch("correlate_weights.gradient", block * rows * c_out, dtype)
         for start, stop in _blocks(n, block):
             m = stop - start
             image = image_buffer[: h * w * m].reshape(h, w, m)
@@ -272,7 +294,7 @@ def full_convolve(g, kernel):
     """out[n,y,x,c] = sum_{u,v,o} g~[n, y+u, x+v, o] * kernel[u,v,c,o], g~ = g padded by K-1."""
     # col2im: with i = y + u - (KH-1) and j = x + v - (KW-1) the sum is
     #   out[n, i + KH-1-u, j + KW-1-v, c] += sum_o g[n,i,j,o] * kernel[u,v,c,o]:
-    # one matrix product gives every (u, v, c) column, then KH*KW shifted additions.
+    # one matrix product gives every (u, v, c) row, then KH*KW shifted additions.
     # Neither g padded by K-1 nor its patch matrix (KH*KW*C_out wide) is ever made.
     n, gh, gw, c_out = g.shape
     kh, kw, c_in, _ = kernel.shape
@@ -283,58 +305,38 @@ def full_convolve(g, kernel):
     if out.size == 0 or g.size == 0:
         out[...] = 0
         return out
-    # Everything below is laid out batch innermost: gradient (i, j, n, o), columns
-    # (u, v, i, j, n, c), sums (y, x, n, c).
-    if c_in == 1:
-        # Rows of the gradient are widened with zeros to the output's width, so that
-        # each shifted addition is one contiguous run: in the flattened (y, x, n) sums
-        # a shift by (y0, x0) is an offset, and what spills past the end of a row comes
-        # from the zero columns.  It costs (W+KW-1)/W more product, and saves far more
-        # in the additions.
-        span = width
-        weights = kernel.reshape(taps, c_out).astype(dtype, copy=False)
-    else:
-        span = gw
-        # one (C_out x C_in) matrix per tap (u, v)
-        weights = kernel.reshape(taps, c_in, c_out).transpose(0, 2, 1).astype(dtype, copy=False)
-    rows = gh * span
-    block = _block_size(
-        n, (rows * (taps * c_in + c_out) + (height + 1) * width * c_in) * dtype.itemsize
-    )
-    gradient_buffer = np.zeros(block * rows * c_out, dtype=dtype)
-    column_buffer = np.empty(block * rows * taps * c_in, dtype=dtype)
-    sum_buffer = np.empty(block * (height + 1) * width * c_in, dtype=dtype)
+    # Laid out batch innermost and channel outermost: gradient (i, j, n, o), columns
+    # (u, v, c, i, j, n), sums (c, y, x, n).  The product is a single (KH*KW*C_in x C_out)
+    # by (C_out x rows) one: as KH*KW products of C_out x C_in matrices it was more than
+    # twice as slow (tiny matrices keep BLAS far from its speed).  Rows of the gradient
+    # are widened with zeros to the output's width, so that each shifted addition is one
+    # contiguous run per channel: in the flattened (y, x, n) sums a shift by (y0, x0) is
+    # an offset, and what spills past the end of a row comes from the zero columns.
+    weights = kernel.reshape(taps * c_in, c_out).astype(dtype, copy=False)
+    rows = gh * width
+    sum_length = (height + 1) * width
+    block = _block_size(n, (rows * (taps * c_in + c_out) + sum_length * c_in) * dtype.itemsize)
+    gradient_buffer = _scratch("full_convolve.gradient", block * rows * c_out, dtype)
+    column_buffer = _scratch("full_convolve.columns", block * rows * taps * c_in, dtype)
+    sum_buffer = _scratch("full_convolve.sums", block * sum_length * c_in, dtype)
     for start, stop in _blocks(n, block):
         m = stop - start
-        gradient = gradient_buffer[: rows * m * c_out].reshape(gh, span, m, c_out)
-        if m < block:
-            gradient[...] = 0  # a shorter last block: its zero columns are elsewhere
+        gradient = gradient_buffer[: rows * m * c_out].reshape(gh, width, m, c_out)
+        gradient[:, gw:] = 0  # the widening columns (the buffer may hold an earlier call's data)
         np.copyto(gradient[:, :gw], g[start:stop].transpose(1, 2, 0, 3))
-        gradient = gradient.reshape(rows * m, c_out)
-        columns = column_buffer[: taps * rows * m * c_in].reshape(taps, rows * m, c_in)
-        if c_in == 1:
-            np.matmul(weights, gradient.T, out=columns[:, :, 0])
-        else:
-            np.matmul(gradient, weights, out=columns)
-        sums = sum_buffer[: (height + 1) * width * m * c_in]
+        length = rows * m
+        columns = column_buffer[: taps * c_in * length].reshape(taps * c_in, length)
+        np.matmul(weights, gradient.reshape(length, c_out).T, out=columns)
+        columns = columns.reshape(kh, kw, c_in, length)
+        sums = sum_buffer[: c_in * sum_length * m].reshape(c_in, sum_length * m)
         sums[...] = 0
-        if c_in == 1:
-            length = rows * m
-            columns = columns.reshape(kh, kw, length)
-            for u in range(kh):
-                for v in range(kw):
-                    offset = ((kh - 1 - u) * width + (kw - 1 - v)) * m
-                    target = sums[offset : offset + length]
-                    target += columns[u, v]
-        else:
-            columns = columns.reshape(kh, kw, gh, gw, m, c_in)
-            grid = sums.reshape(height + 1, width, m, c_in)
-            for u in range(kh):
-                for v in range(kw):
-                    y, x = kh - 1 - u, kw - 1 - v
-                    grid[y : y + gh, x : x + gw] += columns[u, v]
-        sums = sums[: height * width * m * c_in].reshape(height, width, m, c_in)
-        np.copyto(out[start:stop], sums.transpose(2, 0, 1, 3))
+        for u in range(kh):
+            for v in range(kw):
+                offset = ((kh - 1 - u) * width + (kw - 1 - v)) * m
+                target = sums[:, offset : offset + length]
+                target += columns[u, v]
+        sums = sums[:, : height * width * m].reshape(c_in, height, width, m)
+        np.copyto(out[start:stop], sums.transpose(3, 1, 2, 0))
     return out
 
 
