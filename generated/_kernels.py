@@ -506,7 +506,14 @@ def route_to_argmax(g, index, size, stride, height, width):
 
 def upsample(a, size):
     """kron(a, ones(size, size)) on axes 1 and 2."""
-    return np.repeat(np.repeat(a, size, axis=1), size, axis=2)
+    # Columns by np.repeat (it moves whole pixels), then each widened row copied ``size``
+    # times as one broadcast copy of long runs: faster than a second np.repeat, which
+    # moves pixels one by one again, and than one broadcast copy of single elements.
+    n, h, w, c = a.shape
+    rows = np.repeat(a, size, axis=2)
+    out = np.empty((n, h * size, w * size, c), dtype=a.dtype)
+    np.copyto(out.reshape(n, h, size, w * size * c), rows.reshape(n, h, 1, w * size * c))
+    return out
 
 
 def scatter_windows(g, size, stride, height, width):
