@@ -14,14 +14,19 @@ same initial parameters, same loss, torch.optim.SGD with momentum) when torch ca
 imported, and otherwise a hand-vectorised NumPy implementation written for speed
 (im2col + BLAS, patches kept from the forward pass, in-place elementwise work, no
 gradient for the input image). ``--numpy`` adds the NumPy reference beside torch.
-Both sides run with two threads: torch.set_num_threads(2), NumPy's BLAS at its
-default. Before timing, one step's loss and gradients of each reference are checked
-against the generated network's from the same parameters.
+Both sides use two cores (``--threads``): torch.set_num_threads(2), and the generated
+network built with threads=2, which cuts each batch in two halves computed at once by
+this process and one worker process, BLAS at one thread each (train/parallel.py), as
+``cnnderive train`` does by default. The NumPy reference uses BLAS's two threads.
+Before timing, one step's loss and gradients of each reference are checked against
+the generated network's from the same parameters.
 
 Timing: warm-up steps, then rounds that alternate between the implementations; the
 step time is the median over all timed steps (time.perf_counter), and images/s is the
 batch size over it. The breakdown times each layer's forward and backward inside the
-generated step (a separate, instrumented run).
+generated step (a separate, instrumented run); with two threads that is this
+process's half of the batch, and "other" includes waiting for the worker's half and
+adding up the two halves' gradients.
 """
 
 from __future__ import annotations
@@ -77,8 +82,8 @@ class GeneratedStep:
 
     name = "generated"
 
-    def __init__(self, net_name, images, labels):
-        self.net = build(net_name, seed=0, dtype=F32)
+    def __init__(self, net_name, images, labels, threads=2):
+        self.net = build(net_name, seed=0, dtype=F32, threads=threads)
         self.opt = SGD(
             self.net.params, lr=LR, lr_decay=1.0, momentum=MOMENTUM, momentum_start=MOMENTUM
         )
@@ -91,6 +96,9 @@ class GeneratedStep:
     def __call__(self):
         _, _, grads = self.net.loss_and_gradients(self.images, self.labels)
         self.opt.step(self.net.params, grads)
+
+    def close(self):
+        self.net.close()  # joins the worker processes, so their CPU time is accounted
 
 
 def layer_label(index, layer):
@@ -453,15 +461,15 @@ def time_step(step, steps, warmup):
 IMPLEMENTATIONS = {"generated": GeneratedStep, "torch": TorchStep, "numpy": NumpyStep}
 
 
-def worker(impl, nets, batches, steps, warmup, with_breakdown):
+def worker(impl, nets, batches, steps, warmup, with_breakdown, threads):
     """Time one implementation (in its own process); print the results as JSON."""
     if impl == "torch":
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     out = []
     for net_name in nets:
         for n in batches:
             images, labels = mnist_batch(n)
-            generated = GeneratedStep(net_name, images, labels)
+            generated = GeneratedStep(net_name, images, labels, threads)
             if impl == "generated":
                 step = generated
             else:
@@ -470,13 +478,19 @@ def worker(impl, nets, batches, steps, warmup, with_breakdown):
                 check_same(
                     f"{net_name} batch {n}: {step.name}", generated.gradients(), step.gradients()
                 )
+                generated.close()
                 del generated
                 time.sleep(0.5)  # let NumPy's BLAS threads go idle before timing the reference
             record = {"net": net_name, "batch": n, "name": step.name}
             record["times"] = time_step(step, steps, warmup)
-            if impl == "generated" and with_breakdown:
-                fresh = GeneratedStep(net_name, images, labels)
-                record["breakdown"], record["instrumented"] = breakdown(fresh, max(steps // 2, 1))
+            if impl == "generated":
+                step.close()
+                if with_breakdown:
+                    fresh = GeneratedStep(net_name, images, labels, threads)
+                    record["breakdown"], record["instrumented"] = breakdown(
+                        fresh, max(steps // 2, 1)
+                    )
+                    fresh.close()
             out.append(record)
     print(json.dumps(out))
 
@@ -495,6 +509,8 @@ def run_worker(impl, args, steps, warmup, with_breakdown):
         str(steps),
         "--warmup",
         str(warmup),
+        "--threads",
+        str(args.threads),
     ]
     if not with_breakdown:
         command.append("--no-breakdown")
@@ -519,12 +535,27 @@ def main(argv=None):
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-layer breakdown")
     parser.add_argument("--rounds", type=int, help="rounds of alternating worker processes")
     parser.add_argument("--steps", type=int, help="timed steps per round")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="cores for each side: the generated network's --threads and torch.set_num_threads "
+        "(default 2)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(IMPLEMENTATIONS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        worker(args.worker, args.net, args.batch, args.steps, args.warmup, not args.no_breakdown)
+        worker(
+            args.worker,
+            args.net,
+            args.batch,
+            args.steps,
+            args.warmup,
+            not args.no_breakdown,
+            args.threads,
+        )
         return
 
     rounds = args.rounds or 2
@@ -536,7 +567,7 @@ def main(argv=None):
         impls.append("numpy")
 
     if torch is not None:
-        reference = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        reference = f"torch {torch.__version__}, set to {args.threads} threads"
     else:
         reference = "torch not importable: the reference is hand-vectorised NumPy"
     print(describe_environment([reference]))
@@ -592,7 +623,7 @@ def main(argv=None):
             )
         other = total - accounted
         print(
-            f"  {'   other (Python, targets)':<28} {'':>10} {'':>11} {other:>9.2f} {100 * other / total:>5.1f}%"
+            f"  {'   other (Python, waiting)':<28} {'':>10} {'':>11} {other:>9.2f} {100 * other / total:>5.1f}%"
         )
     shares = ", ".join(
         f"{impl} {'?' if share is None else f'{100 * share:.0f}%'}" for impl, share in disturbed

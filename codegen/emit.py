@@ -64,6 +64,8 @@ class Emitter:
     bound: dict = field(default_factory=dict)  # node -> variable name
     names: set = field(default_factory=set)
     lines: list = field(default_factory=list)
+    # Floating-point errors that the statement being emitted raises by design, with why.
+    expected_errors: dict = field(default_factory=dict)
 
     def count(self, tree: ir.Node) -> None:
         for node in tree.walk():
@@ -79,17 +81,37 @@ class Emitter:
     def assign(self, target: str, tree: ir.Node) -> None:
         """``target = <tree>``; ``target`` then stands for that tree in later statements."""
         self.names.add(target)
-        self.lines.append(f"{target} = {self.code(tree, top=True)}")
+        self.statement(target, tree)
         self.bound.setdefault(tree, target)
 
     def bind(self, node: ir.Node, base: str) -> str:
         if node in self.bound:
             return self.bound[node]
-        expression = self.code(node, top=True)
-        name = self.fresh(base)
-        self.lines.append(f"{name} = {expression}")
+        name = self.statement(None, node, base)
         self.bound[node] = name
         return name
+
+    def statement(self, target: str | None, node: ir.Node, base: str = "") -> str:
+        """Emit ``target = <node>`` (a fresh name from ``base`` if target is None).
+
+        Operands bound on the way are emitted first, as statements of their own. When
+        the expression raises floating-point errors by design (the printer says which
+        and why), the statement runs inside ``np.errstate`` ignoring just those.
+        """
+        outer, self.expected_errors = self.expected_errors, {}
+        expression = self.code(node, top=True)
+        expected, self.expected_errors = self.expected_errors, outer
+        if target is None:
+            target = self.fresh(base)
+        if expected:
+            for reason in sorted(set(expected.values())):
+                self.lines.append(f"# {reason}")
+            ignored = ", ".join(f'{error}="ignore"' for error in sorted(expected))
+            self.lines.append(f"with np.errstate({ignored}):")
+            self.lines.append(f"    {target} = {expression}")
+        else:
+            self.lines.append(f"{target} = {expression}")
+        return target
 
     def code(self, node: ir.Node, top: bool = False) -> str:
         if node in self.bound:
@@ -114,7 +136,7 @@ class Emitter:
                 if not _is_name(text):
                     text = self.bind(child, symbol.name)
                 replacements[symbol] = sympy.Symbol(text)
-            return array_code(node.expr.xreplace(replacements))
+            return array_code(node.expr.xreplace(replacements), self.expected_errors)
         if isinstance(node, ir.Sum):
             inner = self.operand_code(node.a)
             if not node.axes:

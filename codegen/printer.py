@@ -12,9 +12,20 @@ import sympy
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.pycode import PythonCodePrinter
 
+from derive.functions import STABLE_FORM_SYMBOL, STABLE_FORMS
+
 
 class ArrayExpressionPrinter(NumPyPrinter):
-    """NumPy source for an elementwise expression, calling the module ``np``."""
+    """NumPy source for an elementwise expression, calling the module ``np``.
+
+    ``expected_errors`` collects the floating-point errors (NumPy errstate names) that
+    the printed code raises by design, with the reason: the statement that evaluates
+    it runs with those errors ignored.
+    """
+
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self.expected_errors: dict[str, str] = {}
 
     def _module_format(self, fqn, register=True):
         text = super()._module_format(fqn, register)
@@ -28,6 +39,13 @@ class ArrayExpressionPrinter(NumPyPrinter):
             raise ValueError(
                 f"a Piecewise without a final True condition cannot be emitted: {expr}"
             )
+        if len(pieces) == 1 and last_value == 0:
+            # value * [condition]: a multiplication by the boolean mask, about 15 times
+            # faster than np.where(condition, value, 0) in NumPy 2.x.  The two agree
+            # wherever value is finite; a NaN or inf value where the condition fails gives
+            # NaN here instead of 0 (a gradient that is already NaN or inf upstream).
+            value, condition = pieces[0]
+            return f"({self._print(value)} * {self._print(condition)})"
         text = self._print(last_value)
         for value, condition in reversed(pieces):
             text = f"np.where({self._print(condition)}, {self._print(value)}, {text})"
@@ -45,12 +63,21 @@ class ArrayExpressionPrinter(NumPyPrinter):
         return text
 
     def _print_sigmoid(self, expr):
-        # Stable form (derive.functions.STABLE_FORMS): (1 + tanh(u/2)) / 2 never overflows.
-        return f"(0.5 * (1.0 + np.tanh(0.5 * ({self._print(expr.args[0])}))))"
+        # The form derive.functions.STABLE_FORMS states and proves, with u = the argument.
+        reason = "sigmoid: exp(-x) overflowing to inf or underflowing to 0 gives its limits 0 and 1"
+        self.expected_errors.update(over=reason, under=reason)
+        form = STABLE_FORMS["sigmoid"][1].xreplace({STABLE_FORM_SYMBOL: expr.args[0]})
+        return f"({self._print(form)})"
 
     def _print_softplus(self, expr):
         # Stable form: logaddexp(0, u) = max(u, 0) + log1p(exp(-|u|)).
         return f"np.logaddexp(0.0, {self._print(expr.args[0])})"
+
+    def _print_Pow(self, expr, rational=False):
+        # 1 / x rather than SymPy's x ** (-1.0): np.power is several times slower.
+        if expr.exp == -1:
+            return f"(1 / {self.parenthesize(expr.base, sympy.printing.precedence.PRECEDENCE['Pow'])})"
+        return super()._print_Pow(expr, rational=rational)
 
     def _print_Rational(self, expr):
         return f"({expr.p} / {expr.q})"
@@ -69,8 +96,13 @@ class IntegerPrinter(PythonCodePrinter):
         return "max(" + ", ".join(self._print(a) for a in expr.args) + ")"
 
 
-def array_code(expr: sympy.Expr) -> str:
-    return ArrayExpressionPrinter({"fully_qualified_modules": True}).doprint(expr)
+def array_code(expr: sympy.Expr, expected_errors: dict[str, str] | None = None) -> str:
+    """NumPy source for ``expr``; the errors it raises by design are added to ``expected_errors``."""
+    printer = ArrayExpressionPrinter({"fully_qualified_modules": True})
+    text = printer.doprint(expr)
+    if expected_errors is not None:
+        expected_errors.update(printer.expected_errors)
+    return text
 
 
 def integer_code(expr) -> str:

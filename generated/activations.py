@@ -26,7 +26,9 @@ def sigmoid_forward(z):
     Returns (out, cache); pass cache to sigmoid_backward.
     """
     _k.check_arrays("activations.sigmoid_forward", {"z": (z, None)})
-    out = 0.5 * (1.0 + np.tanh(0.5 * (z)))
+    # sigmoid: exp(-x) overflowing to inf or underflowing to 0 gives its limits 0 and 1
+    with np.errstate(over="ignore", under="ignore"):
+        out = 1 / (1 + np.exp(-z))
     cache = {"out": out, "out_shape": out.shape}
     return out, cache
 
@@ -85,7 +87,7 @@ def relu_backward(da, cache):
     """
     z = cache["z"]
     _k.check_upstream("activations.relu_backward", "da", da, cache["out_shape"])
-    dz = np.where((z > 0), da, 0)
+    dz = da * (z > 0)
     return dz
 
 

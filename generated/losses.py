@@ -99,7 +99,9 @@ def bce_with_logits_backward(cache):
     logits = cache["logits"]
     targets = cache["targets"]
     batch = targets.shape[0]
-    dlogits = (-targets + (0.5 * (1.0 + np.tanh(0.5 * (logits))))) / batch
+    # sigmoid: exp(-x) overflowing to inf or underflowing to 0 gives its limits 0 and 1
+    with np.errstate(over="ignore", under="ignore"):
+        dlogits = (-targets + (1 / (1 + np.exp(-logits)))) / batch
     return dlogits
 
 

@@ -530,6 +530,21 @@ def test_sigmoid_and_tanh_of_huge_inputs_are_finite_without_warnings(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_keeps_its_relative_accuracy_for_negative_inputs(dtype):
+    """Reference: 1 / (1 + e^20) = 2.0611536181902037e-09 and 1 / (1 + e^80) =
+    1.8048513878454153e-35 (mpmath, 30 digits); relative tolerance 1e-6 in float32,
+    1e-14 in float64.  A form with cancellation, such as (1 + tanh(z/2)) / 2, returns 0
+    or a multiple of float eps here."""
+    z = np.array([[-20.0, -80.0]], dtype=dtype)
+    a, _ = activations.sigmoid_forward(z)
+    np.testing.assert_allclose(
+        a,
+        [[2.0611536181902037e-09, 1.8048513878454153e-35]],
+        rtol=1e-6 if dtype == np.float32 else 1e-14,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_softmax_of_huge_inputs_is_finite(dtype):
     """Overflow, division by zero and invalid operations raise (exp(-2e4) underflowing
     to 0 is the right answer and allowed).  Reference: softmax = one-hot at the maximum
