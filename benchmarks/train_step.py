@@ -117,7 +117,7 @@ def layer_label(index, layer):
     return f"{index:2d} {kind}"
 
 
-def breakdown(step, steps, warmup=2):
+def breakdown(step, steps, warmup):
     """ms per step spent in each layer's forward and backward, the loss and the update."""
     net = step.net
     rows = {}
@@ -488,7 +488,7 @@ def worker(impl, nets, batches, steps, warmup, with_breakdown, threads):
                 if with_breakdown:
                     fresh = GeneratedStep(net_name, images, labels, threads)
                     record["breakdown"], record["instrumented"] = breakdown(
-                        fresh, max(steps // 2, 1)
+                        fresh, max(steps // 2, 1), warmup
                     )
                     fresh.close()
             out.append(record)
@@ -542,7 +542,9 @@ def main(argv=None):
         help="cores for each side: the generated network's --threads and torch.set_num_threads "
         "(default 2)",
     )
-    parser.add_argument("--warmup", type=int, default=3, help=argparse.SUPPRESS)
+    # Untimed steps first: a worker process's first steps after the fork are slow (both
+    # processes copy the memory pages they write to, which fork left shared).
+    parser.add_argument("--warmup", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(IMPLEMENTATIONS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
