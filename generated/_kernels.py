@@ -69,6 +69,29 @@ def check_upstream(where, name, gradient, shape):
 
 
 # ---------------------------------------------------------------------------
+# Workspaces
+# ---------------------------------------------------------------------------
+#
+# A layer function called with ``workspace=`` (a dict the caller keeps) writes its
+# results into arrays it keeps there and finds again on the next call with the same
+# shapes.  A training loop calls the same layers with the same shapes step after
+# step: fresh multi-megabyte arrays would be handed back to the operating system
+# and page-faulted in again every step, which cost up to a fifth of a step here.
+
+
+def buffer(workspace, key, shape, dtype):
+    """An array of ``shape`` and ``dtype`` with undefined contents: the one kept in
+    ``workspace[key]`` when it fits, else a new one (kept there).  Without a
+    workspace (None), always a new array."""
+    if workspace is None:
+        return np.empty(shape, dtype)
+    kept = workspace.get(key)
+    if kept is None or kept.shape != tuple(shape) or kept.dtype != dtype:
+        kept = workspace[key] = np.empty(shape, dtype)
+    return kept
+
+
+# ---------------------------------------------------------------------------
 # Padding, cropping, dilation, rotation
 # ---------------------------------------------------------------------------
 
@@ -116,16 +139,18 @@ def rot180(kernel):
 # is cut into blocks whose temporaries take about _BLOCK_BYTES: a block's patch
 # matrix stays in the CPU caches between being written and being multiplied, and
 # no temporary is large enough to be mmapped (and page-faulted in) afresh on
-# every call.  Where one input channel makes the copies short, the block is laid
-# out with the batch axis innermost, (row, column, image), so that every copy
-# and addition runs over long contiguous stretches of memory.
+# every call.  One input channel and a kernel of _BANDED_MIN_TAPS or more taps
+# take the banded correlations below instead of im2col.
 
 _BLOCK_BYTES = 1 << 22
-# Kernels with at least this many taps (KH*KW) use the batch-innermost im2col in
-# correlate (measured: it pays for 9x9 kernels, not for 5x5 ones).
-_BATCH_INNER_MIN_TAPS = 32
-# Output columns per product in _correlate_banded.
-_BAND_COLUMNS = 2
+# Output columns per product in the banded correlations: enough that each product
+# writes at least this many columns (BLAS is slow on narrower outputs), and no more,
+# since the band's zeros grow with it (measured: 2 columns for 9x9 kernels with 20
+# outputs, 4 for 5x5 kernels with 6 outputs, at batch 32 and 128).
+_BAND_MIN_WIDTH = 24
+# Kernels with at least this many taps (KH*KW) on one input channel go through the
+# banded correlations (measured: they pay for 5x5 kernels).
+_BANDED_MIN_TAPS = 16
 
 
 def _block_size(n, bytes_per_image):
@@ -179,51 +204,63 @@ def _patch_view(a, kh, kw, stride, axes=(1, 2)):
     )
 
 
+def _band_columns(c_out):
+    """Output columns per chunk of a banded correlation with ``c_out`` output channels."""
+    return max(2, -(-_BAND_MIN_WIDTH // max(1, c_out)))
+
+
+def _band_chunks(out_w, columns):
+    """(first output column, columns per chunk, chunks): the whole chunks, then the rest."""
+    whole = out_w - out_w % columns
+    for first, span, chunks in ((0, columns, whole // columns), (whole, out_w - whole, 1)):
+        if span and chunks:
+            yield first, span, chunks
+
+
+def _row_patches(a, kh, out_h, buffer):
+    """p[n, i, x, u] = a[n, i+u, x] for one-channel images a (N, H, W), in ``buffer``.
+
+    One copy per kernel row u, each reading whole image rows: several times faster
+    than one copy of the (n, i, x, u) view, whose innermost runs are KH elements.
+    """
+    n, _, w = a.shape
+    patches = buffer[: n * out_h * w * kh].reshape(n, out_h, w, kh)
+    for u in range(kh):
+        np.copyto(patches[..., u], a[:, u : u + out_h, :])
+    return patches
+
+
 def _correlate_banded(a, kernel, out):
     """correlate at stride 1 of one-channel images a (N, H, W) with kernel (KH, KW, C_out), into out.
 
-    im2col for a large kernel on one channel copies each pixel KH*KW times.  Here only
-    the kernel's rows are unrolled: with the image transposed, p[n, i, x, u] =
-    a[n, i+u, x] holds whole columns of KH pixels, copied in runs of KH.  Output columns
-    are taken ``_BAND_COLUMNS`` at a time: columns j .. j+J-1 of output row i need input
-    columns j .. j+J+KW-2, which are consecutive in p's (x, u) axis, so they are a plain
-    strided matrix, and the product with the banded matrix
+    im2col for a large kernel on one channel copies each pixel KH*KW times, and the
+    product it feeds has only C_out columns.  Here only the kernel's rows are unrolled:
+    p[n, i, x, u] = a[n, i+u, x] holds, for each output row, whole columns of KH pixels.
+    Output columns are taken J at a time (_band_columns): columns j .. j+J-1 of output
+    row i need input columns j .. j+J+KW-2, which are consecutive in p's (x, u) axis, so
+    they are a plain strided matrix, and the product with the banded matrix
         band[(x, u), (jj, o)] = kernel[u, x - jj, o]  (zero unless 0 <= x - jj < KW)
     writes out[n, i, j:j+J, :] in place: no patch matrix, no transposed copy of the
-    output.  The band holds (J+KW-1)/(J*KW) zeros, i.e. (J+KW-1)/KW more multiplications
-    (measured: J = 2 beats J = 4, 5, 10 for 9x9 kernels at batch 32 and 128).
+    output.  The band holds (J+KW-1)/(J*KW) zeros, i.e. (J+KW-1)/KW more multiplications.
     """
     n, h, w = a.shape
     kh, kw, c_out = kernel.shape
     out_h, out_w = h - kh + 1, w - kw + 1
     dtype = out.dtype
-    columns = _BAND_COLUMNS
+    item = dtype.itemsize
+    columns = min(_band_columns(c_out), out_w)
     band = np.zeros((columns + kw - 1, kh, columns, c_out), dtype=dtype)
     for jj in range(columns):
         band[jj : jj + kw, :, jj, :] = kernel.transpose(1, 0, 2)
     band = band.reshape((columns + kw - 1) * kh, columns * c_out)
     flat_out = out.reshape(n * out_h, out_w * c_out)
-    block = _block_size(n, (h * w + out_h * w * kh) * dtype.itemsize)
-    image_buffer = _scratch("image", block * w * h, dtype)
+    block = _block_size(n, out_h * w * kh * item)
     patch_buffer = _scratch("patches", block * out_h * w * kh, dtype)
     for start, stop in _blocks(n, block):
         m = stop - start
-        image = image_buffer[: m * w * h].reshape(m, w, h)
-        np.copyto(image, a[start:stop].transpose(0, 2, 1))
-        patches = patch_buffer[: m * out_h * w * kh].reshape(m, out_h, w, kh)
-        n_stride, x_stride, y_stride = image.strides
-        column_view = as_strided(
-            image, (m, out_h, w, kh), (n_stride, y_stride, x_stride, y_stride), writeable=False
-        )
-        np.copyto(patches, column_view)
-        matrix = patches.reshape(m * out_h, w * kh)
+        matrix = _row_patches(a[start:stop], kh, out_h, patch_buffer).reshape(m * out_h, w * kh)
         target = flat_out[start * out_h : stop * out_h]
-        item = dtype.itemsize
-        whole = out_w - out_w % columns
-        # (first output column, columns per chunk, chunks): the whole chunks, then the rest.
-        for first, span, chunks in ((0, columns, whole // columns), (whole, out_w - whole, 1)):
-            if span == 0 or chunks == 0:
-                continue
+        for first, span, chunks in _band_chunks(out_w, columns):
             depth = (span + kw - 1) * kh
             # Chunk q reads p's columns from first + q*span on and writes the output's
             # from there on: one stacked product over the chunks.
@@ -241,6 +278,64 @@ def _correlate_banded(a, kernel, out):
             np.matmul(left, band[:depth, : span * c_out], out=right)
 
 
+def _correlate_weights_banded(a, g, dtype):
+    """correlate_weights of one-channel images a (N, H, W) with g (N, GH, GW, C_out): (KH, KW, C_out).
+
+    The transpose of _correlate_banded: with p[n, i, x, u] = a[n, i+u, x] and the
+    output columns taken J at a time, chunk q's product
+        products[q][(x, u), (jj, o)] = sum_{n,i} p[n, i, j+x, u] * g[n, i, j+jj, o]
+    (j = q*J, a strided view of p times a strided view of g, no copies) holds
+    out[u, v, o]'s terms for column j+jj at x = jj + v; the entries with x - jj outside
+    0 .. KW-1 are the band's wasted multiplications.  The products are summed over
+    chunks and blocks first, their diagonals picked out once at the end.
+    """
+    n, h, w = a.shape
+    _, gh, gw, c_out = g.shape
+    kh, kw = h - gh + 1, w - gw + 1
+    item = dtype.itemsize
+    columns = min(_band_columns(c_out), gw)
+    chunking = list(_band_chunks(gw, columns))
+    sums = {
+        span: np.zeros(((span + kw - 1) * kh, span * c_out), dtype=dtype) for _, span, _ in chunking
+    }
+    block = _block_size(n, gh * w * kh * item)
+    patch_buffer = _scratch("patches", block * gh * w * kh, dtype)
+    product_buffer = _scratch(
+        "correlate_weights.products",
+        (gw // columns + 1) * (columns + kw - 1) * kh * columns * c_out,
+        dtype,
+    )
+    for start, stop in _blocks(n, block):
+        m = stop - start
+        matrix = _row_patches(a[start:stop], kh, gh, patch_buffer).reshape(m * gh, w * kh)
+        gradient = g[start:stop].reshape(m * gh, gw * c_out)
+        for first, span, chunks in chunking:
+            depth = (span + kw - 1) * kh
+            left = as_strided(
+                matrix[:, first * kh :],
+                (chunks, depth, m * gh),
+                (span * kh * item, item, matrix.strides[0]),
+                writeable=False,
+            )
+            right = as_strided(
+                gradient[:, first * c_out :],
+                (chunks, m * gh, span * c_out),
+                (span * c_out * item, gradient.strides[0], item),
+                writeable=False,
+            )
+            products = product_buffer[: chunks * depth * span * c_out].reshape(
+                chunks, depth, span * c_out
+            )
+            np.matmul(left, right, out=products)
+            sums[span] += products.sum(axis=0)
+    out = np.zeros((kh, kw, c_out), dtype=dtype)
+    for span, total in sums.items():
+        total = total.reshape(span + kw - 1, kh, span, c_out)
+        for jj in range(span):
+            out += total[jj : jj + kw, :, jj, :].transpose(1, 0, 2)
+    return out
+
+
 def correlate(a, kernel, stride=1):
     """out[n,i,j,o] = sum_{u,v,c} a[n, s*i+u, s*j+v, c] * kernel[u,v,c,o]."""
     kh, kw, c_in, c_out = kernel.shape
@@ -256,7 +351,7 @@ def correlate(a, kernel, stride=1):
     weights = kernel.reshape(taps, c_out).astype(dtype, copy=False)
     rows = out_h * out_w
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
-    if c_in == 1 and stride == 1 and kh * kw >= _BATCH_INNER_MIN_TAPS:
+    if c_in == 1 and stride == 1 and kh * kw >= _BANDED_MIN_TAPS:
         _correlate_banded(a[:, :, :, 0], kernel[:, :, 0, :].astype(dtype, copy=False), out)
         return out
     patch_buffer = _scratch("patches", block * rows * taps, dtype)
@@ -296,27 +391,14 @@ def correlate_weights(a, g):
     rows = gh * gw
     if n * rows == 0 or out.size == 0:
         return out.reshape(kh, kw, c_in, c_out)
+    if c_in == 1 and kh * kw >= _BANDED_MIN_TAPS:
+        banded = _correlate_weights_banded(
+            a[:, :, :, 0].astype(dtype, copy=False), np.ascontiguousarray(g, dtype=dtype), dtype
+        )
+        return banded.reshape(kh, kw, c_in, c_out)
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
     patch_buffer = _scratch("patches", block * rows * taps, dtype)
     partial = np.empty_like(out)
-    if c_in == 1 and kh * kw >= _BATCH_INNER_MIN_TAPS:
-        # Batch innermost, as in correlate: image (h, w, n), patches (u, v, i, j, n) and
-        # the gradient transposed to (i, j, n, o) to match.
-        image_buffer = _scratch("image", block * h * w, dtype)
-        gradient_buffer = _scratch("correlate_weights.gradient", block * rows * c_out, dtype)
-        for start, stop in _blocks(n, block):
-            m = stop - start
-            image = image_buffer[: h * w * m].reshape(h, w, m)
-            np.copyto(image, a[start:stop, :, :, 0].transpose(1, 2, 0))
-            patches = patch_buffer[: taps * rows * m].reshape(kh, kw, gh, gw, m)
-            np.copyto(patches, _patch_view(image, kh, kw, 1, axes=(0, 1)).transpose(3, 4, 0, 1, 2))
-            gradient = gradient_buffer[: rows * m * c_out].reshape(gh, gw, m, c_out)
-            np.copyto(gradient, g[start:stop].transpose(1, 2, 0, 3))
-            np.matmul(
-                patches.reshape(taps, rows * m), gradient.reshape(rows * m, c_out), out=partial
-            )
-            out += partial
-        return out.reshape(kh, kw, c_in, c_out)
     g_flat = g.reshape(n * rows, c_out).astype(dtype, copy=False)
     if c_in == 1:
         # Patches laid out (u, v, n, i, j): each copied run is a row of the gradient's width.
