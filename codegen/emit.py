@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 import sympy
 
 from codegen.printer import array_code, integer_code
+from codegen.ufuncs import UfuncLowering
 from derive import ir
 
 KERNEL_MODULE = "_k"
@@ -66,6 +67,21 @@ class Emitter:
     lines: list = field(default_factory=list)
     # Floating-point errors that the statement being emitted raises by design, with why.
     expected_errors: dict = field(default_factory=dict)
+    # The generated function's workspace argument (a dict or None at run time) and the
+    # prefix of its keys there; with a workspace, pointwise statements write into kept
+    # arrays (codegen.ufuncs) instead of fresh ones.
+    workspace: str | None = None
+    function: str = ""
+
+    def branch(self) -> Emitter:
+        """An emitter for one branch of an if/else: it starts from what this one has bound."""
+        return Emitter(
+            uses=self.uses,
+            bound=dict(self.bound),
+            names=set(self.names),
+            workspace=self.workspace,
+            function=self.function,
+        )
 
     def count(self, tree: ir.Node) -> None:
         for node in tree.walk():
@@ -98,20 +114,44 @@ class Emitter:
         the expression raises floating-point errors by design (the printer says which
         and why), the statement runs inside ``np.errstate`` ignoring just those.
         """
+        if self.workspace is not None and isinstance(node, ir.Pointwise):
+            expr, arrays = self.pointwise_arguments(node)
+            if UfuncLowering.applies(expr, arrays):
+                if target is None:
+                    target = self.fresh(base)
+                lowering = UfuncLowering(arrays, self.workspace, f"{self.function}.{target}")
+                statements = lowering.lower(expr, target)
+                self.emit_statements(statements, lowering.expected_errors)
+                return target
         outer, self.expected_errors = self.expected_errors, {}
         expression = self.code(node, top=True)
         expected, self.expected_errors = self.expected_errors, outer
         if target is None:
             target = self.fresh(base)
-        if expected:
-            for reason in sorted(set(expected.values())):
-                self.lines.append(f"# {reason}")
-            ignored = ", ".join(f'{error}="ignore"' for error in sorted(expected))
-            self.lines.append(f"with np.errstate({ignored}):")
-            self.lines.append(f"    {target} = {expression}")
-        else:
-            self.lines.append(f"{target} = {expression}")
+        self.emit_statements([f"{target} = {expression}"], expected)
         return target
+
+    def emit_statements(self, statements: list[str], expected_errors: dict[str, str]) -> None:
+        """``statements``, inside ``np.errstate`` ignoring the expected errors (with why)."""
+        if not expected_errors:
+            self.lines += statements
+            return
+        for reason in sorted(set(expected_errors.values())):
+            self.lines.append(f"# {reason}")
+        ignored = ", ".join(f'{error}="ignore"' for error in sorted(expected_errors))
+        self.lines.append(f"with np.errstate({ignored}):")
+        self.lines += ["    " + statement for statement in statements]
+
+    def pointwise_arguments(self, node: ir.Pointwise):
+        """The node's expression over the names of its (bound) arguments, and those names."""
+        replacements = {}
+        for symbol, child in node.arguments:
+            text = self.code(child)
+            if not _is_name(text):
+                text = self.bind(child, symbol.name)
+            replacements[symbol] = sympy.Symbol(text)
+        arrays = {name: name.name for name in replacements.values()}
+        return node.expr.xreplace(replacements), arrays
 
     def code(self, node: ir.Node, top: bool = False) -> str:
         if node in self.bound:
@@ -130,13 +170,8 @@ class Emitter:
 
     def expression(self, node: ir.Node) -> str:
         if isinstance(node, ir.Pointwise):
-            replacements = {}
-            for symbol, child in node.arguments:
-                text = self.code(child)
-                if not _is_name(text):
-                    text = self.bind(child, symbol.name)
-                replacements[symbol] = sympy.Symbol(text)
-            return array_code(node.expr.xreplace(replacements), self.expected_errors)
+            expr, _ = self.pointwise_arguments(node)
+            return array_code(expr, self.expected_errors)
         if isinstance(node, ir.Sum):
             inner = self.operand_code(node.a)
             if not node.axes:

@@ -10,9 +10,21 @@ from __future__ import annotations
 
 import sympy
 from sympy.printing.numpy import NumPyPrinter
+from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
 from derive.functions import STABLE_FORM_SYMBOL, STABLE_FORMS
+
+# The floating-point errors that sigmoid's form raises by design, and why they are harmless.
+_SIGMOID_REASON = (
+    "sigmoid: exp(-x) overflowing to inf or underflowing to 0 gives its limits 0 and 1"
+)
+SIGMOID_EXPECTED_ERRORS = {"over": _SIGMOID_REASON, "under": _SIGMOID_REASON}
+
+
+def sigmoid_form(expr: sympy.Expr) -> sympy.Expr:
+    """The form of sigmoid(x) that derive.functions.STABLE_FORMS states and proves."""
+    return STABLE_FORMS["sigmoid"][1].xreplace({STABLE_FORM_SYMBOL: expr.args[0]})
 
 
 class ArrayExpressionPrinter(NumPyPrinter):
@@ -64,10 +76,8 @@ class ArrayExpressionPrinter(NumPyPrinter):
 
     def _print_sigmoid(self, expr):
         # The form derive.functions.STABLE_FORMS states and proves, with u = the argument.
-        reason = "sigmoid: exp(-x) overflowing to inf or underflowing to 0 gives its limits 0 and 1"
-        self.expected_errors.update(over=reason, under=reason)
-        form = STABLE_FORMS["sigmoid"][1].xreplace({STABLE_FORM_SYMBOL: expr.args[0]})
-        return f"({self._print(form)})"
+        self.expected_errors.update(SIGMOID_EXPECTED_ERRORS)
+        return f"({self._print(sigmoid_form(expr))})"
 
     def _print_softplus(self, expr):
         # Stable form: logaddexp(0, u) = max(u, 0) + log1p(exp(-|u|)).
@@ -76,7 +86,7 @@ class ArrayExpressionPrinter(NumPyPrinter):
     def _print_Pow(self, expr, rational=False):
         # 1 / x rather than SymPy's x ** (-1.0): np.power is several times slower.
         if expr.exp == -1:
-            return f"(1 / {self.parenthesize(expr.base, sympy.printing.precedence.PRECEDENCE['Pow'])})"
+            return f"(1 / {self.parenthesize(expr.base, PRECEDENCE['Pow'])})"
         return super()._print_Pow(expr, rational=rational)
 
     def _print_Rational(self, expr):

@@ -4,10 +4,12 @@
 Forward and backward passes emitted from closed forms that derive/ proved.
 Regenerate with `cnnderive generate`; see `cnnderive derive LAYER` for the derivations."""
 
+import numpy as np
+
 from . import _kernels as _k
 
 
-def forward(x, *, size=2, stride=None):
+def forward(x, *, size=2, stride=None, workspace=None):
     r"""2-D average pooling: forward pass.
 
     Definition (index notation, 0-based indices)::
@@ -22,6 +24,9 @@ def forward(x, *, size=2, stride=None):
         x: input, NHWC
         size: window height and width (default 2)
         stride: step between windows (default: the window size) (default None (= size))
+        workspace: None (default: every result is a new array), or a dict that the caller keeps for
+        this layer. Results are then written into arrays kept in it and reused by the next call with
+        the same shapes, which overwrites them: a training loop allocates nothing step after step.
 
     Returns (out, cache); pass cache to backward.
     """
@@ -40,12 +45,13 @@ def forward(x, *, size=2, stride=None):
             f"avgpool2d.forward: pool window {size}x{size} does not fit the input {in_height}x{in_width}; use size at most {min(in_height, in_width)}"
         )
     window_sum = _k.window_sum(x, size, stride)
-    out = window_sum / size**2
+    out = _k.buffer(workspace, "forward.out", window_sum.shape, window_sum.dtype)
+    np.divide(window_sum, (size**2), out=out)
     cache = {"x": x, "size": size, "stride": stride, "out_shape": out.shape}
     return out, cache
 
 
-def backward(dout, cache):
+def backward(dout, cache, *, workspace=None):
     r"""2-D average pooling: gradients with respect to x (summed over the batch).
 
     dout is the gradient of the loss with respect to the forward output.
@@ -65,6 +71,10 @@ def backward(dout, cache):
 
     Rows and columns that no window reaches (when the size does not divide the input) get zero
     gradient.
+
+    workspace: None (default: every result is a new array), or a dict that the caller keeps for
+    this layer. Results are then written into arrays kept in it and reused by the next call with
+    the same shapes, which overwrites them: a training loop allocates nothing step after step.
     """
     x = cache["x"]
     size = cache["size"]
@@ -74,8 +84,10 @@ def backward(dout, cache):
     in_width = x.shape[2]
     if stride == size:
         upsampled = _k.crop(_k.upsample(dout, size), 0, 0, in_height, in_width)
-        dx = upsampled / size**2
+        dx = _k.buffer(workspace, "backward.dx", upsampled.shape, upsampled.dtype)
+        np.divide(upsampled, (size**2), out=dx)
     else:
         scattered = _k.scatter_windows(dout, size, stride, in_height, in_width)
-        dx = scattered / size**2
+        dx = _k.buffer(workspace, "backward.dx", scattered.shape, scattered.dtype)
+        np.divide(scattered, (size**2), out=dx)
     return dx

@@ -4,10 +4,12 @@
 Forward and backward passes emitted from closed forms that derive/ proved.
 Regenerate with `cnnderive generate`; see `cnnderive derive LAYER` for the derivations."""
 
+import numpy as np
+
 from . import _kernels as _k
 
 
-def forward(x, w, b, *, stride=1, padding=0):
+def forward(x, w, b, *, stride=1, padding=0, workspace=None):
     r"""2-D convolution (multi-channel, batch, stride, zero padding, bias): forward pass.
 
     Definition (index notation, 0-based indices)::
@@ -27,6 +29,9 @@ def forward(x, w, b, *, stride=1, padding=0):
         b: biases (C_out,)
         stride: step between neighbouring windows (default 1)
         padding: zeros added on every side of the input (default 0)
+        workspace: None (default: every result is a new array), or a dict that the caller keeps for
+        this layer. Results are then written into arrays kept in it and reused by the next call with
+        the same shapes, which overwrites them: a training loop allocates nothing step after step.
 
     Returns (out, cache); pass cache to backward.
     """
@@ -55,7 +60,10 @@ def forward(x, w, b, *, stride=1, padding=0):
         )
     x_padded = _k.pad(x, padding, padding)
     z = _k.correlate(x_padded, w, stride)
-    out = b + z
+    out = _k.buffer(
+        workspace, "forward.out", np.broadcast_shapes(b.shape, z.shape), np.result_type(b, z)
+    )
+    np.add(b, z, out=out)
     cache = {
         "x": x,
         "w": w,
@@ -67,7 +75,7 @@ def forward(x, w, b, *, stride=1, padding=0):
     return out, cache
 
 
-def backward(dout, cache, *, input_gradient=True):
+def backward(dout, cache, *, input_gradient=True, workspace=None):
     r"""2-D convolution (multi-channel, batch, stride, zero padding, bias): gradients with respect to x, w, b (summed over the batch).
 
     dout is the gradient of the loss with respect to the forward output.
@@ -94,6 +102,10 @@ def backward(dout, cache, *, input_gradient=True):
     side, and the flip is written explicitly as rot180.
 
     For stride s > 1 the gradient is first dilated: s-1 zeros between neighbouring elements.
+
+    workspace: None (default: every result is a new array), or a dict that the caller keeps for
+    this layer. Results are then written into arrays kept in it and reused by the next call with
+    the same shapes, which overwrites them: a training loop allocates nothing step after step.
     """
     x = cache["x"]
     w = cache["w"]

@@ -4,10 +4,12 @@
 Forward and backward passes emitted from closed forms that derive/ proved.
 Regenerate with `cnnderive generate`; see `cnnderive derive LAYER` for the derivations."""
 
+import numpy as np
+
 from . import _kernels as _k
 
 
-def forward(x, w, b):
+def forward(x, w, b, *, workspace=None):
     r"""Dense (fully connected) layer with bias: forward pass.
 
     Definition (index notation, 0-based indices)::
@@ -22,6 +24,9 @@ def forward(x, w, b):
         x: inputs (N, D_in)
         w: weights (D_in, D_out)
         b: biases (D_out,)
+        workspace: None (default: every result is a new array), or a dict that the caller keeps for
+        this layer. Results are then written into arrays kept in it and reused by the next call with
+        the same shapes, which overwrites them: a training loop allocates nothing step after step.
 
     Returns (out, cache); pass cache to backward.
     """
@@ -34,12 +39,15 @@ def forward(x, w, b):
         },
     )
     z = x @ w
-    out = b + z
+    out = _k.buffer(
+        workspace, "forward.out", np.broadcast_shapes(b.shape, z.shape), np.result_type(b, z)
+    )
+    np.add(b, z, out=out)
     cache = {"x": x, "w": w, "out_shape": out.shape}
     return out, cache
 
 
-def backward(dout, cache, *, input_gradient=True):
+def backward(dout, cache, *, input_gradient=True, workspace=None):
     r"""Dense (fully connected) layer with bias: gradients with respect to x, w, b (summed over the batch).
 
     dout is the gradient of the loss with respect to the forward output.
@@ -55,6 +63,10 @@ def backward(dout, cache, *, input_gradient=True):
     db (sum of dZ over the batch): proven on 27 configurations: batch 1-3, in_features 1-3,
     out_features 1-3.
     `cnnderive verify --seed-size` also proves them at the seed network's size.
+
+    workspace: None (default: every result is a new array), or a dict that the caller keeps for
+    this layer. Results are then written into arrays kept in it and reused by the next call with
+    the same shapes, which overwrites them: a training loop allocates nothing step after step.
     """
     x = cache["x"]
     w = cache["w"]

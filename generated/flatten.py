@@ -7,7 +7,7 @@ Regenerate with `cnnderive generate`; see `cnnderive derive LAYER` for the deriv
 from . import _kernels as _k
 
 
-def forward(x):
+def forward(x, *, workspace=None):
     r"""Flatten (N, H, W, C) to (N, H*W*C), row-major: forward pass.
 
     Definition (index notation, 0-based indices)::
@@ -20,6 +20,9 @@ def forward(x):
 
     Arguments:
         x: input, NHWC
+        workspace: None (default: every result is a new array), or a dict that the caller keeps for
+        this layer. Results are then written into arrays kept in it and reused by the next call with
+        the same shapes, which overwrites them: a training loop allocates nothing step after step.
 
     Returns (out, cache); pass cache to backward.
     """
@@ -29,7 +32,7 @@ def forward(x):
     return out, cache
 
 
-def backward(dout, cache):
+def backward(dout, cache, *, workspace=None):
     r"""Flatten (N, H, W, C) to (N, H*W*C), row-major: gradients with respect to x (summed over the batch).
 
     dout is the gradient of the loss with respect to the forward output.
@@ -40,6 +43,10 @@ def backward(dout, cache):
 
     dx (reshape dF to the input's shape): proven on 36 configurations: batch 1-2, channels 1-3,
     in_height 1-3, in_width 1-2.
+
+    workspace: None (default: every result is a new array), or a dict that the caller keeps for
+    this layer. Results are then written into arrays kept in it and reused by the next call with
+    the same shapes, which overwrites them: a training loop allocates nothing step after step.
     """
     x = cache["x"]
     _k.check_upstream("flatten.backward", "dout", dout, cache["out_shape"])

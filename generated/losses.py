@@ -9,7 +9,7 @@ import numpy as np
 from . import _kernels as _k
 
 
-def bce_forward(probs, targets):
+def bce_forward(probs, targets, *, workspace=None):
     r"""Binary cross-entropy on probabilities: forward pass.
 
     Definition (index notation, 0-based indices)::
@@ -23,6 +23,9 @@ def bce_forward(probs, targets):
     Arguments:
         probs: probs (N, K)
         targets: one-hot labels or probabilities (N, K)
+        workspace: None (default: every result is a new array), or a dict that the caller keeps for
+        this layer. Results are then written into arrays kept in it and reused by the next call with
+        the same shapes, which overwrites them: a training loop allocates nothing step after step.
 
     Returns (loss, cache); pass cache to bce_backward.
     """
@@ -32,12 +35,13 @@ def bce_forward(probs, targets):
     )
     batch = targets.shape[0]
     total = (-targets * np.log(probs) - (1 - targets) * np.log(1 - probs)).sum()
-    loss = total / batch
+    loss = _k.buffer(workspace, "bce_forward.loss", total.shape, total.dtype)
+    np.divide(total, batch, out=loss)
     cache = {"probs": probs, "targets": targets}
     return loss, cache
 
 
-def bce_backward(cache):
+def bce_backward(cache, *, workspace=None):
     r"""Binary cross-entropy on probabilities: gradients with respect to probs.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
@@ -48,15 +52,37 @@ def bce_backward(cache):
 
     Probabilities of exactly 0 or 1 give an infinite loss; after a sigmoid, use bce_with_logits,
     which never evaluates log(0).
+
+    workspace: None (default: every result is a new array), or a dict that the caller keeps for
+    this layer. Results are then written into arrays kept in it and reused by the next call with
+    the same shapes, which overwrites them: a training loop allocates nothing step after step.
     """
     probs = cache["probs"]
     targets = cache["targets"]
     batch = targets.shape[0]
-    dprobs = (probs - targets) / (batch * probs * (1 - probs))
+    dprobs = _k.buffer(
+        workspace,
+        "bce_backward.dprobs",
+        np.broadcast_shapes(probs.shape, targets.shape),
+        np.result_type(probs, targets),
+    )
+    np.negative(targets, out=dprobs)
+    np.add(dprobs, probs, out=dprobs)
+    np.divide(dprobs, probs, out=dprobs)
+    dprobs_scratch1 = _k.buffer(
+        workspace,
+        "bce_backward.dprobs.scratch1",
+        np.broadcast_shapes(probs.shape, targets.shape),
+        np.result_type(probs, targets),
+    )
+    np.negative(probs, out=dprobs_scratch1)
+    np.add(dprobs_scratch1, 1, out=dprobs_scratch1)
+    np.divide(dprobs, dprobs_scratch1, out=dprobs)
+    np.divide(dprobs, batch, out=dprobs)
     return dprobs
 
 
-def bce_with_logits_forward(logits, targets):
+def bce_with_logits_forward(logits, targets, *, workspace=None):
     r"""Binary cross-entropy on logits (sigmoid + BCE fused): forward pass.
 
     Definition (index notation, 0-based indices)::
@@ -70,6 +96,9 @@ def bce_with_logits_forward(logits, targets):
     Arguments:
         logits: logits (N, K)
         targets: one-hot labels or probabilities (N, K)
+        workspace: None (default: every result is a new array), or a dict that the caller keeps for
+        this layer. Results are then written into arrays kept in it and reused by the next call with
+        the same shapes, which overwrites them: a training loop allocates nothing step after step.
 
     Returns (loss, cache); pass cache to bce_with_logits_backward.
     """
@@ -79,12 +108,13 @@ def bce_with_logits_forward(logits, targets):
     )
     batch = targets.shape[0]
     total = (-logits * targets + np.logaddexp(0.0, logits)).sum()
-    loss = total / batch
+    loss = _k.buffer(workspace, "bce_with_logits_forward.loss", total.shape, total.dtype)
+    np.divide(total, batch, out=loss)
     cache = {"logits": logits, "targets": targets}
     return loss, cache
 
 
-def bce_with_logits_backward(cache):
+def bce_with_logits_backward(cache, *, workspace=None):
     r"""Binary cross-entropy on logits (sigmoid + BCE fused): gradients with respect to logits.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
@@ -95,17 +125,39 @@ def bce_with_logits_backward(cache):
 
     The code evaluates softplus(z) - y z, equal to the textbook form and finite for any logit
     (softplus(z) = logaddexp(0, z)).
+
+    workspace: None (default: every result is a new array), or a dict that the caller keeps for
+    this layer. Results are then written into arrays kept in it and reused by the next call with
+    the same shapes, which overwrites them: a training loop allocates nothing step after step.
     """
     logits = cache["logits"]
     targets = cache["targets"]
     batch = targets.shape[0]
     # sigmoid: exp(-x) overflowing to inf or underflowing to 0 gives its limits 0 and 1
     with np.errstate(over="ignore", under="ignore"):
-        dlogits = (-targets + (1 / (1 + np.exp(-logits)))) / batch
+        dlogits = _k.buffer(
+            workspace,
+            "bce_with_logits_backward.dlogits",
+            np.broadcast_shapes(logits.shape, targets.shape),
+            np.result_type(logits, targets),
+        )
+        np.negative(targets, out=dlogits)
+        dlogits_scratch1 = _k.buffer(
+            workspace,
+            "bce_with_logits_backward.dlogits.scratch1",
+            np.broadcast_shapes(logits.shape, targets.shape),
+            np.result_type(logits, targets),
+        )
+        np.negative(logits, out=dlogits_scratch1)
+        np.exp(dlogits_scratch1, out=dlogits_scratch1)
+        np.add(dlogits_scratch1, 1, out=dlogits_scratch1)
+        np.divide(1, dlogits_scratch1, out=dlogits_scratch1)
+        np.add(dlogits, dlogits_scratch1, out=dlogits)
+        np.divide(dlogits, batch, out=dlogits)
     return dlogits
 
 
-def softmax_cross_entropy_forward(logits, targets):
+def softmax_cross_entropy_forward(logits, targets, *, workspace=None):
     r"""Softmax cross-entropy on logits (softmax + CE fused): forward pass.
 
     Definition (index notation, 0-based indices)::
@@ -119,6 +171,9 @@ def softmax_cross_entropy_forward(logits, targets):
     Arguments:
         logits: logits (N, K)
         targets: one-hot labels or probabilities (N, K)
+        workspace: None (default: every result is a new array), or a dict that the caller keeps for
+        this layer. Results are then written into arrays kept in it and reused by the next call with
+        the same shapes, which overwrites them: a training loop allocates nothing step after step.
 
     Returns (loss, cache); pass cache to softmax_cross_entropy_backward.
     """
@@ -129,12 +184,13 @@ def softmax_cross_entropy_forward(logits, targets):
     batch = targets.shape[0]
     row_logsumexp = _k.logsumexp(logits)
     total = (targets * (-logits + row_logsumexp)).sum()
-    loss = total / batch
+    loss = _k.buffer(workspace, "softmax_cross_entropy_forward.loss", total.shape, total.dtype)
+    np.divide(total, batch, out=loss)
     cache = {"logits": logits, "targets": targets}
     return loss, cache
 
 
-def softmax_cross_entropy_backward(cache):
+def softmax_cross_entropy_backward(cache, *, workspace=None):
     r"""Softmax cross-entropy on logits (softmax + CE fused): gradients with respect to logits.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
@@ -147,17 +203,36 @@ def softmax_cross_entropy_backward(cache):
     1) it is (A - Y) / m.
 
     The code evaluates y (logsumexp(z) - z), finite for any logits.
+
+    workspace: None (default: every result is a new array), or a dict that the caller keeps for
+    this layer. Results are then written into arrays kept in it and reused by the next call with
+    the same shapes, which overwrites them: a training loop allocates nothing step after step.
     """
     logits = cache["logits"]
     targets = cache["targets"]
     batch = targets.shape[0]
     softmax = _k.softmax(logits)
     target_sum = targets.sum(axis=-1, keepdims=True)
-    dlogits = (softmax * target_sum - targets) / batch
+    dlogits = _k.buffer(
+        workspace,
+        "softmax_cross_entropy_backward.dlogits",
+        np.broadcast_shapes(softmax.shape, target_sum.shape, targets.shape),
+        np.result_type(softmax, target_sum, targets),
+    )
+    np.negative(targets, out=dlogits)
+    dlogits_scratch1 = _k.buffer(
+        workspace,
+        "softmax_cross_entropy_backward.dlogits.scratch1",
+        np.broadcast_shapes(softmax.shape, target_sum.shape, targets.shape),
+        np.result_type(softmax, target_sum, targets),
+    )
+    np.multiply(softmax, target_sum, out=dlogits_scratch1)
+    np.add(dlogits, dlogits_scratch1, out=dlogits)
+    np.divide(dlogits, batch, out=dlogits)
     return dlogits
 
 
-def mse_forward(pred, targets):
+def mse_forward(pred, targets, *, workspace=None):
     r"""Mean squared error: forward pass.
 
     Definition (index notation, 0-based indices)::
@@ -171,6 +246,9 @@ def mse_forward(pred, targets):
     Arguments:
         pred: pred (N, K)
         targets: one-hot labels or probabilities (N, K)
+        workspace: None (default: every result is a new array), or a dict that the caller keeps for
+        this layer. Results are then written into arrays kept in it and reused by the next call with
+        the same shapes, which overwrites them: a training loop allocates nothing step after step.
 
     Returns (loss, cache); pass cache to mse_backward.
     """
@@ -180,12 +258,13 @@ def mse_forward(pred, targets):
     )
     batch = targets.shape[0]
     total = ((pred - targets) ** 2).sum()
-    loss = total / batch
+    loss = _k.buffer(workspace, "mse_forward.loss", total.shape, total.dtype)
+    np.divide(total, batch, out=loss)
     cache = {"pred": pred, "targets": targets}
     return loss, cache
 
 
-def mse_backward(cache):
+def mse_backward(cache, *, workspace=None):
     r"""Mean squared error: gradients with respect to pred.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
@@ -195,9 +274,28 @@ def mse_backward(cache):
     dpred: proven on 4 configurations: batch 1-2, classes 1-3.
 
     Squared errors are summed over outputs and averaged over the batch, without a factor 1/2.
+
+    workspace: None (default: every result is a new array), or a dict that the caller keeps for
+    this layer. Results are then written into arrays kept in it and reused by the next call with
+    the same shapes, which overwrites them: a training loop allocates nothing step after step.
     """
     pred = cache["pred"]
     targets = cache["targets"]
     batch = targets.shape[0]
-    dpred = (2 * pred - 2 * targets) / batch
+    dpred = _k.buffer(
+        workspace,
+        "mse_backward.dpred",
+        np.broadcast_shapes(pred.shape, targets.shape),
+        np.result_type(pred, targets),
+    )
+    np.multiply(targets, (-2), out=dpred)
+    dpred_scratch1 = _k.buffer(
+        workspace,
+        "mse_backward.dpred.scratch1",
+        np.broadcast_shapes(pred.shape, targets.shape),
+        np.result_type(pred, targets),
+    )
+    np.multiply(pred, 2, out=dpred_scratch1)
+    np.add(dpred, dpred_scratch1, out=dpred)
+    np.divide(dpred, batch, out=dpred)
     return dpred

@@ -7,7 +7,7 @@ Regenerate with `cnnderive generate`; see `cnnderive derive LAYER` for the deriv
 from . import _kernels as _k
 
 
-def forward(x, *, size=2, stride=None):
+def forward(x, *, size=2, stride=None, workspace=None):
     r"""2-D max pooling (ties go to the first maximum in row-major window order): forward pass.
 
     Definition (index notation, 0-based indices)::
@@ -24,6 +24,9 @@ def forward(x, *, size=2, stride=None):
         x: input, NHWC
         size: window height and width (default 2)
         stride: step between windows (default: the window size) (default None (= size))
+        workspace: None (default: every result is a new array), or a dict that the caller keeps for
+        this layer. Results are then written into arrays kept in it and reused by the next call with
+        the same shapes, which overwrites them: a training loop allocates nothing step after step.
 
     Returns (out, cache); pass cache to backward.
     """
@@ -47,7 +50,7 @@ def forward(x, *, size=2, stride=None):
     return out, cache
 
 
-def backward(dout, cache):
+def backward(dout, cache, *, workspace=None):
     r"""2-D max pooling (ties go to the first maximum in row-major window order): gradients with respect to x (summed over the batch).
 
     dout is the gradient of the loss with respect to the forward output.
@@ -67,6 +70,10 @@ def backward(dout, cache):
 
     SymPy's derivative of Max is a Heaviside step that splits a tie half and half, which is not
     a rule a pooling layer can use; hence the explicit first-maximum definition.
+
+    workspace: None (default: every result is a new array), or a dict that the caller keeps for
+    this layer. Results are then written into arrays kept in it and reused by the next call with
+    the same shapes, which overwrites them: a training loop allocates nothing step after step.
     """
     x = cache["x"]
     argmax = cache["argmax"]

@@ -580,3 +580,51 @@ def test_input_gradient_false_skips_only_the_input_gradient(module):
     skipped = layer.backward(dout, cache, input_gradient=False)
     assert dx is not None and skipped[0] is None
     assert np.array_equal(skipped[1], dw) and np.array_equal(skipped[2], db)
+
+
+WORKSPACE_CASES = [
+    pytest.param(name, number, id=f"{name}-{number}")
+    for name, variants in VARIANTS.items()
+    for number in range(len(variants))
+]
+
+
+@pytest.mark.parametrize("name, number", WORKSPACE_CASES)
+def test_a_workspace_gives_bitwise_the_same_results_and_reuses_its_arrays(name, number):
+    """Reference: the same call without a workspace, bitwise.  Calling again with the same
+    workspace and new inputs of the same shapes writes into the arrays kept the first
+    time (no new allocation) and gives the new results."""
+    layer = LAYERS[name]
+    forward, backward = functions(layer)
+    rng = np.random.default_rng(number)
+    arrays, keywords = make_inputs(name, VARIANTS[name][number], rng)
+    inputs = [arrays[item.name] for item in layer.inputs]
+
+    def both(inputs, workspace):
+        out, cache = forward(*inputs, **keywords, workspace=workspace)
+        upstream = (
+            None if layer.kind == "loss" else np.cos(np.arange(np.size(out))).reshape(np.shape(out))
+        )
+        if layer.kind == "loss":
+            grads = backward(cache, workspace=workspace)
+        else:
+            grads = backward(upstream, cache, workspace=workspace)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        return [np.copy(out), *(np.copy(g) for g in grads)], [out, *grads]
+
+    expected, _ = both(inputs, None)
+    workspace = {}
+    got, first_arrays = both(inputs, workspace)
+    for want, have in zip(expected, got):
+        assert np.array_equal(want, have) and want.dtype == have.dtype
+    kept = {key: id(value) for key, value in workspace.items()}
+
+    others = [
+        array * 0.5 + 0.25 if item.name != "targets" else array
+        for array, item in zip(inputs, layer.inputs)
+    ]
+    expected_again, _ = both(others, None)
+    got_again, _ = both(others, workspace)
+    for want, have in zip(expected_again, got_again):
+        assert np.array_equal(want, have)
+    assert {key: id(value) for key, value in workspace.items()} == kept

@@ -78,7 +78,9 @@ __all__ = [
 # Each layer wraps one generated module. ``forward`` keeps the generated cache on the
 # layer; ``backward`` passes the upstream gradient to the generated backward, stores the
 # parameter gradients it returns in ``grads`` and returns the gradient for the layer below
-# (None from the first layer, whose generated backward is told to skip it).
+# (None from the first layer, whose generated backward is told to skip it). Each layer
+# lends the generated functions its own workspace: their results go into arrays kept
+# there from one step to the next (a step's results are used up before the next step).
 
 
 class _Conv:
@@ -87,15 +89,22 @@ class _Conv:
     def __init__(self, weight: str, bias: str, padding: int = 0):
         self.weight, self.bias, self.padding = weight, bias, padding
         self.cache = None
+        self.workspace = {}
 
     def forward(self, x, params):
         out, self.cache = conv2d.forward(
-            x, params[self.weight], params[self.bias], padding=self.padding
+            x,
+            params[self.weight],
+            params[self.bias],
+            padding=self.padding,
+            workspace=self.workspace,
         )
         return out
 
     def backward(self, dout, grads):
-        dx, dw, db = conv2d.backward(dout, self.cache, input_gradient=self.input_gradient)
+        dx, dw, db = conv2d.backward(
+            dout, self.cache, input_gradient=self.input_gradient, workspace=self.workspace
+        )
         grads[self.weight], grads[self.bias] = dw, db
         return dx
 
@@ -106,13 +115,18 @@ class _Dense:
     def __init__(self, weight: str, bias: str):
         self.weight, self.bias = weight, bias
         self.cache = None
+        self.workspace = {}
 
     def forward(self, x, params):
-        out, self.cache = dense.forward(x, params[self.weight], params[self.bias])
+        out, self.cache = dense.forward(
+            x, params[self.weight], params[self.bias], workspace=self.workspace
+        )
         return out
 
     def backward(self, dout, grads):
-        dx, dw, db = dense.backward(dout, self.cache, input_gradient=self.input_gradient)
+        dx, dw, db = dense.backward(
+            dout, self.cache, input_gradient=self.input_gradient, workspace=self.workspace
+        )
         grads[self.weight], grads[self.bias] = dw, db
         return dx
 
@@ -123,13 +137,14 @@ class _Stateless:
     def __init__(self, forward: Callable, backward: Callable):
         self._forward, self._backward = forward, backward
         self.cache = None
+        self.workspace = {}
 
     def forward(self, x, params):
-        out, self.cache = self._forward(x)
+        out, self.cache = self._forward(x, workspace=self.workspace)
         return out
 
     def backward(self, dout, grads):
-        return self._backward(dout, self.cache)
+        return self._backward(dout, self.cache, workspace=self.workspace)
 
 
 def _sigmoid():
@@ -291,7 +306,7 @@ class Network:
         x = np.asarray(images, dtype=self.dtype)
         parts = self._split(len(x))
         if len(parts) == 1:
-            return self._own_logits(x)
+            return self._own_logits(x).copy()  # not the last layer's kept array
         workers = self._start_workers(parts, x)
         with one_blas_thread():
             workers.send("logits", self._counts(parts))

@@ -1,0 +1,213 @@
+"""An elementwise SymPy expression as a sequence of NumPy ufunc calls with ``out=``.
+
+``ArrayExpressionPrinter`` prints an expression as one NumPy expression, which
+allocates a fresh array for every operation.  A statement of a layer function
+called with a workspace is instead lowered here: the result goes into an array
+kept in the workspace, and every intermediate is computed into that array or into
+a kept scratch array of the same shape, so a training loop allocates nothing
+step after step.  The operations and their order follow the expression, so the
+values are those of the printed form (up to the order of additions and
+multiplications of more than two terms, which SymPy keeps sorted either way).
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from codegen.printer import SIGMOID_EXPECTED_ERRORS, ArrayExpressionPrinter, sigmoid_form
+from derive.functions import sigmoid, softplus
+
+# One-argument SymPy functions and their NumPy ufuncs.
+UNARY = {sympy.exp: "np.exp", sympy.log: "np.log", sympy.tanh: "np.tanh", sympy.Abs: "np.abs"}
+
+
+class UfuncLowering:
+    """Statements computing one expression into ``target``; see :meth:`lower`.
+
+    ``arrays`` maps the expression's array symbols to the names holding them; every
+    other free symbol is a Python scalar (a size or a layer parameter).
+    """
+
+    def __init__(self, arrays: dict[sympy.Symbol, str], workspace: str, key: str):
+        self.arrays = arrays
+        self.workspace, self.key = workspace, key
+        self.printer = ArrayExpressionPrinter({"fully_qualified_modules": True})
+        self.lines: list[str] = []
+        self.scratch: list[str] = []
+        self.expected_errors: dict[str, str] = {}
+
+    @staticmethod
+    def applies(expr: sympy.Expr, arrays) -> bool:
+        """Whether ``expr`` yields an array of numbers (not a truth value) from ``arrays``."""
+        return bool(expr.free_symbols & set(arrays)) and not isinstance(
+            expr, (sympy.logic.boolalg.Boolean, sympy.core.relational.Relational)
+        )
+
+    def lower(self, expr: sympy.Expr, target: str) -> list[str]:
+        """``target`` = a kept array of the arguments' broadcast shape and dtype, filled with ``expr``."""
+        names = sorted({self.arrays[s] for s in expr.free_symbols if s in self.arrays})
+        if len(names) == 1:
+            shape, dtype = f"{names[0]}.shape", f"{names[0]}.dtype"
+        else:
+            shape = f"np.broadcast_shapes({', '.join(n + '.shape' for n in names)})"
+            dtype = f"np.result_type({', '.join(names)})"
+        self.shape, self.dtype, self.target = shape, dtype, target
+        self.lines = [f'{target} = _k.buffer({self.workspace}, "{self.key}", {shape}, {dtype})']
+        result = self.compute(expr, target)
+        if result != target:  # the expression was a bare name or a scalar
+            self.lines.append(f"np.copyto({target}, {result})")
+        self.expected_errors.update(self.printer.expected_errors)
+        return self.lines
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def is_array(self, expr) -> bool:
+        return bool(expr.free_symbols & set(self.arrays))
+
+    def is_leaf(self, expr) -> bool:
+        return not self.is_array(expr) or expr in self.arrays
+
+    def scalar(self, expr) -> str:
+        text = self.printer.doprint(expr)
+        simple = text.isidentifier() or text.replace(".", "", 1).isdigit()
+        return text if simple else f"({text})"
+
+    def new_scratch(self) -> str:
+        name = f"{self.target}_scratch{len(self.scratch) + 1}"
+        self.scratch.append(name)
+        self.lines.append(
+            f'{name} = _k.buffer({self.workspace}, "{self.key}.scratch{len(self.scratch)}", '
+            f"{self.shape}, {self.dtype})"
+        )
+        return name
+
+    def operand(self, expr, dest: str, busy: bool) -> str:
+        """Code for ``expr`` as an operand: its name or scalar, else computed into ``dest``
+        when ``dest`` is free (``busy`` False), else into a scratch array."""
+        if not self.is_array(expr):
+            return self.scalar(expr)
+        if expr in self.arrays:
+            return self.arrays[expr]
+        return self.compute(expr, self.new_scratch() if busy else dest)
+
+    def emit(self, call: str) -> None:
+        self.lines.append(call)
+
+    # -- the expression tree --------------------------------------------------------------
+
+    def compute(self, expr, dest: str) -> str:
+        """Emit statements that leave ``expr`` in ``dest``; return ``dest``, or the code of
+        a name or scalar when ``expr`` is one (nothing emitted)."""
+        if not self.is_array(expr):
+            return self.scalar(expr)
+        if expr in self.arrays:
+            return self.arrays[expr]
+        if isinstance(expr, sympy.Add):
+            return self.add(expr, dest)
+        if isinstance(expr, sympy.Mul):
+            return self.multiply(expr, dest)
+        if isinstance(expr, sympy.Pow):
+            return self.power(expr, dest)
+        if isinstance(expr, sigmoid):
+            self.expected_errors.update(SIGMOID_EXPECTED_ERRORS)
+            return self.compute(sigmoid_form(expr), dest)
+        if isinstance(expr, softplus):
+            argument = self.operand(expr.args[0], dest, busy=False)
+            self.emit(f"np.logaddexp(0.0, {argument}, out={dest})")
+            return dest
+        if expr.func in UNARY:
+            argument = self.operand(expr.args[0], dest, busy=False)
+            self.emit(f"{UNARY[expr.func]}({argument}, out={dest})")
+            return dest
+        if isinstance(expr, sympy.Max) and len(expr.args) == 2:
+            first = self.operand(expr.args[0], dest, busy=False)
+            second = self.operand(expr.args[1], dest, busy=first == dest)
+            self.emit(f"np.maximum({first}, {second}, out={dest})")
+            return dest
+        if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2 and expr.args[1] == (0, True):
+            # value * [condition], as the printer writes it (see its _print_Piecewise)
+            value, condition = expr.args[0]
+            value_code = self.operand(value, dest, busy=False)
+            self.emit(f"np.multiply({value_code}, {self.printer.doprint(condition)}, out={dest})")
+            return dest
+        # Anything else: NumPy's own evaluation of the printed form, copied in.
+        self.emit(f"np.copyto({dest}, {self.printer.doprint(expr)})")
+        return dest
+
+    def _ordered(self, terms):
+        """Array terms that need computing first (they can use ``dest``), then names."""
+        return sorted(terms, key=lambda term: self.is_leaf(term))
+
+    def add(self, expr, dest: str) -> str:
+        scalars = [t for t in expr.args if not self.is_array(t)]
+        accumulated = None
+        for term in self._ordered([t for t in expr.args if self.is_array(t)]):
+            negative = term.could_extract_minus_sign()
+            if accumulated is None:
+                accumulated = self.operand(term, dest, busy=False)
+                continue
+            magnitude = -term if negative else term
+            other = self.operand(magnitude, dest, busy=accumulated == dest)
+            ufunc = "np.subtract" if negative else "np.add"
+            self.emit(f"{ufunc}({accumulated}, {other}, out={dest})")
+            accumulated = dest
+        if scalars:
+            self.emit(f"np.add({accumulated}, {self.scalar(sympy.Add(*scalars))}, out={dest})")
+            accumulated = dest
+        if accumulated != dest:
+            self.emit(f"np.copyto({dest}, {accumulated})")
+        return dest
+
+    def multiply(self, expr, dest: str) -> str:
+        numerator, denominator = [], []
+        for factor in expr.args:
+            if isinstance(factor, sympy.Pow) and factor.exp.is_number and factor.exp < 0:
+                denominator.append(factor.base ** (-factor.exp))
+            else:
+                numerator.append(factor)
+        scalar_numerator = sympy.Mul(*[f for f in numerator if not self.is_array(f)])
+        scalar_denominator = sympy.Mul(*[f for f in denominator if not self.is_array(f)])
+        array_numerator = self._ordered([f for f in numerator if self.is_array(f)])
+        array_denominator = [f for f in denominator if self.is_array(f)]
+        if array_numerator:
+            accumulated = self.operand(array_numerator[0], dest, busy=False)
+            for factor in array_numerator[1:]:
+                other = self.operand(factor, dest, busy=accumulated == dest)
+                self.emit(f"np.multiply({accumulated}, {other}, out={dest})")
+                accumulated = dest
+        else:
+            accumulated = None
+        if scalar_numerator == -1 and accumulated is not None:
+            self.emit(f"np.negative({accumulated}, out={dest})")
+            accumulated = dest
+        elif scalar_numerator != 1 or accumulated is None:
+            if accumulated is None:
+                accumulated = self.scalar(scalar_numerator)
+            else:
+                self.emit(
+                    f"np.multiply({accumulated}, {self.scalar(scalar_numerator)}, out={dest})"
+                )
+                accumulated = dest
+        for factor in array_denominator:
+            other = self.operand(factor, dest, busy=accumulated == dest)
+            self.emit(f"np.divide({accumulated}, {other}, out={dest})")
+            accumulated = dest
+        if scalar_denominator != 1:
+            self.emit(f"np.divide({accumulated}, {self.scalar(scalar_denominator)}, out={dest})")
+            accumulated = dest
+        if accumulated != dest:
+            self.emit(f"np.copyto({dest}, {accumulated})")
+        return dest
+
+    def power(self, expr, dest: str) -> str:
+        base, exponent = expr.args
+        if exponent == -1:
+            return self.multiply(sympy.Mul(1, expr, evaluate=False), dest)
+        argument = self.operand(base, dest, busy=False)
+        if exponent == 2:
+            self.emit(f"np.square({argument}, out={dest})")
+        elif exponent == sympy.Rational(1, 2):
+            self.emit(f"np.sqrt({argument}, out={dest})")
+        else:
+            self.emit(f"np.power({argument}, {self.scalar(exponent)}, out={dest})")
+        return dest
