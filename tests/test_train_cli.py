@@ -138,6 +138,30 @@ def test_nan_loss_exits_1_and_keeps_the_checkpoint(capsys, tmp_path):
     assert (tmp_path / "t" / "checkpoint.npz").read_bytes() == before
 
 
+def test_a_worker_process_that_dies_stops_the_run_with_exit_1(capsys, monkeypatch):
+    """The worker (forked, so it inherits this patch) exits during its first backward
+    pass; the parent must report it, not hang, and keep the epoch-0 checkpoint."""
+    import os
+
+    from train.networks import Network
+
+    parent = os.getpid()
+    own_backward = Network._own_backward
+
+    def dying_in_the_worker(self):
+        if os.getpid() != parent:
+            os._exit(3)
+        return own_backward(self)
+
+    monkeypatch.setattr(Network, "_own_backward", dying_in_the_worker)
+    args = (*TRAIN, "--net", "seed", "--limit", "64", "--epochs", "1", "--threads", "2")
+    code, out, err = run(capsys, *args, "--out", "w")
+    assert code == 1
+    assert "Traceback" not in err
+    assert "worker process 1 died (exit code 3)" in err and "--resume" in err
+    assert ckpt.load("w/checkpoint.npz").epoch == 0
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [

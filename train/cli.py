@@ -198,6 +198,7 @@ def _recipe(args):
 
 def run_train(args) -> int:
     from .loop import TrainingDiverged, train
+    from .parallel import WorkerFailed
 
     recipe, out, checkpoint = _recipe(args)
     if checkpoint is not None and checkpoint.epoch >= recipe.epochs:
@@ -225,6 +226,13 @@ def run_train(args) -> int:
         net, history = train(recipe, bundle, out, resume_from=checkpoint, progress=args.progress)
     except TrainingDiverged as error:
         print(f"cnnderive train: {error}", file=sys.stderr)
+        return 1
+    except WorkerFailed as error:
+        print(
+            f"cnnderive train: {error}\nThe checkpoint of the last completed epoch is kept; "
+            "--resume continues from it (--threads 1 keeps everything in one process).",
+            file=sys.stderr,
+        )
         return 1
     except ValueError as error:  # e.g. --limit leaves no image of the toy task's digits
         raise UsageError(str(error)) from None
