@@ -244,6 +244,7 @@ class PartWorkers:
                 status, value = self.connections[index].recv()
             except (EOFError, OSError):
                 status = "error"
+                self.processes[index].join(timeout=5)  # the pipe closes just before the exit
                 code = self.processes[index].exitcode
                 value = f"worker process {index + 1} died (exit code {code})"
             if status != "ok":
