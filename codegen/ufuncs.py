@@ -138,25 +138,32 @@ class UfuncLowering:
         """Array terms that need computing first (they can use ``dest``), then names."""
         return sorted(terms, key=lambda term: self.is_leaf(term))
 
-    def add(self, expr, dest: str) -> str:
-        scalars = [t for t in expr.args if not self.is_array(t)]
-        accumulated = None
-        for term in self._ordered([t for t in expr.args if self.is_array(t)]):
-            negative = term.could_extract_minus_sign()
-            if accumulated is None:
-                accumulated = self.operand(term, dest, busy=False)
-                continue
-            magnitude = -term if negative else term
-            other = self.operand(magnitude, dest, busy=accumulated == dest)
-            ufunc = "np.subtract" if negative else "np.add"
-            self.emit(f"{ufunc}({accumulated}, {other}, out={dest})")
-            accumulated = dest
-        if scalars:
-            self.emit(f"np.add({accumulated}, {self.scalar(sympy.Add(*scalars))}, out={dest})")
-            accumulated = dest
+    def fold(self, ufunc: str, accumulated: str | None, term, dest: str) -> str:
+        """``ufunc(accumulated, term)`` into ``dest`` (just ``term``'s code when nothing is
+        accumulated yet); ``term`` is computed first, into a scratch array if ``dest``
+        already holds the accumulated value."""
+        if accumulated is None:
+            return self.operand(term, dest, busy=False)
+        other = self.operand(term, dest, busy=accumulated == dest)
+        self.emit(f"{ufunc}({accumulated}, {other}, out={dest})")
+        return dest
+
+    def settle(self, accumulated: str, dest: str) -> str:
         if accumulated != dest:
             self.emit(f"np.copyto({dest}, {accumulated})")
         return dest
+
+    def add(self, expr, dest: str) -> str:
+        accumulated = None
+        for term in self._ordered([t for t in expr.args if self.is_array(t)]):
+            if accumulated is not None and term.could_extract_minus_sign():
+                accumulated = self.fold("np.subtract", accumulated, -term, dest)
+            else:
+                accumulated = self.fold("np.add", accumulated, term, dest)
+        scalars = [t for t in expr.args if not self.is_array(t)]
+        if scalars:
+            accumulated = self.fold("np.add", accumulated, sympy.Add(*scalars), dest)
+        return self.settle(accumulated, dest)
 
     def multiply(self, expr, dest: str) -> str:
         numerator, denominator = [], []
@@ -167,37 +174,19 @@ class UfuncLowering:
                 numerator.append(factor)
         scalar_numerator = sympy.Mul(*[f for f in numerator if not self.is_array(f)])
         scalar_denominator = sympy.Mul(*[f for f in denominator if not self.is_array(f)])
-        array_numerator = self._ordered([f for f in numerator if self.is_array(f)])
-        array_denominator = [f for f in denominator if self.is_array(f)]
-        if array_numerator:
-            accumulated = self.operand(array_numerator[0], dest, busy=False)
-            for factor in array_numerator[1:]:
-                other = self.operand(factor, dest, busy=accumulated == dest)
-                self.emit(f"np.multiply({accumulated}, {other}, out={dest})")
-                accumulated = dest
-        else:
-            accumulated = None
+        accumulated = None
+        for factor in self._ordered([f for f in numerator if self.is_array(f)]):
+            accumulated = self.fold("np.multiply", accumulated, factor, dest)
         if scalar_numerator == -1 and accumulated is not None:
             self.emit(f"np.negative({accumulated}, out={dest})")
             accumulated = dest
         elif scalar_numerator != 1 or accumulated is None:
-            if accumulated is None:
-                accumulated = self.scalar(scalar_numerator)
-            else:
-                self.emit(
-                    f"np.multiply({accumulated}, {self.scalar(scalar_numerator)}, out={dest})"
-                )
-                accumulated = dest
-        for factor in array_denominator:
-            other = self.operand(factor, dest, busy=accumulated == dest)
-            self.emit(f"np.divide({accumulated}, {other}, out={dest})")
-            accumulated = dest
+            accumulated = self.fold("np.multiply", accumulated, scalar_numerator, dest)
+        for factor in [f for f in denominator if self.is_array(f)]:
+            accumulated = self.fold("np.divide", accumulated, factor, dest)
         if scalar_denominator != 1:
-            self.emit(f"np.divide({accumulated}, {self.scalar(scalar_denominator)}, out={dest})")
-            accumulated = dest
-        if accumulated != dest:
-            self.emit(f"np.copyto({dest}, {accumulated})")
-        return dest
+            accumulated = self.fold("np.divide", accumulated, scalar_denominator, dest)
+        return self.settle(accumulated, dest)
 
     def power(self, expr, dest: str) -> str:
         base, exponent = expr.args
