@@ -204,6 +204,30 @@ def _patch_view(a, kh, kw, stride, axes=(1, 2)):
     )
 
 
+def _copy_window_rows(a, kh, kw, stride, patches):
+    """patches[n, i, j, u, v, c] = a[n, s*i+u, s*j+v, c], for a contiguous ``patches``.
+
+    Each (v, c) run is KW*C consecutive elements of a row of ``a`` when its pixels and
+    channels are adjacent in memory: the runs are then moved as single records of that
+    many bytes (measured: twice as fast as an element-wise copy for 5x5x6 windows).
+    """
+    n, h, w, c = a.shape
+    out_h, out_w = patches.shape[1:3]
+    item = a.itemsize
+    if a.dtype != patches.dtype or a.strides[3] != item or a.strides[2] != c * item or a.size == 0:
+        np.copyto(patches, _patch_view(a, kh, kw, stride).transpose(0, 1, 2, 4, 5, 3))
+        return
+    run = np.dtype((np.void, kw * c * item))
+    n_stride, y_stride, x_stride, _ = a.strides
+    rows = as_strided(
+        a.view(np.uint8),
+        (n, out_h, out_w, kh, kw * c * item),
+        (n_stride, y_stride * stride, x_stride * stride, y_stride, 1),
+        writeable=False,
+    ).view(run)[..., 0]
+    np.copyto(patches.reshape(n, out_h, out_w, kh, kw * c).view(run)[..., 0], rows)
+
+
 def _band_columns(c_out):
     """Output columns per chunk of a banded correlation with ``c_out`` output channels."""
     return max(2, -(-_BAND_MIN_WIDTH // max(1, c_out)))
@@ -368,12 +392,11 @@ def correlate(a, kernel, stride=1):
             )
     else:
         # Rows (n, i, j), columns (u, v, c): each copied run is a window row, KW*C long.
-        view = _patch_view(a, kh, kw, stride).transpose(0, 1, 2, 4, 5, 3)
         flat = out.reshape(n * rows, c_out)
         for start, stop in _blocks(n, block):
             m = stop - start
             patches = patch_buffer[: m * rows * taps].reshape(m, out_h, out_w, kh, kw, c_in)
-            np.copyto(patches, view[start:stop])
+            _copy_window_rows(a[start:stop], kh, kw, stride, patches)
             np.matmul(
                 patches.reshape(m * rows, taps), weights, out=flat[start * rows : stop * rows]
             )
@@ -403,8 +426,6 @@ def correlate_weights(a, g):
     if c_in == 1:
         # Patches laid out (u, v, n, i, j): each copied run is a row of the gradient's width.
         view = _patch_view(a[:, :, :, 0], kh, kw, 1).transpose(3, 4, 0, 1, 2)
-    else:
-        view = _patch_view(a, kh, kw, 1).transpose(0, 1, 2, 4, 5, 3)  # (n, i, j, u, v, c)
     for start, stop in _blocks(n, block):
         m = stop - start
         if c_in == 1:
@@ -413,7 +434,7 @@ def correlate_weights(a, g):
             matrix = patches.reshape(taps, m * rows)
         else:
             patches = patch_buffer[: m * rows * taps].reshape(m, gh, gw, kh, kw, c_in)
-            np.copyto(patches, view[start:stop])
+            _copy_window_rows(a[start:stop], kh, kw, 1, patches)
             matrix = patches.reshape(m * rows, taps).T
         np.matmul(matrix, g_flat[start * rows : stop * rows], out=partial)
         out += partial
