@@ -470,11 +470,17 @@ def full_convolve(g, kernel):
     gradient_buffer = _scratch("full_convolve.gradient", block * rows * c_out, dtype)
     column_buffer = _scratch("full_convolve.columns", block * rows * taps * c_in, dtype)
     sum_buffer = _scratch("full_convolve.sums", block * sum_length * c_in, dtype)
+    # The gradient's pixels are moved as records of C_out values (see _pixels).
+    g_pixels = _pixels(g) if g.dtype == dtype else None
     for start, stop in _blocks(n, block):
         m = stop - start
         gradient = gradient_buffer[: rows * m * c_out].reshape(gh, width, m, c_out)
         gradient[:, gw:] = 0  # the widening columns (the buffer may hold an earlier call's data)
-        np.copyto(gradient[:, :gw], g[start:stop].transpose(1, 2, 0, 3))
+        if g_pixels is None:
+            np.copyto(gradient[:, :gw], g[start:stop].transpose(1, 2, 0, 3))
+        else:
+            gradient_pixels = gradient.view(g_pixels.dtype)[..., 0]
+            np.copyto(gradient_pixels[:, :gw], g_pixels[start:stop].transpose(1, 2, 0))
         length = rows * m
         columns = column_buffer[: taps * c_in * length].reshape(taps * c_in, length)
         np.matmul(weights, gradient.reshape(length, c_out).T, out=columns)
@@ -487,7 +493,11 @@ def full_convolve(g, kernel):
                 target = sums[:, offset : offset + length]
                 target += columns[u, v]
         sums = sums[:, : height * width * m].reshape(c_in, height, width, m)
-        np.copyto(out[start:stop], sums.transpose(3, 1, 2, 0))
+        # Back to (n, y, x, c) one channel at a time: faster than the whole transposition
+        # in one copy, whose innermost loop is the few channels (measured: 0.32 -> 0.22 ms
+        # for 128 images of 14x14x6).
+        for channel in range(c_in):
+            np.copyto(out[start:stop, :, :, channel], sums[channel].transpose(2, 0, 1))
     return out
 
 
