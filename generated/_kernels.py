@@ -7,6 +7,7 @@ compositions of these functions, emitted from trees that derive/ proved.
 Everything is vectorised and computes in the dtype of its inputs.
 """
 
+import math
 import numbers
 import threading
 
@@ -714,6 +715,12 @@ def scatter_windows(g, size, stride, height, width):
 # Reductions
 # ---------------------------------------------------------------------------
 
+# sum_leading joins the rows of matrices with fewer than _SUM_NARROW columns and at
+# least _SUM_MIN_SIZE elements, into rows of up to _SUM_ROW_LENGTH elements.
+_SUM_NARROW = 16
+_SUM_MIN_SIZE = 1 << 16
+_SUM_ROW_LENGTH = 512
+
 
 def sum_leading(a, count):
     """Sum over the first ``count`` axes.  Done as one vector-matrix product: BLAS reduces
@@ -721,8 +728,27 @@ def sum_leading(a, count):
     rows = 1
     for length in a.shape[:count]:
         rows *= length
-    flat = a.reshape(rows, -1)
-    return (np.ones(rows, dtype=a.dtype) @ flat).reshape(a.shape[count:])
+    columns = 1
+    for length in a.shape[count:]:
+        columns *= length
+    # BLAS is slow on a narrow matrix (C = 6 for lenet's first convolution): k consecutive
+    # rows are joined into one, k the largest power of two that divides the rows and
+    # keeps rows of at most _SUM_ROW_LENGTH, and the k partial sums are added at the end
+    # (measured: 0.18 -> 0.06 ms for 128 x 28 x 28 x 6; no gain from 16 columns on, a
+    # loss of a few microseconds on small arrays).  Only for the types BLAS computes:
+    # NumPy's own product (float16, longdouble) would round each of the k sums.
+    joined = 1
+    if (
+        columns < _SUM_NARROW
+        and rows * columns >= _SUM_MIN_SIZE
+        and a.dtype in (np.float32, np.float64)
+    ):
+        joined = math.gcd(rows, 1 << max(0, (_SUM_ROW_LENGTH // max(1, columns)).bit_length() - 1))
+    flat = a.reshape(rows // joined, joined * columns)
+    partial = np.ones(rows // joined, dtype=a.dtype) @ flat
+    if joined > 1:
+        partial = partial.reshape(joined, columns).sum(axis=0)
+    return partial.reshape(a.shape[count:])
 
 
 # ---------------------------------------------------------------------------
