@@ -39,6 +39,21 @@ KERNELS = {
     ir.LogSumExp: "logsumexp",
 }
 
+# Kernels that take ``workspace=`` and ``key=``: each returns a new array (or fills a
+# kept one), which a workspace lets it keep from one call to the next.
+WORKSPACE_KERNELS = {
+    "pad",
+    "dilate",
+    "correlate",
+    "full_convolve",
+    "window_sum",
+    "window_argmax",
+    "gather_windows",
+    "upsample",
+    "scatter_windows",
+    "route_to_argmax",
+}
+
 # Suffix of the variable that holds a shared intermediate, by node type.
 SUFFIXES = {
     ir.Pad: "padded",
@@ -72,6 +87,11 @@ class Emitter:
     # arrays (codegen.ufuncs) instead of fresh ones.
     workspace: str | None = None
     function: str = ""
+    # Kernel calls given a workspace so far in this function (shared with its branches):
+    # each call site gets its own key.
+    kernel_calls: list = field(default_factory=list)
+    # Inputs of the function that are 1-D arrays (biases), see codegen.ufuncs.
+    vectors: frozenset = frozenset()
 
     def branch(self) -> Emitter:
         """An emitter for one branch of an if/else: it starts from what this one has bound."""
@@ -81,6 +101,8 @@ class Emitter:
             names=set(self.names),
             workspace=self.workspace,
             function=self.function,
+            kernel_calls=self.kernel_calls,
+            vectors=self.vectors,
         )
 
     def count(self, tree: ir.Node) -> None:
@@ -119,7 +141,9 @@ class Emitter:
             if UfuncLowering.applies(expr, arrays):
                 if target is None:
                     target = self.fresh(base)
-                lowering = UfuncLowering(arrays, self.workspace, f"{self.function}.{target}")
+                lowering = UfuncLowering(
+                    arrays, self.workspace, f"{self.function}.{target}", self.vectors
+                )
                 statements = lowering.lower(expr, target)
                 self.emit_statements(statements, lowering.expected_errors)
                 return target
@@ -198,7 +222,12 @@ class Emitter:
                     arguments.append(self.code(value))
                 else:
                     arguments.append(integer_code(value))
-            return f"{KERNEL_MODULE}.{KERNELS[type(node)]}({', '.join(arguments)})"
+            kernel = KERNELS[type(node)]
+            if self.workspace is not None and kernel in WORKSPACE_KERNELS:
+                self.kernel_calls.append(kernel)
+                key = f"{self.function}.{kernel}{len(self.kernel_calls)}"
+                arguments += [f"workspace={self.workspace}", f'key="{key}"']
+            return f"{KERNEL_MODULE}.{kernel}({', '.join(arguments)})"
         raise TypeError(f"no NumPy emission for {type(node).__name__}")
 
     def operand_code(self, node: ir.Node) -> str:

@@ -238,6 +238,9 @@ def forward_function(layer: Layer) -> Function:
         | {WORKSPACE},
         workspace=WORKSPACE,
         function=layer.forward_function,
+        vectors=frozenset(
+            item.name for item in layer.inputs if not item.any_rank and len(item.axes) == 1
+        ),
     )
     for tree in trees:
         emitter.count(tree)

@@ -28,8 +28,17 @@ class UfuncLowering:
     other free symbol is a Python scalar (a size or a layer parameter).
     """
 
-    def __init__(self, arrays: dict[sympy.Symbol, str], workspace: str, key: str):
+    def __init__(
+        self,
+        arrays: dict[sympy.Symbol, str],
+        workspace: str,
+        key: str,
+        vectors: frozenset[str] = frozenset(),
+    ):
         self.arrays = arrays
+        # Names of 1-D arrays (biases): an operation between one of them and a larger
+        # array goes through _k.with_vector, which gives NumPy longer loops.
+        self.vectors = vectors
         self.workspace, self.key = workspace, key
         self.printer = ArrayExpressionPrinter({"fully_qualified_modules": True})
         self.lines: list[str] = []
@@ -145,7 +154,10 @@ class UfuncLowering:
         if accumulated is None:
             return self.operand(term, dest, busy=False)
         other = self.operand(term, dest, busy=accumulated == dest)
-        self.emit(f"{ufunc}({accumulated}, {other}, out={dest})")
+        if accumulated in self.vectors or other in self.vectors:
+            self.emit(f"_k.with_vector({ufunc}, {accumulated}, {other}, {dest})")
+        else:
+            self.emit(f"{ufunc}({accumulated}, {other}, out={dest})")
         return dest
 
     def settle(self, accumulated: str, dest: str) -> str:

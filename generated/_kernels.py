@@ -92,17 +92,46 @@ def buffer(workspace, key, shape, dtype):
     return kept
 
 
+def with_vector(ufunc, x, y, out):
+    """``ufunc(x, y, out=out)`` where ``x`` or ``y`` may be a vector along the last axis.
+
+    NumPy broadcasts a vector of C values (a bias) over an (N, H, W, C) array C elements
+    at a time, and C is a handful of channels.  Repeated to the length of one image, the
+    vector meets each image in one long loop (measured: 0.79 -> 0.13 ms for a bias over
+    128 x 28 x 28 x 6 values).  The element pairs are the same, so is the result.
+    """
+    vector, full = (x, y) if np.ndim(x) == 1 else (y, x)
+    if (
+        np.ndim(vector) == 1
+        and isinstance(full, np.ndarray)
+        and full.ndim > 2
+        and full.shape == out.shape
+        and full.shape[-1] == len(vector)
+        and full.size > 0
+        and full.flags.c_contiguous
+        and out.flags.c_contiguous
+    ):
+        n = full.shape[0]
+        repeated = np.tile(vector, full.size // (n * len(vector)))
+        wide, wide_out = full.reshape(n, -1), out.reshape(n, -1)
+        if vector is x:
+            return ufunc(repeated, wide, out=wide_out).reshape(out.shape)
+        return ufunc(wide, repeated, out=wide_out).reshape(out.shape)
+    return ufunc(x, y, out=out)
+
+
 # ---------------------------------------------------------------------------
 # Padding, cropping, dilation, rotation
 # ---------------------------------------------------------------------------
 
 
-def pad(a, rows, cols):
+def pad(a, rows, cols, *, workspace=None, key=""):
     """Zero padding of axes 1 and 2."""
     if rows == 0 and cols == 0:
         return a
     n, h, w, c = a.shape
-    out = np.zeros((n, h + 2 * rows, w + 2 * cols, c), dtype=a.dtype)
+    out = buffer(workspace, key, (n, h + 2 * rows, w + 2 * cols, c), a.dtype)
+    out.fill(0)
     out[:, rows : rows + h, cols : cols + w, :] = a
     return out
 
@@ -117,12 +146,13 @@ def crop(a, top, left, height, width):
     return out
 
 
-def dilate(a, stride):
+def dilate(a, stride, *, workspace=None, key=""):
     """``stride - 1`` zeros between neighbouring elements of axes 1 and 2."""
     if stride == 1:
         return a
     n, h, w, c = a.shape
-    out = np.zeros((n, (h - 1) * stride + 1, (w - 1) * stride + 1, c), dtype=a.dtype)
+    out = buffer(workspace, key, (n, (h - 1) * stride + 1, (w - 1) * stride + 1, c), a.dtype)
+    out.fill(0)
     out[:, ::stride, ::stride, :] = a
     return out
 
@@ -361,14 +391,14 @@ def _correlate_weights_banded(a, g, dtype):
     return out
 
 
-def correlate(a, kernel, stride=1):
+def correlate(a, kernel, stride=1, *, workspace=None, key=""):
     """out[n,i,j,o] = sum_{u,v,c} a[n, s*i+u, s*j+v, c] * kernel[u,v,c,o]."""
     kh, kw, c_in, c_out = kernel.shape
     n, h, w, _ = a.shape
     out_h = (h - kh) // stride + 1
     out_w = (w - kw) // stride + 1
     dtype = np.result_type(a.dtype, kernel.dtype)
-    out = np.empty((n, out_h, out_w, c_out), dtype=dtype)
+    out = buffer(workspace, key, (n, out_h, out_w, c_out), dtype)
     taps = kh * kw * c_in
     if out.size == 0 or taps == 0:
         out[...] = 0
@@ -447,7 +477,7 @@ def correlate_weights(a, g):
     return out.reshape(kh, kw, c_in, c_out)
 
 
-def full_convolve(g, kernel):
+def full_convolve(g, kernel, *, workspace=None, key=""):
     """out[n,y,x,c] = sum_{u,v,o} g~[n, y+u, x+v, o] * kernel[u,v,c,o], g~ = g padded by K-1."""
     # col2im: with i = y + u - (KH-1) and j = x + v - (KW-1) the sum is
     #   out[n, i + KH-1-u, j + KW-1-v, c] += sum_o g[n,i,j,o] * kernel[u,v,c,o]:
@@ -457,7 +487,7 @@ def full_convolve(g, kernel):
     kh, kw, c_in, _ = kernel.shape
     dtype = np.result_type(g.dtype, kernel.dtype)
     height, width = gh + kh - 1, gw + kw - 1
-    out = np.empty((n, height, width, c_in), dtype=dtype)
+    out = buffer(workspace, key, (n, height, width, c_in), dtype)
     taps = kh * kw
     if out.size == 0 or g.size == 0:
         out[...] = 0
@@ -559,7 +589,7 @@ def _select(values, mask, bits, out):
         np.bitwise_and(values.view(bits), mask, out=out.view(bits))
 
 
-def window_sum(a, size, stride):
+def window_sum(a, size, stride, *, workspace=None, key=""):
     """Sum of each size x size window, windows ``stride`` apart."""
     n, h, w, c = a.shape
     out_h = (h - size) // stride + 1
@@ -568,10 +598,12 @@ def window_sum(a, size, stride):
     # runs), then the columns of those row sums.
     span_h = stride * (out_h - 1) + 1
     span_w = stride * (out_w - 1) + 1
-    rows = a[:, 0:span_h:stride, :, :].copy()
+    rows = buffer(workspace, key + ".rows", (n, out_h, w, c), a.dtype)
+    np.copyto(rows, a[:, 0:span_h:stride, :, :])
     for u in range(1, size):
         rows += a[:, u : u + span_h : stride, :, :]
-    out = rows[:, :, 0:span_w:stride, :].copy()
+    out = buffer(workspace, key, (n, out_h, out_w, c), a.dtype)
+    np.copyto(out, rows[:, :, 0:span_w:stride, :])
     for v in range(1, size):
         out += rows[:, :, v : v + span_w : stride, :]
     return out
@@ -600,7 +632,7 @@ def _copy_position(a, pixels, u, v, stride, out):
     np.copyto(out.view(pixels.dtype)[..., 0], view)
 
 
-def window_argmax(a, size, stride):
+def window_argmax(a, size, stride, *, workspace=None, key=""):
     """Position u*size + v of each window's first maximum in row-major order."""
     n, h, w, c = a.shape
     out_h = (h - size) // stride + 1
@@ -615,7 +647,8 @@ def window_argmax(a, size, stride):
     for position in range(count):
         u, v = divmod(position, size)
         _copy_position(a, pixels, u, v, stride, positions[position])
-    index = np.zeros(shape, dtype=_index_dtype(size))
+    index = buffer(workspace, key, shape, _index_dtype(size))
+    index.fill(0)
     if count == 1:
         return index
     top = _scratch("window_argmax.top", positions[0].size, a.dtype).reshape(shape)
@@ -629,11 +662,12 @@ def window_argmax(a, size, stride):
         # np.argmax (NaN compares equal to nothing, so the rule below cannot see it).
         windows = sliding_window_view(a, (size, size), axis=(1, 2))[:, ::stride, ::stride]
         flat = windows.reshape(n, out_h, out_w, c, count)
-        return flat.argmax(axis=-1).astype(_index_dtype(size))
+        np.copyto(index, flat.argmax(axis=-1), casting="unsafe")
+        return index
     # Counting back from the last position: index_k = [a_k < max] * (1 + index_(k+1)),
     # index_last = 0.  index_0 is then the first position whose value equals the
     # window's maximum: equal values compare equal, so a tie goes to the first maximum.
-    below = np.empty(shape, dtype=bool)
+    below = buffer(workspace, key + ".below", shape, bool)
     for candidate in positions[-2::-1]:
         np.less(candidate, top, out=below)
         index += 1
@@ -641,7 +675,7 @@ def window_argmax(a, size, stride):
     return index
 
 
-def gather_windows(a, index, size, stride):
+def gather_windows(a, index, size, stride, *, workspace=None, key=""):
     """The element of each window at position ``index``."""
     # One take from the flattened input at computed offsets: it moves exactly the chosen
     # element's bits (any dtype, NaN payloads and signed zeros included) and reads only
@@ -652,26 +686,28 @@ def gather_windows(a, index, size, stride):
     flat = np.ascontiguousarray(a).reshape(-1)
     window_rows = np.add.outer(np.arange(n) * (h * w * c), np.arange(out_h) * (stride * w * c))
     window_columns = np.add.outer(np.arange(out_w) * (stride * c), np.arange(c))
-    offsets = np.add(window_rows[:, :, None, None], window_columns)
+    offsets = buffer(workspace, key + ".offsets", index.shape, np.intp)
+    np.add(window_rows[:, :, None, None], window_columns, out=offsets)
     in_window = np.add.outer(np.arange(size) * (w * c), np.arange(size) * c).reshape(-1)
     offsets += in_window.take(index)
-    return flat.take(offsets)
+    return flat.take(offsets, out=buffer(workspace, key, index.shape, a.dtype))
 
 
-def route_to_argmax(g, index, size, stride, height, width):
+def route_to_argmax(g, index, size, stride, height, width, *, workspace=None, key=""):
     """Each g[n,i,j,c] added at its window's position ``index`` in a zero (N, height, width, C) array."""
     n, out_h, out_w, c = g.shape
     if stride == size:
         # The windows tile out[:, :out_h*size, :out_w*size]: every element there is
         # written below exactly once, so only the rows and columns past them are zeroed.
-        out = np.empty((n, height, width, c), dtype=g.dtype)
+        out = buffer(workspace, key, (n, height, width, c), g.dtype)
         out[:, out_h * size :] = 0
         out[:, : out_h * size, out_w * size :] = 0
     else:
-        out = np.zeros((n, height, width, c), dtype=g.dtype)
+        out = buffer(workspace, key, (n, height, width, c), g.dtype)
+        out.fill(0)
     bits = _bits(g.dtype)
     pixels = _pixels(out)
-    picked = np.empty(g.shape, dtype=g.dtype)
+    picked = buffer(workspace, key + ".picked", g.shape, g.dtype)
     for position, mask in _masks(index, size * size, bits):
         u, v = divmod(position, size)
         _select(g, mask, bits, picked)
@@ -688,22 +724,28 @@ def route_to_argmax(g, index, size, stride, height, width):
     return out
 
 
-def upsample(a, size):
+def upsample(a, size, *, workspace=None, key=""):
     """kron(a, ones(size, size)) on axes 1 and 2."""
-    # Columns by np.repeat (it moves whole pixels), then each widened row copied ``size``
-    # times as one broadcast copy of long runs: faster than a second np.repeat, which
-    # moves pixels one by one again, and than one broadcast copy of single elements.
+    # Columns first, each pixel copied ``size`` times as one record of its C values, then
+    # each widened row copied ``size`` times as one broadcast copy of long runs: faster
+    # than copying single elements, and than a second pass over pixels.
     n, h, w, c = a.shape
-    rows = np.repeat(a, size, axis=2)
-    out = np.empty((n, h * size, w * size, c), dtype=a.dtype)
+    rows = buffer(workspace, key + ".rows", (n, h, w * size, c), a.dtype)
+    source = _pixels(a)
+    if source is None:
+        np.copyto(rows.reshape(n, h, w, size, c), a[:, :, :, None, :])
+    else:
+        np.copyto(_pixels(rows).reshape(n, h, w, size), source[..., None])
+    out = buffer(workspace, key, (n, h * size, w * size, c), a.dtype)
     np.copyto(out.reshape(n, h, size, w * size * c), rows.reshape(n, h, 1, w * size * c))
     return out
 
 
-def scatter_windows(g, size, stride, height, width):
+def scatter_windows(g, size, stride, height, width, *, workspace=None, key=""):
     """Each g[n,i,j,c] added to every position of its window in a zero (N, height, width, C) array."""
     n, out_h, out_w, c = g.shape
-    out = np.zeros((n, height, width, c), dtype=g.dtype)
+    out = buffer(workspace, key, (n, height, width, c), g.dtype)
+    out.fill(0)
     for u in range(size):
         for v in range(size):
             target = _position(out, u, v, stride, out_h, out_w)

@@ -44,7 +44,7 @@ def forward(x, *, size=2, stride=None, workspace=None):
         raise ValueError(
             f"avgpool2d.forward: pool window {size}x{size} does not fit the input {in_height}x{in_width}; use size at most {min(in_height, in_width)}"
         )
-    window_sum = _k.window_sum(x, size, stride)
+    window_sum = _k.window_sum(x, size, stride, workspace=workspace, key="forward.window_sum2")
     out = _k.buffer(workspace, "forward.out", window_sum.shape, window_sum.dtype)
     np.divide(window_sum, (size**2), out=out)
     cache = {"x": x, "size": size, "stride": stride, "out_shape": out.shape}
@@ -83,11 +83,25 @@ def backward(dout, cache, *, workspace=None):
     in_height = x.shape[1]
     in_width = x.shape[2]
     if stride == size:
-        upsampled = _k.crop(_k.upsample(dout, size), 0, 0, in_height, in_width)
+        upsampled = _k.crop(
+            _k.upsample(dout, size, workspace=workspace, key="backward.upsample2"),
+            0,
+            0,
+            in_height,
+            in_width,
+        )
         dx = _k.buffer(workspace, "backward.dx", upsampled.shape, upsampled.dtype)
         np.divide(upsampled, (size**2), out=dx)
     else:
-        scattered = _k.scatter_windows(dout, size, stride, in_height, in_width)
+        scattered = _k.scatter_windows(
+            dout,
+            size,
+            stride,
+            in_height,
+            in_width,
+            workspace=workspace,
+            key="backward.scatter_windows4",
+        )
         dx = _k.buffer(workspace, "backward.dx", scattered.shape, scattered.dtype)
         np.divide(scattered, (size**2), out=dx)
     return dx

@@ -58,12 +58,12 @@ def forward(x, w, b, *, stride=1, padding=0, workspace=None):
         raise ValueError(
             f"conv2d.forward: kernel {kernel_height}x{kernel_width} is larger than the padded input {in_height + 2 * padding}x{in_width + 2 * padding}; use a kernel of at most that size or more padding"
         )
-    x_padded = _k.pad(x, padding, padding)
-    z = _k.correlate(x_padded, w, stride)
+    x_padded = _k.pad(x, padding, padding, workspace=workspace, key="forward.pad1")
+    z = _k.correlate(x_padded, w, stride, workspace=workspace, key="forward.correlate3")
     out = _k.buffer(
         workspace, "forward.out", np.broadcast_shapes(b.shape, z.shape), np.result_type(b, z)
     )
-    np.add(b, z, out=out)
+    _k.with_vector(np.add, b, z, out)
     cache = {
         "x": x,
         "w": w,
@@ -119,7 +119,7 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     out_height = dout.shape[1]
     kernel_width = w.shape[1]
     out_width = dout.shape[2]
-    dout_dilated = _k.dilate(dout, stride)
+    dout_dilated = _k.dilate(dout, stride, workspace=workspace, key="backward.dilate1")
     dw = _k.correlate_weights(
         _k.crop(
             x_padded,
@@ -133,7 +133,13 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     db = _k.sum_leading(dout, 3)
     if input_gradient:
         dx = _k.crop(
-            _k.full_convolve(dout_dilated, _k.rot180(w)), padding, padding, in_height, in_width
+            _k.full_convolve(
+                dout_dilated, _k.rot180(w), workspace=workspace, key="backward.full_convolve2"
+            ),
+            padding,
+            padding,
+            in_height,
+            in_width,
         )
     else:
         dx = None

@@ -44,8 +44,10 @@ def forward(x, *, size=2, stride=None, workspace=None):
         raise ValueError(
             f"maxpool2d.forward: pool window {size}x{size} does not fit the input {in_height}x{in_width}; use size at most {min(in_height, in_width)}"
         )
-    argmax = _k.window_argmax(x, size, stride)
-    out = _k.gather_windows(x, argmax, size, stride)
+    argmax = _k.window_argmax(x, size, stride, workspace=workspace, key="forward.window_argmax1")
+    out = _k.gather_windows(
+        x, argmax, size, stride, workspace=workspace, key="forward.gather_windows2"
+    )
     cache = {"x": x, "argmax": argmax, "size": size, "stride": stride, "out_shape": out.shape}
     return out, cache
 
@@ -82,5 +84,14 @@ def backward(dout, cache, *, workspace=None):
     _k.check_upstream("maxpool2d.backward", "dout", dout, cache["out_shape"])
     in_height = x.shape[1]
     in_width = x.shape[2]
-    dx = _k.route_to_argmax(dout, argmax, size, stride, in_height, in_width)
+    dx = _k.route_to_argmax(
+        dout,
+        argmax,
+        size,
+        stride,
+        in_height,
+        in_width,
+        workspace=workspace,
+        key="backward.route_to_argmax1",
+    )
     return dx

@@ -617,6 +617,8 @@ def test_a_workspace_gives_bitwise_the_same_results_and_reuses_its_arrays(name, 
     got, first_arrays = both(inputs, workspace)
     for want, have in zip(expected, got):
         assert np.array_equal(want, have) and want.dtype == have.dtype
+    if name != "flatten":  # flatten only reshapes: it has nothing to keep
+        assert workspace, f"{name}: nothing was kept in the workspace"
     kept = {key: id(value) for key, value in workspace.items()}
 
     others = [
@@ -628,3 +630,28 @@ def test_a_workspace_gives_bitwise_the_same_results_and_reuses_its_arrays(name, 
     for want, have in zip(expected_again, got_again):
         assert np.array_equal(want, have)
     assert {key: id(value) for key, value in workspace.items()} == kept
+
+
+@pytest.mark.parametrize("ufunc", [np.add, np.subtract, np.multiply, np.divide])
+@pytest.mark.parametrize(
+    "shape", [(3, 4, 5, 6), (2, 7, 1), (0, 3, 2), (4, 5), (2, 3, 4, 1)], ids=str
+)
+def test_with_vector_is_the_plain_ufunc_bitwise(ufunc, shape):
+    """Reference: ufunc(x, y, out=...) itself, for the vector on either side, contiguous or
+    not (a transposed view takes the plain path)."""
+    from generated import _kernels
+
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=shape).astype(np.float32)
+    vector = rng.normal(size=shape[-1]).astype(np.float32) + 3
+    for x, y in ((vector, full), (full, vector)):
+        want = ufunc(x, y)
+        out = np.empty_like(want)
+        assert _kernels.with_vector(ufunc, x, y, out) is not None
+        assert np.array_equal(out, want)
+    strided = (
+        np.ascontiguousarray(np.swapaxes(full, 0, -2)).swapaxes(0, -2) if full.ndim > 2 else full
+    )
+    out = np.empty(strided.shape, np.float32)
+    _kernels.with_vector(ufunc, strided, vector, out)
+    assert np.array_equal(out, ufunc(strided, vector))
