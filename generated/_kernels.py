@@ -568,16 +568,20 @@ def _bits(dtype):
         return None
 
 
-def _masks(index, count, bits):
-    """(k, mask) for k < count: mask all ones where index == k, else zero (bool if bits is None)."""
-    equal = np.empty(index.shape, dtype=bool)
+def _masks(index, count, bits, workspace, key):
+    """(k, mask) for k < count: mask all ones where index == k, else zero (bool if bits is None).
+
+    The same two arrays (kept in the workspace) serve every k.
+    """
+    equal = buffer(workspace, key + ".equal", index.shape, bool)
+    mask = None if bits is None else buffer(workspace, key + ".mask", index.shape, bits)
     for position in range(count):
         np.equal(index, position, out=equal)
         if bits is None:
             yield position, equal
         else:
-            mask = equal.astype(bits)
-            np.negative(mask, out=mask)
+            np.copyto(mask, equal, casting="unsafe")  # 0 or 1
+            np.negative(mask, out=mask)  # 0 or all ones
             yield position, mask
 
 
@@ -689,8 +693,13 @@ def gather_windows(a, index, size, stride, *, workspace=None, key=""):
     offsets = buffer(workspace, key + ".offsets", index.shape, np.intp)
     np.add(window_rows[:, :, None, None], window_columns, out=offsets)
     in_window = np.add.outer(np.arange(size) * (w * c), np.arange(size) * c).reshape(-1)
-    offsets += in_window.take(index)
-    return flat.take(offsets, out=buffer(workspace, key, index.shape, a.dtype))
+    # mode="clip": every offset is in range, and with the default mode="raise" take
+    # writes into a new array and copies that into ``out``.
+    in_window = in_window.take(
+        index, out=buffer(workspace, key + ".in_window", index.shape, np.intp), mode="clip"
+    )
+    offsets += in_window
+    return flat.take(offsets, out=buffer(workspace, key, index.shape, a.dtype), mode="clip")
 
 
 def route_to_argmax(g, index, size, stride, height, width, *, workspace=None, key=""):
@@ -708,7 +717,7 @@ def route_to_argmax(g, index, size, stride, height, width, *, workspace=None, ke
     bits = _bits(g.dtype)
     pixels = _pixels(out)
     picked = buffer(workspace, key + ".picked", g.shape, g.dtype)
-    for position, mask in _masks(index, size * size, bits):
+    for position, mask in _masks(index, size * size, bits, workspace, key):
         u, v = divmod(position, size)
         _select(g, mask, bits, picked)
         if stride < size:
