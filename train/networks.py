@@ -322,35 +322,8 @@ class Network:
 
         The layers keep their caches for :meth:`backward`.
         """
-        x = np.asarray(images, dtype=self.dtype)
-        labels = np.asarray(labels)
-        parts = self._split(len(x))
-        if len(parts) == 1:
-            logits = self._own_logits(x)
-            loss, self._loss_cache = self._loss_forward(logits, self._targets(labels))
-            self._parts = parts
-            return float(loss), self.probabilities(logits)
-        workers = self._start_workers(parts, x)
-        counts = self._counts(parts)
-        with one_blas_thread():
-            workers.send("forward", counts, [labels[part] for part in parts[1:]])
-            first = parts[0]
-            logits = self._own_logits(x[first])
-            loss, self._loss_cache = self._loss_forward(logits, self._targets(labels[first]))
-            losses = [float(loss), *workers.receive()]
-        self._parts = parts
-        loss = sum(w * part_loss for w, part_loss in zip(self._weights(parts), losses))
-        outputs = [self.probabilities(logits)]
-        outputs += [workers.views.outputs[i][:c] for i, c in enumerate(counts)]
-        return loss, np.concatenate(outputs)
-
-    def _own_backward(self) -> dict[str, np.ndarray]:
-        grads: dict[str, np.ndarray] = {}
-        g = self._loss_backward(self._loss_cache)
-        for layer in reversed(self.layers):
-            g = layer.backward(g, grads)
-        self._loss_cache = None
-        return grads
+        loss, outputs, _ = self._passes(images, labels, gradients=False)
+        return loss, outputs
 
     def backward(self) -> dict[str, np.ndarray]:
         """Gradients of the last :meth:`forward`'s mean loss, keyed like ``params``."""
@@ -364,18 +337,60 @@ class Network:
             workers.send("backward", self._counts(parts))
             first = self._own_backward()
             workers.receive()
-        # d(sum_i w_i L_i) = sum_i w_i dL_i, added up in the parts' order.
+        return self._combined_gradients(parts, first)
+
+    def loss_and_gradients(self, images, labels):
+        """``(loss, outputs, grads)`` for one batch: :meth:`forward` then :meth:`backward`
+        (with worker processes, both in one exchange with them)."""
+        return self._passes(images, labels, gradients=True)
+
+    def _passes(self, images, labels, gradients: bool):
+        """(loss, outputs, grads or None): the forward pass, and the backward pass if asked."""
+        x = np.asarray(images, dtype=self.dtype)
+        labels = np.asarray(labels)
+        parts = self._split(len(x))
+        if len(parts) == 1:
+            logits = self._own_logits(x)
+            loss, self._loss_cache = self._loss_forward(logits, self._targets(labels))
+            outputs = self.probabilities(logits)
+            if not gradients:
+                self._parts = parts
+                return float(loss), outputs, None
+            return float(loss), outputs, self._own_backward()
+        workers = self._start_workers(parts, x)
+        counts = self._counts(parts)
+        with one_blas_thread():
+            kind = "step" if gradients else "forward"
+            workers.send(kind, counts, [labels[part] for part in parts[1:]])
+            first = parts[0]
+            logits = self._own_logits(x[first])
+            loss, self._loss_cache = self._loss_forward(logits, self._targets(labels[first]))
+            own_gradients = self._own_backward() if gradients else None
+            losses = [float(loss), *workers.receive()]
+        loss = sum(w * part_loss for w, part_loss in zip(self._weights(parts), losses))
+        outputs = [self.probabilities(logits)]
+        outputs += [workers.views.outputs[i][:c] for i, c in enumerate(counts)]
+        if not gradients:
+            self._parts = parts
+            return loss, np.concatenate(outputs), None
+        return loss, np.concatenate(outputs), self._combined_gradients(parts, own_gradients)
+
+    def _own_backward(self) -> dict[str, np.ndarray]:
+        grads: dict[str, np.ndarray] = {}
+        g = self._loss_backward(self._loss_cache)
+        for layer in reversed(self.layers):
+            g = layer.backward(g, grads)
+        self._loss_cache = None
+        return grads
+
+    def _combined_gradients(self, parts, first) -> dict[str, np.ndarray]:
+        """d(sum_i w_i L_i) = sum_i w_i dL_i: part 0's gradients and the workers', in order."""
         weights = self._weights(parts)
         grads = {key: value * weights[0] for key, value in first.items()}
-        for w, part in zip(weights[1:], workers.views.grads):
+        for w, part in zip(weights[1:], self._workers.views.grads):
             for key, value in part.items():
                 grads[key] += w * value
         return grads
-
-    def loss_and_gradients(self, images, labels):
-        """``(loss, outputs, grads)`` for one batch: :meth:`forward` then :meth:`backward`."""
-        loss, outputs = self.forward(images, labels)
-        return loss, outputs, self.backward()
 
     def predict(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
         """Predicted classes, computed in chunks of ``batch_size`` images."""

@@ -131,12 +131,15 @@ def _worker_main(connection, build_network, layout, index):
             return
         try:
             with np.errstate(**errors):
-                if kind in ("forward", "logits"):
+                if kind in ("forward", "step", "logits"):
                     for name, value in views.params.items():
                         net.params[name][...] = value
-                if kind == "forward":
+                if kind in ("forward", "step"):
                     loss, out = net.forward(images[:count], labels)
                     outputs[:count] = out
+                    if kind == "step":
+                        for name, value in net.backward().items():
+                            grads[name][...] = value
                     reply = ("ok", loss)
                 elif kind == "logits":
                     outputs[:count] = net.logits(images[:count])
