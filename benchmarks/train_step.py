@@ -146,8 +146,7 @@ def breakdown(step, steps, warmup):
     net.probabilities = timed("   outputs (probabilities)", "forward", net.probabilities)
     update = timed("   SGD update", "backward", step.opt.step)
     try:
-        for _ in range(warmup):
-            step()
+        warm_up(step, warmup)
         for row in rows.values():
             row["forward"] = row["backward"] = 0.0
         total = 0.0
@@ -446,10 +445,25 @@ def check_same(label, want, got):
         )
 
 
-def time_step(step, steps, warmup):
-    """Seconds of each of ``steps`` timed calls of ``step`` after ``warmup`` calls."""
-    for _ in range(warmup):
+WARMUP_SECONDS = 1.0
+
+
+def warm_up(step, warmup):
+    """``warmup`` untimed calls of ``step``, and more until WARMUP_SECONDS have passed.
+
+    A freshly forked worker process first shares a core with its parent until the
+    scheduler moves it (measured: steps about twice as slow for the first ~0.1 s).
+    """
+    began = time.perf_counter()
+    count = 0
+    while count < warmup or time.perf_counter() - began < WARMUP_SECONDS:
         step()
+        count += 1
+
+
+def time_step(step, steps, warmup):
+    """Seconds of each of ``steps`` timed calls of ``step`` after warming up."""
+    warm_up(step, warmup)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -542,8 +556,8 @@ def main(argv=None):
         help="cores for each side: the generated network's --threads and torch.set_num_threads "
         "(default 2)",
     )
-    # Untimed steps first: a worker process's first steps after the fork are slow (both
-    # processes copy the memory pages they write to, which fork left shared).
+    # Untimed steps first (at least WARMUP_SECONDS): a worker process's first steps after
+    # the fork are slow.
     parser.add_argument("--warmup", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(IMPLEMENTATIONS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
