@@ -679,57 +679,95 @@ def window_argmax(a, size, stride, *, workspace=None, key=""):
     return index
 
 
+def _window_origins(shape, index_shape, stride, workspace, key):
+    """origins[n,i,j,c]: offset of a[n, stride*i, stride*j, c] in a C-ordered ``a`` of ``shape``.
+
+    They depend on the shapes and the stride only, so with a workspace they are kept and
+    made again only when those change (measured: about a fifth of a gather of 128 x 28 x
+    28 x 6 values).  A kept array was filled by this function, so it is affine in its
+    indices, and it fits when its steps along the axes longer than one, read at a single
+    element each, are those of ``shape`` and ``stride``.
+    """
+    h, w, c = shape[1:]
+    steps = (h * w * c, stride * w * c, stride * c, 1)
+    kept = None if workspace is None else workspace.get(key)
+    origins = buffer(workspace, key, index_shape, np.intp)
+    if origins is kept and origins.size:
+        fits = origins[0, 0, 0, 0] == 0
+        for axis, step in enumerate(steps):
+            if fits and index_shape[axis] > 1:
+                unit = [0, 0, 0, 0]
+                unit[axis] = 1
+                fits = origins[tuple(unit)] == step
+        if fits:
+            return origins
+    n, out_h, out_w, _ = index_shape
+    window_rows = np.add.outer(np.arange(n) * steps[0], np.arange(out_h) * steps[1])
+    window_columns = np.add.outer(np.arange(out_w) * steps[2], np.arange(c))
+    np.add(window_rows[:, :, None, None], window_columns, out=origins)
+    return origins
+
+
+def _window_offsets(shape, index, size, stride, workspace, key):
+    """Offset of each window's element at position ``index`` in a C-ordered ``a`` of ``shape``.
+
+    Position k = u*size + v lies u*W + v pixels after the window's origin, and
+    (k // size) * (W - size) + k = u*W + v: a few passes over small integers, where a
+    lookup (np.take from a table of size*size offsets) first widens the index to intp and
+    then gathers (measured: 0.21 -> 0.16 ms for 128 x 14 x 14 x 6 windows).
+    """
+    w, c = shape[2:]
+    origins = _window_origins(shape, index.shape, stride, workspace, key + ".origins")
+    # Pixel offsets up to (size-1)*W + size-1, times C, in 32 bits when they fit.
+    small = np.int32 if c * size * w < 2**31 else np.intp
+    rows = buffer(workspace, key + ".rows", index.shape, index.dtype)
+    np.floor_divide(index, index.dtype.type(size), out=rows)
+    within = buffer(workspace, key + ".within", index.shape, small)
+    np.multiply(rows, small(w - size), out=within)
+    np.add(within, index, out=within)
+    np.multiply(within, small(c), out=within)
+    offsets = buffer(workspace, key + ".offsets", index.shape, np.intp)
+    return np.add(origins, within, out=offsets)
+
+
 def gather_windows(a, index, size, stride, *, workspace=None, key=""):
     """The element of each window at position ``index``."""
     # One take from the flattened input at computed offsets: it moves exactly the chosen
     # element's bits (any dtype, NaN payloads and signed zeros included) and reads only
     # those, where selecting position by position copied and masked every position
     # (measured: about half the time for 2x2 windows).
-    n, out_h, out_w, c = index.shape
-    h, w = a.shape[1:3]
     flat = np.ascontiguousarray(a).reshape(-1)
-    window_rows = np.add.outer(np.arange(n) * (h * w * c), np.arange(out_h) * (stride * w * c))
-    window_columns = np.add.outer(np.arange(out_w) * (stride * c), np.arange(c))
-    offsets = buffer(workspace, key + ".offsets", index.shape, np.intp)
-    np.add(window_rows[:, :, None, None], window_columns, out=offsets)
-    in_window = np.add.outer(np.arange(size) * (w * c), np.arange(size) * c).reshape(-1)
+    offsets = _window_offsets(a.shape, index, size, stride, workspace, key)
     # mode="clip": every offset is in range, and with the default mode="raise" take
     # writes into a new array and copies that into ``out``.
-    in_window = in_window.take(
-        index, out=buffer(workspace, key + ".in_window", index.shape, np.intp), mode="clip"
-    )
-    offsets += in_window
     return flat.take(offsets, out=buffer(workspace, key, index.shape, a.dtype), mode="clip")
 
 
 def route_to_argmax(g, index, size, stride, height, width, *, workspace=None, key=""):
     """Each g[n,i,j,c] added at its window's position ``index`` in a zero (N, height, width, C) array."""
     n, out_h, out_w, c = g.shape
-    if stride == size:
-        # The windows tile out[:, :out_h*size, :out_w*size]: every element there is
-        # written below exactly once, so only the rows and columns past them are zeroed.
-        out = buffer(workspace, key, (n, height, width, c), g.dtype)
-        out[:, out_h * size :] = 0
-        out[:, : out_h * size, out_w * size :] = 0
-    else:
-        out = buffer(workspace, key, (n, height, width, c), g.dtype)
+    out = buffer(workspace, key, (n, height, width, c), g.dtype)
+    if stride >= size and out.size:
+        # Windows do not overlap: each element of ``out`` is chosen by one window at
+        # most, so it is written (its bits moved by one indexed assignment at the
+        # offsets that gather_windows reads), not added to.  Measured for 128 x 14 x 14 x 6
+        # windows: 0.62 -> 0.40 ms against selecting and copying window position by
+        # position; ndarray.put moves element by element (0.44 ms, against 0.17 ms for
+        # the assignment alone).
         out.fill(0)
+        offsets = _window_offsets(out.shape, index, size, stride, workspace, key)
+        out.reshape(-1)[offsets] = g
+        return out
+    # Overlapping windows (stride < size): an element may be chosen by several windows,
+    # so each window position's selection is added.
+    out.fill(0)
     bits = _bits(g.dtype)
-    pixels = _pixels(out)
     picked = buffer(workspace, key + ".picked", g.shape, g.dtype)
     for position, mask in _masks(index, size * size, bits, workspace, key):
         u, v = divmod(position, size)
         _select(g, mask, bits, picked)
-        if stride < size:
-            target = _position(out, u, v, stride, out_h, out_w)
-            target += picked
-        elif pixels is not None:
-            # Windows do not overlap: each element of ``out`` belongs to one window
-            # position at most, so it is written (as whole pixels), not added to.
-            target = _position(pixels[..., None], u, v, stride, out_h, out_w)[..., 0]
-            np.copyto(target, _pixels(picked))
-        else:
-            np.copyto(_position(out, u, v, stride, out_h, out_w), picked)
+        target = _position(out, u, v, stride, out_h, out_w)
+        target += picked
     return out
 
 

@@ -655,3 +655,22 @@ def test_with_vector_is_the_plain_ufunc_bitwise(ufunc, shape):
     out = np.empty(strided.shape, np.float32)
     _kernels.with_vector(ufunc, strided, vector, out)
     assert np.array_equal(out, ufunc(strided, vector))
+
+
+def test_maxpool_workspace_follows_inputs_whose_windows_have_the_same_shape():
+    """Reference: the same calls without a workspace, bitwise.  Inputs of 8x8, 9x9, 8x9 and
+    9x8 pixels all give 4x4 windows at size 2, stride 2 (and 7x7 / 8x8 at stride 1 give 6x6 /
+    7x7): the window offsets kept in the workspace must follow the input's width, not only
+    the output's shape."""
+    rng = np.random.default_rng(0)
+    workspace = {}
+    for height, width, stride in [(8, 8, 2), (9, 9, 2), (8, 9, 2), (9, 8, 2), (8, 8, 2), (7, 7, 1)]:
+        x = rng.integers(-2, 3, size=(3, height, width, 2)).astype(np.float32)
+        x[0, 0, 0, 0] = -0.0
+        want, want_cache = maxpool2d.forward(x, size=2, stride=stride)
+        got, cache = maxpool2d.forward(x, size=2, stride=stride, workspace=workspace)
+        assert np.array_equal(want.view(np.uint32), got.view(np.uint32))
+        upstream = rng.normal(size=want.shape).astype(np.float32)
+        want_dx = maxpool2d.backward(upstream, want_cache)
+        got_dx = maxpool2d.backward(upstream, cache, workspace=workspace)
+        assert np.array_equal(want_dx.view(np.uint32), got_dx.view(np.uint32))
