@@ -493,33 +493,40 @@ def full_convolve(g, kernel, *, workspace=None, key=""):
         out[...] = 0
         return out
     # Laid out batch innermost and channel outermost: gradient (i, j, n, o), columns
-    # (u, v, c, i, j, n), sums (c, y, x, n).  The product is a single (KH*KW*C_in x C_out)
-    # by (C_out x rows) one: as KH*KW products of C_out x C_in matrices it was more than
-    # twice as slow (tiny matrices keep BLAS far from its speed).  Rows of the gradient
-    # are widened with zeros to the output's width, so that each shifted addition is one
-    # contiguous run per channel: in the flattened (y, x, n) sums a shift by (y0, x0) is
-    # an offset, and what spills past the end of a row comes from the zero columns.
+    # (u, v, c, i, j, n), sums (c, y, x, n).  The product is one (KH*KW*C_in x C_out) by
+    # (C_out x GW*m) product per gradient row i: as KH*KW products of C_out x C_in matrices
+    # it was more than twice as slow (tiny matrices keep BLAS far from its speed).  Each
+    # row i of the columns is widened with zeros to the output's width, so that each
+    # shifted addition is one contiguous run per channel: in the flattened (y, x, n) sums
+    # a shift by (y0, x0) is an offset, and what spills past the end of a row comes from
+    # the zero columns.  Writing the zeros costs less than multiplying zero gradient
+    # columns, as an earlier version did (measured: 11.5 -> 10.5 us per 10x10x16 image).
     weights = kernel.reshape(taps * c_in, c_out).astype(dtype, copy=False)
     rows = gh * width
     sum_length = (height + 1) * width
     block = _block_size(n, (rows * (taps * c_in + c_out) + sum_length * c_in) * dtype.itemsize)
-    gradient_buffer = _scratch("full_convolve.gradient", block * rows * c_out, dtype)
+    gradient_buffer = _scratch("full_convolve.gradient", block * gh * gw * c_out, dtype)
     column_buffer = _scratch("full_convolve.columns", block * rows * taps * c_in, dtype)
     sum_buffer = _scratch("full_convolve.sums", block * sum_length * c_in, dtype)
     # The gradient's pixels are moved as records of C_out values (see _pixels).
     g_pixels = _pixels(g) if g.dtype == dtype else None
     for start, stop in _blocks(n, block):
         m = stop - start
-        gradient = gradient_buffer[: rows * m * c_out].reshape(gh, width, m, c_out)
-        gradient[:, gw:] = 0  # the widening columns (the buffer may hold an earlier call's data)
+        gradient = gradient_buffer[: gh * gw * m * c_out].reshape(gh, gw, m, c_out)
         if g_pixels is None:
-            np.copyto(gradient[:, :gw], g[start:stop].transpose(1, 2, 0, 3))
+            np.copyto(gradient, g[start:stop].transpose(1, 2, 0, 3))
         else:
-            gradient_pixels = gradient.view(g_pixels.dtype)[..., 0]
-            np.copyto(gradient_pixels[:, :gw], g_pixels[start:stop].transpose(1, 2, 0))
+            np.copyto(
+                gradient.view(g_pixels.dtype)[..., 0], g_pixels[start:stop].transpose(1, 2, 0)
+            )
         length = rows * m
-        columns = column_buffer[: taps * c_in * length].reshape(taps * c_in, length)
-        np.matmul(weights, gradient.reshape(length, c_out).T, out=columns)
+        columns = column_buffer[: taps * c_in * length].reshape(taps * c_in, gh, width * m)
+        columns[:, :, gw * m :] = 0
+        np.matmul(
+            weights,
+            gradient.reshape(gh, gw * m, c_out).transpose(0, 2, 1),
+            out=columns[:, :, : gw * m].transpose(1, 0, 2),
+        )
         columns = columns.reshape(kh, kw, c_in, length)
         sums = sum_buffer[: c_in * sum_length * m].reshape(c_in, sum_length * m)
         sums[...] = 0
