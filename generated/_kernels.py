@@ -185,8 +185,14 @@ _BANDED_MIN_TAPS = 16
 
 
 def _block_size(n, bytes_per_image):
-    """Images per block: temporaries of about _BLOCK_BYTES, at least one image."""
-    return int(max(1, min(n, _BLOCK_BYTES // max(1, bytes_per_image))))
+    """Images per block: temporaries of at most about _BLOCK_BYTES, at least one image.
+
+    The blocks are made equal (or one image apart) rather than full blocks and a small
+    rest: 128 images in blocks of at most 63 become 43 + 43 + 42, not 63 + 63 + 2.
+    """
+    most = int(max(1, min(n, _BLOCK_BYTES // max(1, bytes_per_image))))
+    blocks = -(-n // most)
+    return max(1, -(-n // blocks))
 
 
 def _blocks(n, block):
