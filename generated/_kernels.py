@@ -218,7 +218,18 @@ def _scratch(name, size, dtype):
     buffer = buffers.get((name, dtype))
     if buffer is None or buffer.size < size:
         buffer = buffers[(name, dtype)] = np.empty(size, dtype=dtype)
+        _scratch_zeros().pop((name, dtype), None)
     return buffer[:size]
+
+
+def _scratch_zeros():
+    """For this thread: (name, dtype) of a _scratch work array -> the layout of the zeros
+    its kernel wrote in it and nothing has overwritten since.  Forgotten when the work
+    array is replaced by a larger one."""
+    zeros = getattr(_thread_scratch, "zeros", None)
+    if zeros is None:
+        zeros = _thread_scratch.zeros = {}
+    return zeros
 
 
 def _patch_view(a, kh, kw, stride, axes=(1, 2)):
@@ -514,6 +525,7 @@ def full_convolve(g, kernel, *, workspace=None, key=""):
     gradient_buffer = _scratch("full_convolve.gradient", block * gh * gw * c_out, dtype)
     column_buffer = _scratch("full_convolve.columns", block * rows * taps * c_in, dtype)
     sum_buffer = _scratch("full_convolve.sums", block * sum_length * c_in, dtype)
+    zeros = _scratch_zeros()
     # The gradient's pixels are moved as records of C_out values (see _pixels).
     g_pixels = _pixels(g) if g.dtype == dtype else None
     for start, stop in _blocks(n, block):
@@ -527,7 +539,14 @@ def full_convolve(g, kernel, *, workspace=None, key=""):
             )
         length = rows * m
         columns = column_buffer[: taps * c_in * length].reshape(taps * c_in, gh, width * m)
-        columns[:, :, gw * m :] = 0
+        # The product never writes the widening entries, and no other kernel uses this
+        # work array: zeros written for the same layout by an earlier block or call are
+        # still there (measured: writing them is 1.1-1.5 us per image, about 7% of the
+        # call for lenet's conv2).
+        layout = (taps * c_in, gh, width, gw, m)
+        if zeros.get(("full_convolve.columns", dtype)) != layout:
+            columns[:, :, gw * m :] = 0
+            zeros[("full_convolve.columns", dtype)] = layout
         np.matmul(
             weights,
             gradient.reshape(gh, gw * m, c_out).transpose(0, 2, 1),
