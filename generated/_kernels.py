@@ -752,7 +752,9 @@ def _window_offsets(shape, index, size, stride, workspace, key):
     origins = _window_origins(shape, index.shape, stride, workspace, key + ".origins")
     # Pixel offsets up to (size-1)*W + size-1, times C, in 32 bits when they fit.
     small = np.int32 if c * size * w < 2**31 else np.intp
-    rows = buffer(workspace, key + ".rows", index.shape, index.dtype)
+    # rows in ``small`` too: a product of two int8 arrays' worth would wrap at 127 under
+    # NumPy 1.x's casting rules, which compute in the inputs' type before the output's.
+    rows = buffer(workspace, key + ".rows", index.shape, small)
     np.floor_divide(index, index.dtype.type(size), out=rows)
     within = buffer(workspace, key + ".within", index.shape, small)
     np.multiply(rows, small(w - size), out=within)

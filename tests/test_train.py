@@ -189,6 +189,93 @@ def test_a_failing_worker_names_the_error_and_the_network_recovers():
         net.close()
 
 
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting to be reaped is gone too
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_an_error_in_this_process_part_does_not_shift_the_workers_replies():
+    """A label out of range in part 0 raises here while the worker has answered; the next
+    step must still equal the one-process result (reference: threads=1, float64)."""
+    rng = np.random.default_rng(4)
+    images, labels = rng.random((6, 28, 28, 1)), rng.integers(0, 10, 6)
+    one, two = build("lenet", dtype=np.float64), build("lenet", dtype=np.float64, threads=2)
+    try:
+        two.loss_and_gradients(images, labels)
+        with pytest.raises(IndexError):
+            two.forward(images, np.array([99, 1, 2, 3, 4, 5]))
+        with pytest.raises(RuntimeError, match="needs a forward"):
+            two.backward()
+        loss1, _, grads1 = one.loss_and_gradients(images, labels)
+        loss2, _, grads2 = two.loss_and_gradients(images, labels)
+        assert loss2 == pytest.approx(loss1, rel=1e-12)
+        for key in grads1:
+            np.testing.assert_allclose(grads2[key], grads1[key], rtol=1e-10, atol=1e-14)
+    finally:
+        two.close()
+
+
+def test_a_worker_killed_between_steps_is_reported_and_replaced():
+    import os
+    import signal
+
+    net = build("seed", threads=2)
+    try:
+        images, labels = np.zeros((4, 28, 28, 1), np.float32), np.array([1, 2, 3, 4])
+        net.loss_and_gradients(images, labels)
+        worker = net._workers.processes[0].pid
+        os.kill(worker, signal.SIGKILL)
+        assert _wait_gone(worker)
+        with pytest.raises(WorkerFailed, match="died"):
+            net.loss_and_gradients(images, labels)
+        loss, _, grads = net.loss_and_gradients(images, labels)
+        assert np.isfinite(loss) and set(grads) == set(net.params)
+    finally:
+        net.close()
+
+
+def test_workers_stop_when_the_network_is_dropped_or_its_process_is_killed(tmp_path):
+    import gc
+    import subprocess
+    import sys
+
+    net = build("toy", threads=2)
+    net.forward(np.zeros((4, 6, 6, 1), np.float32), np.array([0, 1, 0, 1]))
+    worker = net._workers.processes[0].pid
+    del net
+    gc.collect()
+    assert _wait_gone(worker), "dropping the network left its worker running"
+
+    script = (
+        "import os, signal, numpy as np\n"
+        "from train.networks import build\n"
+        "net = build('toy', threads=2)\n"
+        "net.forward(np.zeros((4, 6, 6, 1), np.float32), np.array([0, 1, 0, 1]))\n"
+        "print(net._workers.processes[0].pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    orphan = int(done.stdout.split()[0])
+    assert _wait_gone(orphan), "a worker outlived its killed parent"
+
+
 def test_threads_must_be_a_whole_number_of_at_least_one():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads must be a whole number"):

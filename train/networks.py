@@ -52,6 +52,8 @@ Networks:
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -81,6 +83,8 @@ __all__ = [
 # (None from the first layer, whose generated backward is told to skip it). Each layer
 # lends the generated functions its own workspace: their results go into arrays kept
 # there from one step to the next (a step's results are used up before the next step).
+# ``forward(..., keep=False)`` runs without it: evaluation's larger batches would
+# otherwise leave arrays of their size kept until the next training step.
 
 
 class _Conv:
@@ -91,13 +95,13 @@ class _Conv:
         self.cache = None
         self.workspace = {}
 
-    def forward(self, x, params):
+    def forward(self, x, params, keep=True):
         out, self.cache = conv2d.forward(
             x,
             params[self.weight],
             params[self.bias],
             padding=self.padding,
-            workspace=self.workspace,
+            workspace=self.workspace if keep else None,
         )
         return out
 
@@ -117,9 +121,9 @@ class _Dense:
         self.cache = None
         self.workspace = {}
 
-    def forward(self, x, params):
+    def forward(self, x, params, keep=True):
         out, self.cache = dense.forward(
-            x, params[self.weight], params[self.bias], workspace=self.workspace
+            x, params[self.weight], params[self.bias], workspace=self.workspace if keep else None
         )
         return out
 
@@ -139,8 +143,8 @@ class _Stateless:
         self.cache = None
         self.workspace = {}
 
-    def forward(self, x, params):
-        out, self.cache = self._forward(x, workspace=self.workspace)
+    def forward(self, x, params, keep=True):
+        out, self.cache = self._forward(x, workspace=self.workspace if keep else None)
         return out
 
     def backward(self, dout, grads):
@@ -274,6 +278,8 @@ class Network:
             self._workers = PartWorkers(
                 lambda: cls(seed=seed, dtype=dtype), self.threads - 1, self.name
             )
+            # Stop them when the network is garbage-collected without close().
+            weakref.finalize(self, self._workers.close)
         workers = self._workers
         workers.ensure(
             self.params,
@@ -297,22 +303,41 @@ class Network:
         total = parts[-1].stop - parts[0].start
         return [(part.stop - part.start) / total for part in parts]
 
-    def _own_logits(self, x: np.ndarray) -> np.ndarray:
+    def _own_logits(self, x: np.ndarray, keep: bool = True) -> np.ndarray:
         for layer in self.layers:
-            x = layer.forward(x, self.params)
+            x = layer.forward(x, self.params, keep)
         return x
 
+    @contextlib.contextmanager
+    def _exchange(self):
+        """The workers, with BLAS at one thread while the parts run.
+
+        On any error (in a worker or here, Ctrl-C included) the workers are stopped: they
+        would otherwise answer the next call with this call's replies. The network also
+        forgets its half-made pass, so backward() says it needs a forward() first.
+        """
+        try:
+            with one_blas_thread():
+                yield self._workers
+        except BaseException:
+            self._loss_cache, self._parts = None, []
+            if self._workers is not None:
+                self._workers.close()
+            raise
+
     def logits(self, images: np.ndarray) -> np.ndarray:
+        """The last layer's outputs for ``images`` (new arrays; the layers' workspaces are
+        not used, and the caches for backward() are overwritten)."""
         x = np.asarray(images, dtype=self.dtype)
         parts = self._split(len(x))
         if len(parts) == 1:
-            return self._own_logits(x).copy()  # not the last layer's kept array
-        workers = self._start_workers(parts, x)
-        with one_blas_thread():
-            workers.send("logits", self._counts(parts))
-            first = self._own_logits(x[parts[0]])
-            workers.receive()
+            return self._own_logits(x, keep=False)
+        self._start_workers(parts, x)
         counts = self._counts(parts)
+        with self._exchange() as workers:
+            workers.send("logits", counts)
+            first = self._own_logits(x[parts[0]], keep=False)
+            workers.receive()
         return np.concatenate(
             [first, *(workers.views.outputs[i][:c] for i, c in enumerate(counts))]
         )
@@ -332,8 +357,7 @@ class Network:
         parts, self._parts = self._parts, []
         if len(parts) == 1:
             return self._own_backward()
-        workers = self._workers
-        with one_blas_thread():
+        with self._exchange() as workers:
             workers.send("backward", self._counts(parts))
             first = self._own_backward()
             workers.receive()
@@ -357,9 +381,9 @@ class Network:
                 self._parts = parts
                 return float(loss), outputs, None
             return float(loss), outputs, self._own_backward()
-        workers = self._start_workers(parts, x)
+        self._start_workers(parts, x)
         counts = self._counts(parts)
-        with one_blas_thread():
+        with self._exchange() as workers:
             kind = "step" if gradients else "forward"
             workers.send(kind, counts, [labels[part] for part in parts[1:]])
             first = parts[0]

@@ -109,9 +109,14 @@ class _Views:
         return arrays
 
 
-def _worker_main(connection, build_network, layout, index):
+def _worker_main(connection, parent_ends, build_network, layout, index):
     """A worker's loop: one message in, one reply out, until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # The parent's ends of this worker's pipe and of earlier workers' pipes came along
+    # with the fork: closed here, the parent is their only holder, and its exit (even by
+    # SIGKILL) ends this loop with EOF instead of leaving the worker waiting forever.
+    for end in parent_ends:
+        end.close()
     try:
         from threadpoolctl import threadpool_limits
 
@@ -195,9 +200,10 @@ class PartWorkers:
                 warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
                 for index in range(self.count):
                     parent_end, child_end = context.Pipe()
+                    parent_ends = [*self.connections, parent_end]
                     process = context.Process(
                         target=_worker_main,
-                        args=(child_end, self.build_network, self.layout, index),
+                        args=(child_end, parent_ends, self.build_network, self.layout, index),
                         name=f"cnnderive-{self.name}-part{index + 1}",
                         daemon=True,
                     )
@@ -210,23 +216,27 @@ class PartWorkers:
 
     def close(self) -> None:
         """Stop the workers and release the shared memory."""
-        for connection in self.connections:
+        connections, processes, buffer = self.connections, self.processes, self.buffer
+        self.processes, self.connections, self.pending = [], [], []
+        self.views, self.buffer, self.layout = None, None, None
+        for connection in connections:
             try:
                 connection.send(("close", 0, None, {}))
             except (OSError, ValueError):
                 pass
             connection.close()
-        for process in self.processes:
+        for process in processes:
             process.join(timeout=5)
             if process.is_alive():
                 process.kill()
                 process.join()
-        self.processes, self.connections, self.pending = [], [], []
-        self.views = None
-        if self.buffer is not None:
-            self.buffer.close()
-            self.buffer = None
-        self.layout = None
+        if buffer is not None:
+            try:
+                buffer.close()
+            except BufferError:
+                # A view of the mapping is still alive (say, in the traceback of the
+                # exception that brought us here): the memory goes when the view does.
+                pass
 
     # -- one round ------------------------------------------------------------------------
 
@@ -236,8 +246,19 @@ class PartWorkers:
         self.pending = []
         for index, count in enumerate(counts):
             part_labels = None if labels is None else labels[index]
-            self.connections[index].send((kind, count, part_labels, errors))
+            try:
+                self.connections[index].send((kind, count, part_labels, errors))
+            except OSError:  # the worker is gone (killed between two calls, say)
+                failure = self._death(index)
+                self.close()
+                raise WorkerFailed(
+                    f"a worker of the {self.name} network failed:\n{failure}"
+                ) from None
             self.pending.append(index)
+
+    def _death(self, index: int) -> str:
+        self.processes[index].join(timeout=5)  # its pipe closes just before it exits
+        return f"worker process {index + 1} died (exit code {self.processes[index].exitcode})"
 
     def receive(self) -> list:
         """The replies of the last :meth:`send`, in the workers' order."""
@@ -246,10 +267,7 @@ class PartWorkers:
             try:
                 status, value = self.connections[index].recv()
             except (EOFError, OSError):
-                status = "error"
-                self.processes[index].join(timeout=5)  # the pipe closes just before the exit
-                code = self.processes[index].exitcode
-                value = f"worker process {index + 1} died (exit code {code})"
+                status, value = "error", self._death(index)
             if status != "ok":
                 failures.append(value)
             replies.append(value)
