@@ -54,8 +54,9 @@ class ArrayExpressionPrinter(NumPyPrinter):
         if len(pieces) == 1 and last_value == 0:
             # value * [condition]: a multiplication by the boolean mask, about 15 times
             # faster than np.where(condition, value, 0) in NumPy 2.x.  The two agree
-            # wherever value is finite; a NaN or inf value where the condition fails gives
-            # NaN here instead of 0 (a gradient that is already NaN or inf upstream).
+            # wherever value is finite, except that a negative value where the condition
+            # fails gives -0.0 (equal to 0); a NaN or inf value there gives NaN instead of 0
+            # (a gradient that is already NaN or inf upstream).
             value, condition = pieces[0]
             return f"({self._print(value)} * {self._print(condition)})"
         text = self._print(last_value)

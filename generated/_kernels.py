@@ -423,7 +423,10 @@ def correlate(a, kernel, stride=1, *, workspace=None, key=""):
     weights = kernel.reshape(taps, c_out).astype(dtype, copy=False)
     rows = out_h * out_w
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
-    if c_in == 1 and stride == 1 and kh * kw >= _BANDED_MIN_TAPS:
+    # The banded product multiplies pixels outside a window by the band's zeros: an inf
+    # or NaN pixel would then spoil neighbouring outputs (0 * inf = NaN), so such inputs
+    # take the im2col path, which multiplies each window's own pixels only.
+    if c_in == 1 and stride == 1 and kh * kw >= _BANDED_MIN_TAPS and np.isfinite(a).all():
         _correlate_banded(a[:, :, :, 0], kernel[:, :, 0, :].astype(dtype, copy=False), out)
         return out
     patch_buffer = _scratch("patches", block * rows * taps, dtype)
@@ -462,7 +465,9 @@ def correlate_weights(a, g):
     rows = gh * gw
     if n * rows == 0 or out.size == 0:
         return out.reshape(kh, kw, c_in, c_out)
-    if c_in == 1 and kh * kw >= _BANDED_MIN_TAPS:
+    # As in correlate: the band's zeros must not meet an inf or NaN.
+    finite = np.isfinite(a).all() and np.isfinite(g).all()
+    if c_in == 1 and kh * kw >= _BANDED_MIN_TAPS and finite:
         banded = _correlate_weights_banded(
             a[:, :, :, 0].astype(dtype, copy=False), np.ascontiguousarray(g, dtype=dtype), dtype
         )

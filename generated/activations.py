@@ -23,8 +23,10 @@ def sigmoid_forward(z, *, workspace=None):
     Arguments:
         z: pre-activations, any shape
         workspace: None (default: every result is a new array), or a dict that the caller keeps for
-        this layer. Results are then written into arrays kept in it and reused by the next call with
-        the same shapes, which overwrites them: a training loop allocates nothing step after step.
+        this layer. Results, the cache and work arrays are then written into arrays kept in it and
+        reused by the next call with the same shapes, which overwrites them (and the cache of the
+        previous call): a training loop makes no large new arrays step after step. Do not pass a
+        result of a call back into the same workspace.
 
     Returns (out, cache); pass cache to sigmoid_backward.
     """
@@ -52,8 +54,10 @@ def sigmoid_backward(da, cache, *, workspace=None):
     dz: proven on 3 configurations: batch 1-2, features 1-3.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
-    this layer. Results are then written into arrays kept in it and reused by the next call with
-    the same shapes, which overwrites them: a training loop allocates nothing step after step.
+    this layer. Results, the cache and work arrays are then written into arrays kept in it and
+    reused by the next call with the same shapes, which overwrites them (and the cache of the
+    previous call): a training loop makes no large new arrays step after step. Do not pass a
+    result of a call back into the same workspace.
     """
     out = cache["out"]
     _k.check_upstream("activations.sigmoid_backward", "da", da, cache["out_shape"])
@@ -84,8 +88,10 @@ def relu_forward(z, *, workspace=None):
     Arguments:
         z: pre-activations, any shape
         workspace: None (default: every result is a new array), or a dict that the caller keeps for
-        this layer. Results are then written into arrays kept in it and reused by the next call with
-        the same shapes, which overwrites them: a training loop allocates nothing step after step.
+        this layer. Results, the cache and work arrays are then written into arrays kept in it and
+        reused by the next call with the same shapes, which overwrites them (and the cache of the
+        previous call): a training loop makes no large new arrays step after step. Do not pass a
+        result of a call back into the same workspace.
 
     Returns (out, cache); pass cache to relu_backward.
     """
@@ -110,8 +116,10 @@ def relu_backward(da, cache, *, workspace=None):
     At Z = 0 the derivative is taken as 0 (the definition's pieces say so).
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
-    this layer. Results are then written into arrays kept in it and reused by the next call with
-    the same shapes, which overwrites them: a training loop allocates nothing step after step.
+    this layer. Results, the cache and work arrays are then written into arrays kept in it and
+    reused by the next call with the same shapes, which overwrites them (and the cache of the
+    previous call): a training loop makes no large new arrays step after step. Do not pass a
+    result of a call back into the same workspace.
     """
     z = cache["z"]
     _k.check_upstream("activations.relu_backward", "da", da, cache["out_shape"])
@@ -136,8 +144,10 @@ def tanh_forward(z, *, workspace=None):
     Arguments:
         z: pre-activations, any shape
         workspace: None (default: every result is a new array), or a dict that the caller keeps for
-        this layer. Results are then written into arrays kept in it and reused by the next call with
-        the same shapes, which overwrites them: a training loop allocates nothing step after step.
+        this layer. Results, the cache and work arrays are then written into arrays kept in it and
+        reused by the next call with the same shapes, which overwrites them (and the cache of the
+        previous call): a training loop makes no large new arrays step after step. Do not pass a
+        result of a call back into the same workspace.
 
     Returns (out, cache); pass cache to tanh_backward.
     """
@@ -160,8 +170,10 @@ def tanh_backward(da, cache, *, workspace=None):
     dz: proven on 3 configurations: batch 1-2, features 1-3.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
-    this layer. Results are then written into arrays kept in it and reused by the next call with
-    the same shapes, which overwrites them: a training loop allocates nothing step after step.
+    this layer. Results, the cache and work arrays are then written into arrays kept in it and
+    reused by the next call with the same shapes, which overwrites them (and the cache of the
+    previous call): a training loop makes no large new arrays step after step. Do not pass a
+    result of a call back into the same workspace.
     """
     out = cache["out"]
     _k.check_upstream("activations.tanh_backward", "da", da, cache["out_shape"])
@@ -192,8 +204,10 @@ def softmax_forward(z, *, workspace=None):
     Arguments:
         z: scores (..., K); softmax runs over the last axis
         workspace: None (default: every result is a new array), or a dict that the caller keeps for
-        this layer. Results are then written into arrays kept in it and reused by the next call with
-        the same shapes, which overwrites them: a training loop allocates nothing step after step.
+        this layer. Results, the cache and work arrays are then written into arrays kept in it and
+        reused by the next call with the same shapes, which overwrites them (and the cache of the
+        previous call): a training loop makes no large new arrays step after step. Do not pass a
+        result of a call back into the same workspace.
 
     Returns (out, cache); pass cache to softmax_backward.
     """
@@ -217,8 +231,10 @@ def softmax_backward(da, cache, *, workspace=None):
     The generated forward subtracts each row's maximum before exponentiating; the shift cancels.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
-    this layer. Results are then written into arrays kept in it and reused by the next call with
-    the same shapes, which overwrites them: a training loop allocates nothing step after step.
+    this layer. Results, the cache and work arrays are then written into arrays kept in it and
+    reused by the next call with the same shapes, which overwrites them (and the cache of the
+    previous call): a training loop makes no large new arrays step after step. Do not pass a
+    result of a call back into the same workspace.
     """
     out = cache["out"]
     _k.check_upstream("activations.softmax_backward", "da", da, cache["out_shape"])

@@ -30,8 +30,10 @@ def forward(x, w, b, *, stride=1, padding=0, workspace=None):
         stride: step between neighbouring windows (default 1)
         padding: zeros added on every side of the input (default 0)
         workspace: None (default: every result is a new array), or a dict that the caller keeps for
-        this layer. Results are then written into arrays kept in it and reused by the next call with
-        the same shapes, which overwrites them: a training loop allocates nothing step after step.
+        this layer. Results, the cache and work arrays are then written into arrays kept in it and
+        reused by the next call with the same shapes, which overwrites them (and the cache of the
+        previous call): a training loop makes no large new arrays step after step. Do not pass a
+        result of a call back into the same workspace.
 
     Returns (out, cache); pass cache to backward.
     """
@@ -104,8 +106,10 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     For stride s > 1 the gradient is first dilated: s-1 zeros between neighbouring elements.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
-    this layer. Results are then written into arrays kept in it and reused by the next call with
-    the same shapes, which overwrites them: a training loop allocates nothing step after step.
+    this layer. Results, the cache and work arrays are then written into arrays kept in it and
+    reused by the next call with the same shapes, which overwrites them (and the cache of the
+    previous call): a training loop makes no large new arrays step after step. Do not pass a
+    result of a call back into the same workspace.
     """
     x = cache["x"]
     w = cache["w"]

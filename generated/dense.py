@@ -25,8 +25,10 @@ def forward(x, w, b, *, workspace=None):
         w: weights (D_in, D_out)
         b: biases (D_out,)
         workspace: None (default: every result is a new array), or a dict that the caller keeps for
-        this layer. Results are then written into arrays kept in it and reused by the next call with
-        the same shapes, which overwrites them: a training loop allocates nothing step after step.
+        this layer. Results, the cache and work arrays are then written into arrays kept in it and
+        reused by the next call with the same shapes, which overwrites them (and the cache of the
+        previous call): a training loop makes no large new arrays step after step. Do not pass a
+        result of a call back into the same workspace.
 
     Returns (out, cache); pass cache to backward.
     """
@@ -65,8 +67,10 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     `cnnderive verify --seed-size` also proves them at the seed network's size.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
-    this layer. Results are then written into arrays kept in it and reused by the next call with
-    the same shapes, which overwrites them: a training loop allocates nothing step after step.
+    this layer. Results, the cache and work arrays are then written into arrays kept in it and
+    reused by the next call with the same shapes, which overwrites them (and the cache of the
+    previous call): a training loop makes no large new arrays step after step. Do not pass a
+    result of a call back into the same workspace.
     """
     x = cache["x"]
     w = cache["w"]

@@ -24,8 +24,10 @@ def bce_forward(probs, targets, *, workspace=None):
         probs: probs (N, K)
         targets: one-hot labels or probabilities (N, K)
         workspace: None (default: every result is a new array), or a dict that the caller keeps for
-        this layer. Results are then written into arrays kept in it and reused by the next call with
-        the same shapes, which overwrites them: a training loop allocates nothing step after step.
+        this layer. Results, the cache and work arrays are then written into arrays kept in it and
+        reused by the next call with the same shapes, which overwrites them (and the cache of the
+        previous call): a training loop makes no large new arrays step after step. Do not pass a
+        result of a call back into the same workspace.
 
     Returns (loss, cache); pass cache to bce_backward.
     """
@@ -54,8 +56,10 @@ def bce_backward(cache, *, workspace=None):
     which never evaluates log(0).
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
-    this layer. Results are then written into arrays kept in it and reused by the next call with
-    the same shapes, which overwrites them: a training loop allocates nothing step after step.
+    this layer. Results, the cache and work arrays are then written into arrays kept in it and
+    reused by the next call with the same shapes, which overwrites them (and the cache of the
+    previous call): a training loop makes no large new arrays step after step. Do not pass a
+    result of a call back into the same workspace.
     """
     probs = cache["probs"]
     targets = cache["targets"]
@@ -97,8 +101,10 @@ def bce_with_logits_forward(logits, targets, *, workspace=None):
         logits: logits (N, K)
         targets: one-hot labels or probabilities (N, K)
         workspace: None (default: every result is a new array), or a dict that the caller keeps for
-        this layer. Results are then written into arrays kept in it and reused by the next call with
-        the same shapes, which overwrites them: a training loop allocates nothing step after step.
+        this layer. Results, the cache and work arrays are then written into arrays kept in it and
+        reused by the next call with the same shapes, which overwrites them (and the cache of the
+        previous call): a training loop makes no large new arrays step after step. Do not pass a
+        result of a call back into the same workspace.
 
     Returns (loss, cache); pass cache to bce_with_logits_backward.
     """
@@ -127,8 +133,10 @@ def bce_with_logits_backward(cache, *, workspace=None):
     (softplus(z) = logaddexp(0, z)).
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
-    this layer. Results are then written into arrays kept in it and reused by the next call with
-    the same shapes, which overwrites them: a training loop allocates nothing step after step.
+    this layer. Results, the cache and work arrays are then written into arrays kept in it and
+    reused by the next call with the same shapes, which overwrites them (and the cache of the
+    previous call): a training loop makes no large new arrays step after step. Do not pass a
+    result of a call back into the same workspace.
     """
     logits = cache["logits"]
     targets = cache["targets"]
@@ -172,8 +180,10 @@ def softmax_cross_entropy_forward(logits, targets, *, workspace=None):
         logits: logits (N, K)
         targets: one-hot labels or probabilities (N, K)
         workspace: None (default: every result is a new array), or a dict that the caller keeps for
-        this layer. Results are then written into arrays kept in it and reused by the next call with
-        the same shapes, which overwrites them: a training loop allocates nothing step after step.
+        this layer. Results, the cache and work arrays are then written into arrays kept in it and
+        reused by the next call with the same shapes, which overwrites them (and the cache of the
+        previous call): a training loop makes no large new arrays step after step. Do not pass a
+        result of a call back into the same workspace.
 
     Returns (loss, cache); pass cache to softmax_cross_entropy_backward.
     """
@@ -205,8 +215,10 @@ def softmax_cross_entropy_backward(cache, *, workspace=None):
     The code evaluates y (logsumexp(z) - z), finite for any logits.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
-    this layer. Results are then written into arrays kept in it and reused by the next call with
-    the same shapes, which overwrites them: a training loop allocates nothing step after step.
+    this layer. Results, the cache and work arrays are then written into arrays kept in it and
+    reused by the next call with the same shapes, which overwrites them (and the cache of the
+    previous call): a training loop makes no large new arrays step after step. Do not pass a
+    result of a call back into the same workspace.
     """
     logits = cache["logits"]
     targets = cache["targets"]
@@ -247,8 +259,10 @@ def mse_forward(pred, targets, *, workspace=None):
         pred: pred (N, K)
         targets: one-hot labels or probabilities (N, K)
         workspace: None (default: every result is a new array), or a dict that the caller keeps for
-        this layer. Results are then written into arrays kept in it and reused by the next call with
-        the same shapes, which overwrites them: a training loop allocates nothing step after step.
+        this layer. Results, the cache and work arrays are then written into arrays kept in it and
+        reused by the next call with the same shapes, which overwrites them (and the cache of the
+        previous call): a training loop makes no large new arrays step after step. Do not pass a
+        result of a call back into the same workspace.
 
     Returns (loss, cache); pass cache to mse_backward.
     """
@@ -276,8 +290,10 @@ def mse_backward(cache, *, workspace=None):
     Squared errors are summed over outputs and averaged over the batch, without a factor 1/2.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
-    this layer. Results are then written into arrays kept in it and reused by the next call with
-    the same shapes, which overwrites them: a training loop allocates nothing step after step.
+    this layer. Results, the cache and work arrays are then written into arrays kept in it and
+    reused by the next call with the same shapes, which overwrites them (and the cache of the
+    previous call): a training loop makes no large new arrays step after step. Do not pass a
+    result of a call back into the same workspace.
     """
     pred = cache["pred"]
     targets = cache["targets"]

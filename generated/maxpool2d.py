@@ -25,8 +25,10 @@ def forward(x, *, size=2, stride=None, workspace=None):
         size: window height and width (default 2)
         stride: step between windows (default: the window size) (default None (= size))
         workspace: None (default: every result is a new array), or a dict that the caller keeps for
-        this layer. Results are then written into arrays kept in it and reused by the next call with
-        the same shapes, which overwrites them: a training loop allocates nothing step after step.
+        this layer. Results, the cache and work arrays are then written into arrays kept in it and
+        reused by the next call with the same shapes, which overwrites them (and the cache of the
+        previous call): a training loop makes no large new arrays step after step. Do not pass a
+        result of a call back into the same workspace.
 
     Returns (out, cache); pass cache to backward.
     """
@@ -74,8 +76,10 @@ def backward(dout, cache, *, workspace=None):
     a rule a pooling layer can use; hence the explicit first-maximum definition.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
-    this layer. Results are then written into arrays kept in it and reused by the next call with
-    the same shapes, which overwrites them: a training loop allocates nothing step after step.
+    this layer. Results, the cache and work arrays are then written into arrays kept in it and
+    reused by the next call with the same shapes, which overwrites them (and the cache of the
+    previous call): a training loop makes no large new arrays step after step. Do not pass a
+    result of a call back into the same workspace.
     """
     x = cache["x"]
     argmax = cache["argmax"]

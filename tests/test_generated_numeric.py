@@ -674,3 +674,22 @@ def test_maxpool_workspace_follows_inputs_whose_windows_have_the_same_shape():
         want_dx = maxpool2d.backward(upstream, want_cache)
         got_dx = maxpool2d.backward(upstream, cache, workspace=workspace)
         assert np.array_equal(want_dx.view(np.uint32), got_dx.view(np.uint32))
+
+
+def test_an_inf_pixel_spoils_only_the_outputs_whose_window_holds_it():
+    """Seed-sized kernel (9x9, one input channel: the banded path for finite inputs).
+    Reference: the window sum written out directly for each output; an output is
+    non-finite exactly when its window contains the inf pixel."""
+    from generated import conv2d
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 16, 40, 1))
+    x[1, 7, 20, 0] = np.inf
+    w = rng.normal(size=(9, 9, 1, 3))
+    out, cache = conv2d.forward(x, w, np.zeros(3))
+    windows = np.lib.stride_tricks.sliding_window_view(x[..., 0], (9, 9), axis=(1, 2))
+    with np.errstate(invalid="ignore"):
+        direct = np.einsum("nijuv,uvo->nijo", windows, w[:, :, 0, :])
+    np.testing.assert_array_equal(np.isfinite(out), np.isfinite(direct))
+    finite = np.isfinite(direct)
+    np.testing.assert_allclose(out[finite], direct[finite], rtol=1e-10, atol=1e-10)
