@@ -53,6 +53,7 @@ Networks:
 from __future__ import annotations
 
 import contextlib
+import numbers
 import weakref
 from collections.abc import Callable
 
@@ -203,10 +204,10 @@ class Network:
         self.dtype = np.dtype(dtype)
         if self.dtype.kind != "f":
             raise ValueError(f"a network computes in floating point, not {self.dtype}")
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
             raise ValueError(f"threads must be a whole number of at least 1, got {threads!r}")
         self.seed = seed
-        self.threads = threads
+        self.threads = int(threads)
         self.params: dict[str, np.ndarray] = {}
         self._build(np.random.default_rng(seed))
         self.layers = self._new_layers()
