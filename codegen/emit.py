@@ -87,9 +87,10 @@ class Emitter:
     # arrays (codegen.ufuncs) instead of fresh ones.
     workspace: str | None = None
     function: str = ""
-    # Kernel calls given a workspace so far in this function (shared with its branches):
-    # each call site gets its own key.
-    kernel_calls: list = field(default_factory=list)
+    # Workspace keys of the kernel calls so far in this function (shared with its
+    # branches), by node: each call site gets its own key, the same each time its code
+    # is asked for.
+    kernel_keys: dict = field(default_factory=dict)
     # Inputs of the function that are 1-D arrays (biases), see codegen.ufuncs.
     vectors: frozenset = frozenset()
 
@@ -101,7 +102,7 @@ class Emitter:
             names=set(self.names),
             workspace=self.workspace,
             function=self.function,
-            kernel_calls=self.kernel_calls,
+            kernel_keys=self.kernel_keys,
             vectors=self.vectors,
         )
 
@@ -224,8 +225,8 @@ class Emitter:
                     arguments.append(integer_code(value))
             kernel = KERNELS[type(node)]
             if self.workspace is not None and kernel in WORKSPACE_KERNELS:
-                self.kernel_calls.append(kernel)
-                key = f"{self.function}.{kernel}{len(self.kernel_calls)}"
+                number = len(self.kernel_keys) + 1
+                key = self.kernel_keys.setdefault(node, f"{self.function}.{kernel}{number}")
                 arguments += [f"workspace={self.workspace}", f'key="{key}"']
             return f"{KERNEL_MODULE}.{kernel}({', '.join(arguments)})"
         raise TypeError(f"no NumPy emission for {type(node).__name__}")

@@ -46,7 +46,7 @@ def forward(x, *, size=2, stride=None, workspace=None):
         raise ValueError(
             f"avgpool2d.forward: pool window {size}x{size} does not fit the input {in_height}x{in_width}; use size at most {min(in_height, in_width)}"
         )
-    window_sum = _k.window_sum(x, size, stride, workspace=workspace, key="forward.window_sum2")
+    window_sum = _k.window_sum(x, size, stride, workspace=workspace, key="forward.window_sum1")
     out = _k.buffer(workspace, "forward.out", window_sum.shape, window_sum.dtype)
     np.divide(window_sum, (size**2), out=out)
     cache = {"x": x, "size": size, "stride": stride, "out_shape": out.shape}
@@ -88,7 +88,7 @@ def backward(dout, cache, *, workspace=None):
     in_width = x.shape[2]
     if stride == size:
         upsampled = _k.crop(
-            _k.upsample(dout, size, workspace=workspace, key="backward.upsample2"),
+            _k.upsample(dout, size, workspace=workspace, key="backward.upsample1"),
             0,
             0,
             in_height,
@@ -104,7 +104,7 @@ def backward(dout, cache, *, workspace=None):
             in_height,
             in_width,
             workspace=workspace,
-            key="backward.scatter_windows4",
+            key="backward.scatter_windows2",
         )
         dx = _k.buffer(workspace, "backward.dx", scattered.shape, scattered.dtype)
         np.divide(scattered, (size**2), out=dx)

@@ -61,7 +61,7 @@ def forward(x, w, b, *, stride=1, padding=0, workspace=None):
             f"conv2d.forward: kernel {kernel_height}x{kernel_width} is larger than the padded input {in_height + 2 * padding}x{in_width + 2 * padding}; use a kernel of at most that size or more padding"
         )
     x_padded = _k.pad(x, padding, padding, workspace=workspace, key="forward.pad1")
-    z = _k.correlate(x_padded, w, stride, workspace=workspace, key="forward.correlate3")
+    z = _k.correlate(x_padded, w, stride, workspace=workspace, key="forward.correlate2")
     out = _k.buffer(
         workspace, "forward.out", np.broadcast_shapes(b.shape, z.shape), np.result_type(b, z)
     )
