@@ -20,6 +20,16 @@ def _int(expr) -> str:
     return sympy.latex(sympy.sympify(expr))
 
 
+def _operator(name: str, *arguments: str, sub: str = "", sup: str = "") -> str:
+    r"""``\operatorname{name}_{sub}^{sup}\left(arg, arg\right)``, scripts only when given."""
+    text = r"\operatorname{" + name + "}"
+    if sub:
+        text += "_{" + sub + "}"
+    if sup:
+        text += "^{" + sup + "}"
+    return text + r"\left(" + ",\\ ".join(arguments) + r"\right)"
+
+
 def operand_latex(name: str, names: dict[str, str]) -> str:
     return names.get(name) or OPERAND_LATEX.get(name) or name
 
@@ -50,116 +60,48 @@ def tree_latex(node: ir.Node, names: dict[str, str]) -> str:
     if isinstance(node, ir.Transpose):
         return go(node.a) + r"^{\mathsf{T}}"
     if isinstance(node, ir.Flatten):
-        return r"\operatorname{flatten}\left(" + go(node.a) + r"\right)"
+        return _operator("flatten", go(node.a))
     if isinstance(node, ir.ReshapeLike):
-        return (
-            r"\operatorname{reshape}\left("
-            + go(node.a)
-            + r",\ \operatorname{shape}("
-            + go(node.like)
-            + r")\right)"
-        )
+        return _operator("reshape", go(node.a), r"\operatorname{shape}(" + go(node.like) + ")")
     if isinstance(node, ir.Pad):
-        return (
-            r"\operatorname{pad}_{"
-            + _int(node.rows)
-            + ","
-            + _int(node.cols)
-            + r"}\left("
-            + go(node.a)
-            + r"\right)"
-        )
+        return _operator("pad", go(node.a), sub=_int(node.rows) + "," + _int(node.cols))
     if isinstance(node, ir.Crop):
-        return (
-            r"\operatorname{crop}_{"
-            + _int(node.top)
-            + ","
-            + _int(node.left)
-            + r"}^{"
-            + _int(node.height)
-            + r" \times "
-            + _int(node.width)
-            + r"}\left("
-            + go(node.a)
-            + r"\right)"
+        return _operator(
+            "crop",
+            go(node.a),
+            sub=_int(node.top) + "," + _int(node.left),
+            sup=_int(node.height) + r" \times " + _int(node.width),
         )
     if isinstance(node, ir.Dilate):
-        return r"\operatorname{dilate}_{" + _int(node.stride) + r"}\left(" + go(node.a) + r"\right)"
+        return _operator("dilate", go(node.a), sub=_int(node.stride))
     if isinstance(node, ir.Rot180):
-        return r"\operatorname{rot180}\left(" + go(node.kernel) + r"\right)"
+        return _operator("rot180", go(node.kernel))
     if isinstance(node, ir.Correlate):
-        stride = "" if sympy.sympify(node.stride) == 1 else r"_{" + _int(node.stride) + "}"
-        return (
-            r"\operatorname{correlate}"
-            + stride
-            + r"\left("
-            + go(node.a)
-            + ",\\ "
-            + go(node.kernel)
-            + r"\right)"
-        )
+        stride = "" if sympy.sympify(node.stride) == 1 else _int(node.stride)
+        return _operator("correlate", go(node.a), go(node.kernel), sub=stride)
     if isinstance(node, ir.CorrelateWeights):
-        return (
-            r"\operatorname{correlate}_{\Sigma n}\left("
-            + go(node.a)
-            + ",\\ "
-            + go(node.g)
-            + r"\right)"
-        )
+        return _operator("correlate", go(node.a), go(node.g), sub=r"\Sigma n")
     if isinstance(node, ir.FullConvolve):
-        return (
-            r"\operatorname{full\_convolve}\left("
-            + go(node.g)
-            + ",\\ "
-            + go(node.kernel)
-            + r"\right)"
-        )
+        return _operator(r"full\_convolve", go(node.g), go(node.kernel))
     if isinstance(node, ir.WindowSum):
-        return (
-            r"\operatorname{window\_sum}_{"
-            + _int(node.size)
-            + ","
-            + _int(node.stride)
-            + r"}\left("
-            + go(node.a)
-            + r"\right)"
-        )
+        return _operator(r"window\_sum", go(node.a), sub=_int(node.size) + "," + _int(node.stride))
     if isinstance(node, ir.WindowArgmax):
-        return (
-            r"\operatorname{first\_argmax}_{"
-            + _int(node.size)
-            + ","
-            + _int(node.stride)
-            + r"}\left("
-            + go(node.a)
-            + r"\right)"
+        return _operator(
+            r"first\_argmax", go(node.a), sub=_int(node.size) + "," + _int(node.stride)
         )
     if isinstance(node, ir.GatherWindows):
-        return r"\operatorname{gather}\left(" + go(node.a) + ",\\ " + go(node.index) + r"\right)"
+        return _operator("gather", go(node.a), go(node.index))
     if isinstance(node, ir.Upsample):
-        return (
-            r"\operatorname{kron}\left("
-            + go(node.a)
-            + r",\ \mathbf{1}_{"
-            + _int(node.size)
-            + r" \times "
-            + _int(node.size)
-            + r"}\right)"
-        )
+        ones = r"\mathbf{1}_{" + _int(node.size) + r" \times " + _int(node.size) + "}"
+        return _operator("kron", go(node.a), ones)
     if isinstance(node, ir.ScatterWindows):
-        return (
-            r"\operatorname{scatter\_windows}_{"
-            + _int(node.size)
-            + ","
-            + _int(node.stride)
-            + r"}\left("
-            + go(node.g)
-            + r"\right)"
+        return _operator(
+            r"scatter\_windows", go(node.g), sub=_int(node.size) + "," + _int(node.stride)
         )
     if isinstance(node, ir.RouteToArgmax):
         return r"\operatorname{route}\left(" + go(node.g) + r"\ \to\ " + go(node.index) + r"\right)"
     if isinstance(node, ir.Softmax):
-        return r"\operatorname{softmax}\left(" + go(node.z) + r"\right)"
+        return _operator("softmax", go(node.z))
     if isinstance(node, ir.LogSumExp):
-        return r"\operatorname{logsumexp}\left(" + go(node.z) + r"\right)"
+        return _operator("logsumexp", go(node.z))
     raise TypeError(f"no LaTeX for {type(node).__name__}")
