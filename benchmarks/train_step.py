@@ -105,7 +105,8 @@ def layer_label(index, layer):
     weight = getattr(layer, "weight", None)
     kind = type(layer).__name__.strip("_").lower()
     if weight:
-        return f"{index:2d} {kind} ({weight.rsplit('_', 1)[0]})"
+        module = layer.module.__name__.rsplit(".", 1)[-1]
+        return f"{index:2d} {module} ({weight.rsplit('_', 1)[0]})"
     forward = getattr(layer, "_forward", None)
     if forward is not None:
         module = getattr(forward, "__module__", "").rsplit(".", 1)[-1]

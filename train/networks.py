@@ -88,52 +88,43 @@ __all__ = [
 # otherwise leave arrays of their size kept until the next training step.
 
 
-class _Conv:
+class _WithParameters:
+    """A layer with a kernel and a bias: generated ``conv2d`` or ``dense``.
+
+    ``keywords`` go to the module's forward (the convolution's padding, say).
+    """
+
     input_gradient = True  # False for a first layer: nothing below it needs dx
 
-    def __init__(self, weight: str, bias: str, padding: int = 0):
-        self.weight, self.bias, self.padding = weight, bias, padding
+    def __init__(self, module, weight: str, bias: str, **keywords):
+        self.module, self.weight, self.bias, self.keywords = module, weight, bias, keywords
         self.cache = None
         self.workspace = {}
 
     def forward(self, x, params, keep=True):
-        out, self.cache = conv2d.forward(
+        out, self.cache = self.module.forward(
             x,
             params[self.weight],
             params[self.bias],
-            padding=self.padding,
+            **self.keywords,
             workspace=self.workspace if keep else None,
         )
         return out
 
     def backward(self, dout, grads):
-        dx, dw, db = conv2d.backward(
+        dx, dw, db = self.module.backward(
             dout, self.cache, input_gradient=self.input_gradient, workspace=self.workspace
         )
         grads[self.weight], grads[self.bias] = dw, db
         return dx
 
 
-class _Dense:
-    input_gradient = True
+def _conv(weight: str, bias: str, padding: int = 0):
+    return _WithParameters(conv2d, weight, bias, padding=padding)
 
-    def __init__(self, weight: str, bias: str):
-        self.weight, self.bias = weight, bias
-        self.cache = None
-        self.workspace = {}
 
-    def forward(self, x, params, keep=True):
-        out, self.cache = dense.forward(
-            x, params[self.weight], params[self.bias], workspace=self.workspace if keep else None
-        )
-        return out
-
-    def backward(self, dout, grads):
-        dx, dw, db = dense.backward(
-            dout, self.cache, input_gradient=self.input_gradient, workspace=self.workspace
-        )
-        grads[self.weight], grads[self.bias] = dw, db
-        return dx
+def _dense(weight: str, bias: str):
+    return _WithParameters(dense, weight, bias)
 
 
 class _Stateless:
@@ -489,11 +480,11 @@ class SeedNet(_SigmoidBCE, Network):
 
     def _layers(self):
         return [
-            _Conv("conv1_w", "conv1_b"),
+            _conv("conv1_w", "conv1_b"),
             _sigmoid(),
             _avgpool(),
             _flatten(),
-            _Dense("fc_w", "fc_b"),
+            _dense("fc_w", "fc_b"),
         ]
 
 
@@ -526,11 +517,11 @@ class ToyNet(_SigmoidBCE, Network):
 
     def _layers(self):
         return [
-            _Conv("conv1_w", "conv1_b"),
+            _conv("conv1_w", "conv1_b"),
             _relu(),
             _maxpool(),
             _flatten(),
-            _Dense("fc_w", "fc_b"),
+            _dense("fc_w", "fc_b"),
         ]
 
     def prepare(self, split: Split) -> Split:
@@ -571,18 +562,18 @@ class LeNet(Network):
 
     def _layers(self):
         return [
-            _Conv("conv1_w", "conv1_b", padding=2),
+            _conv("conv1_w", "conv1_b", padding=2),
             _relu(),
             _maxpool(),
-            _Conv("conv2_w", "conv2_b"),
+            _conv("conv2_w", "conv2_b"),
             _relu(),
             _maxpool(),
             _flatten(),
-            _Dense("fc1_w", "fc1_b"),
+            _dense("fc1_w", "fc1_b"),
             _relu(),
-            _Dense("fc2_w", "fc2_b"),
+            _dense("fc2_w", "fc2_b"),
             _relu(),
-            _Dense("fc3_w", "fc3_b"),
+            _dense("fc3_w", "fc3_b"),
         ]
 
     def _loss_forward(self, logits, targets):
