@@ -124,6 +124,12 @@ def _load_checkpoint(path: Path):
         raise UsageError(str(error)) from None
 
 
+def _given(recipe, args, options):
+    """``recipe`` with those of ``options`` (recipe fields, named as the CLI's) that were given."""
+    given = {name: getattr(args, name) for name in options}
+    return replace(recipe, **{name: value for name, value in given.items() if value is not None})
+
+
 def _recipe(args):
     """The run's recipe and its checkpoint (when resuming), from the options and defaults."""
     from .checkpoint import CHECKPOINT_NAME
@@ -153,16 +159,8 @@ def _recipe(args):
         if args.optimizer is not None and args.optimizer != recipe.optimizer:
             alternative = ALTERNATIVE_OPTIMIZERS[args.net][args.optimizer]
             recipe = replace(recipe, optimizer=args.optimizer, **alternative)
-        changes = {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "weight_decay": args.weight_decay,
-            "shift": args.shift,
-            "threads": args.threads,
-        }
-        recipe = replace(recipe, **{k: v for k, v in changes.items() if v is not None})
-        return recipe, out, None
+        options = ("epochs", "batch_size", "lr", "weight_decay", "shift", "threads")
+        return _given(recipe, args, options), out, None
 
     if not checkpoint_path.exists():
         raise UsageError(f"--resume: there is no checkpoint to resume in {out} ({checkpoint_path})")
@@ -183,14 +181,7 @@ def _recipe(args):
                 f"--resume: {option} {given} differs from the checkpoint's {kept}; "
                 "leave it out or start a new run with another --out"
             )
-    changes = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "threads": args.threads,
-    }
-    recipe = replace(stored, **{k: v for k, v in changes.items() if v is not None})
-    return recipe, out, checkpoint
+    return _given(stored, args, ("epochs", "batch_size", "lr", "threads")), out, checkpoint
 
 
 # ---------------------------------------------------------------------------- commands

@@ -199,6 +199,8 @@ class Network:
             raise ValueError(f"threads must be a whole number of at least 1, got {threads!r}")
         self.seed = seed
         self.threads = int(threads)
+        # Worker processes are forked; where fork is missing, everything runs here.
+        self._parallel = self.threads > 1 and parallel_supported()
         self.params: dict[str, np.ndarray] = {}
         self._build(np.random.default_rng(seed))
         self.layers = self._new_layers()
@@ -259,7 +261,7 @@ class Network:
 
     def _split(self, n: int) -> list[slice]:
         """The parts of a batch of ``n`` images: one part unless there are workers to share it."""
-        if self.threads == 1 or not parallel_supported():
+        if not self._parallel:
             return [slice(0, n)]
         return split_batch(n, self.threads)
 
