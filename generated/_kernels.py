@@ -420,15 +420,15 @@ def correlate(a, kernel, stride=1, *, workspace=None, key=""):
     if out.size == 0 or taps == 0:
         out[...] = 0
         return out
-    weights = kernel.reshape(taps, c_out).astype(dtype, copy=False)
-    rows = out_h * out_w
-    block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
     # The banded product multiplies pixels outside a window by the band's zeros: an inf
     # or NaN pixel would then spoil neighbouring outputs (0 * inf = NaN), so such inputs
     # take the im2col path, which multiplies each window's own pixels only.
     if c_in == 1 and stride == 1 and kh * kw >= _BANDED_MIN_TAPS and np.isfinite(a).all():
         _correlate_banded(a[:, :, :, 0], kernel[:, :, 0, :].astype(dtype, copy=False), out)
         return out
+    weights = kernel.reshape(taps, c_out).astype(dtype, copy=False)
+    rows = out_h * out_w
+    block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
     patch_buffer = _scratch("patches", block * rows * taps, dtype)
     if c_in == 1:
         # Patches laid out (u, v, n, i, j): each copied run is an output row, out_w long.
