@@ -65,6 +65,7 @@ SUFFIXES = {
     ir.Sum: "total",
     ir.Correlate: "correlated",
     ir.Upsample: "upsampled",
+    ir.Pointwise: "elementwise",
 }
 
 
@@ -220,7 +221,12 @@ class Emitter:
             for f in fields(node):
                 value = getattr(node, f.name)
                 if isinstance(value, ir.Node):
-                    arguments.append(self.code(value))
+                    if self.workspace is not None and isinstance(value, ir.Pointwise):
+                        # Its own statement, lowered into a kept array (see statement()),
+                        # rather than an expression that makes a new array on every call.
+                        arguments.append(self.bind(value, self.base_name(value)))
+                    else:
+                        arguments.append(self.code(value))
                 else:
                     arguments.append(integer_code(value))
             kernel = KERNELS[type(node)]

@@ -166,13 +166,21 @@ class UfuncLowering:
         return dest
 
     def add(self, expr, dest: str) -> str:
+        array_terms = [t for t in expr.args if self.is_array(t)]
+        scalars = [t for t in expr.args if not self.is_array(t)]
+        if len(array_terms) == 1 and scalars and array_terms[0].could_extract_minus_sign():
+            # c - x (as in 1 - a): one subtraction instead of negating x and adding c;
+            # the same value, since negation is exact.
+            minuend = self.scalar(sympy.Add(*scalars))
+            subtrahend = self.operand(-array_terms[0], dest, busy=False)
+            self.emit(f"np.subtract({minuend}, {subtrahend}, out={dest})")
+            return dest
         accumulated = None
-        for term in self._ordered([t for t in expr.args if self.is_array(t)]):
+        for term in self._ordered(array_terms):
             if accumulated is not None and term.could_extract_minus_sign():
                 accumulated = self.fold("np.subtract", accumulated, -term, dest)
             else:
                 accumulated = self.fold("np.add", accumulated, term, dest)
-        scalars = [t for t in expr.args if not self.is_array(t)]
         if scalars:
             accumulated = self.fold("np.add", accumulated, sympy.Add(*scalars), dest)
         return self.settle(accumulated, dest)

@@ -263,6 +263,8 @@ _pool_requirements = (
 )
 _pool_example = {_PN: 1, _PH: 4, _PW: 4, _PC: 1, SIZE: 2, STRIDE: 2}
 
+_scaled_dout = pointwise(sympy.Symbol("dout") / SIZE**2, dout=dout)
+
 avgpool2d = Layer(
     name="avgpool2d",
     title="2-D average pooling",
@@ -291,19 +293,17 @@ avgpool2d = Layer(
             "dx",
             "x",
             (
+                # dP is divided by k^2 before it is spread out, not after: the division
+                # runs over the k^2-times smaller array.  The values are the same (bit for
+                # bit when windows do not overlap: each element is then one dP element
+                # over k^2; a sum of several otherwise, equal up to rounding).
                 Case(
-                    pointwise(
-                        sympy.Symbol("upsampled") / SIZE**2,
-                        upsampled=Crop(Upsample(dout, SIZE), 0, 0, _PH, _PW),
-                    ),
+                    Crop(Upsample(_scaled_dout, SIZE), 0, 0, _PH, _PW),
                     condition=sympy.Eq(STRIDE, SIZE),
-                    name="kron(dP, ones(k, k)) / k^2 (non-overlapping windows)",
+                    name="kron(dP / k^2, ones(k, k)) (non-overlapping windows)",
                 ),
                 Case(
-                    pointwise(
-                        sympy.Symbol("scattered") / SIZE**2,
-                        scattered=ScatterWindows(dout, SIZE, STRIDE, _PH, _PW),
-                    ),
+                    ScatterWindows(_scaled_dout, SIZE, STRIDE, _PH, _PW),
                     name="scatter-add of dP / k^2 over each window (any stride)",
                 ),
             ),

@@ -640,14 +640,21 @@ def window_sum(a, size, stride, *, workspace=None, key=""):
     span_h = stride * (out_h - 1) + 1
     span_w = stride * (out_w - 1) + 1
     rows = buffer(workspace, key + ".rows", (n, out_h, w, c), a.dtype)
-    np.copyto(rows, a[:, 0:span_h:stride, :, :])
-    for u in range(1, size):
-        rows += a[:, u : u + span_h : stride, :, :]
+    _add_in_order([a[:, u : u + span_h : stride, :, :] for u in range(size)], rows)
     out = buffer(workspace, key, (n, out_h, out_w, c), a.dtype)
-    np.copyto(out, rows[:, :, 0:span_w:stride, :])
-    for v in range(1, size):
-        out += rows[:, :, v : v + span_w : stride, :]
+    _add_in_order([rows[:, :, v : v + span_w : stride, :] for v in range(size)], out)
     return out
+
+
+def _add_in_order(terms, out):
+    """out = ((terms[0] + terms[1]) + terms[2]) + ...: the first addition writes ``out``
+    (one pass instead of a copy and an addition), the others add to it."""
+    if len(terms) == 1:
+        np.copyto(out, terms[0])
+        return
+    np.add(terms[0], terms[1], out=out)
+    for term in terms[2:]:
+        out += term
 
 
 def _pixels(a):

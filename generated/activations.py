@@ -67,8 +67,7 @@ def sigmoid_backward(da, cache, *, workspace=None):
         np.broadcast_shapes(da.shape, out.shape),
         np.result_type(da, out),
     )
-    np.negative(out, out=dz)
-    np.add(dz, 1, out=dz)
+    np.subtract(1, out, out=dz)
     np.multiply(dz, da, out=dz)
     np.multiply(dz, out, out=dz)
     return dz
@@ -184,8 +183,7 @@ def tanh_backward(da, cache, *, workspace=None):
         np.result_type(da, out),
     )
     np.square(out, out=dz)
-    np.negative(dz, out=dz)
-    np.add(dz, 1, out=dz)
+    np.subtract(1, dz, out=dz)
     np.multiply(dz, da, out=dz)
     return dz
 

@@ -79,8 +79,7 @@ def bce_backward(cache, *, workspace=None):
         np.broadcast_shapes(probs.shape, targets.shape),
         np.result_type(probs, targets),
     )
-    np.negative(probs, out=dprobs_scratch1)
-    np.add(dprobs_scratch1, 1, out=dprobs_scratch1)
+    np.subtract(1, probs, out=dprobs_scratch1)
     np.divide(dprobs, dprobs_scratch1, out=dprobs)
     np.divide(dprobs, batch, out=dprobs)
     return dprobs
