@@ -120,6 +120,38 @@ def with_vector(ufunc, x, y, out):
     return ufunc(x, y, out=out)
 
 
+# Arrays smaller than this take with_scalar's plain ufunc call: a repeated row costs
+# more than it saves on a few thousand elements.
+_SCALAR_ROW_MIN_SIZE = 1 << 14
+
+
+def with_scalar(ufunc, x, y, out):
+    """``ufunc(x, y, out=out)`` where ``x`` or ``y`` is a scalar (0 in ReLU's max(0, z)).
+
+    NumPy's np.maximum and np.minimum take a slow loop when one operand is a scalar
+    (measured: 0.29 ms for 128 x 28 x 28 x 6 float32 values, three times an addition).
+    The scalar repeated to the length of one image, and broadcast over the images,
+    takes the fast loop (0.10 ms).  The element pairs are the same, so is the result.
+    """
+    scalar, full = (x, y) if np.ndim(x) == 0 else (y, x)
+    if (
+        np.ndim(scalar) == 0
+        and isinstance(full, np.ndarray)
+        and full.ndim >= 2
+        and full.shape == out.shape
+        and full.size >= _SCALAR_ROW_MIN_SIZE
+        and full.flags.c_contiguous
+        and out.flags.c_contiguous
+    ):
+        n = full.shape[0]
+        row = np.full((1, full.size // n), scalar, dtype=np.result_type(full, scalar))
+        wide, wide_out = full.reshape(n, -1), out.reshape(n, -1)
+        if scalar is x:
+            return ufunc(row, wide, out=wide_out).reshape(out.shape)
+        return ufunc(wide, row, out=wide_out).reshape(out.shape)
+    return ufunc(x, y, out=out)
+
+
 # ---------------------------------------------------------------------------
 # Padding, cropping, dilation, rotation
 # ---------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def relu_forward(z, *, workspace=None):
     """
     _k.check_arrays("activations.relu_forward", {"z": (z, None)})
     out = _k.buffer(workspace, "relu_forward.out", z.shape, z.dtype)
-    np.maximum(0, z, out=out)
+    _k.with_scalar(np.maximum, 0, z, out)
     cache = {"z": z, "out_shape": out.shape}
     return out, cache
 

@@ -657,6 +657,31 @@ def test_with_vector_is_the_plain_ufunc_bitwise(ufunc, shape):
     assert np.array_equal(out, ufunc(strided, vector))
 
 
+@pytest.mark.parametrize("ufunc", [np.maximum, np.minimum])
+@pytest.mark.parametrize("shape", [(64, 28, 28, 6), (3, 4, 5), (0, 3, 2), (40000,)], ids=str)
+def test_with_scalar_is_the_plain_ufunc_bitwise(ufunc, shape):
+    """Reference: ufunc(x, y, out=...) itself, bitwise, for the scalar on either side, with
+    NaN, infinities and signed zeros among the values; (64, 28, 28, 6) is large enough to
+    take the repeated row, a transposed view and a 1-D array take the plain call."""
+    from generated import _kernels
+
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=shape).astype(np.float32)
+    flat = full.reshape(-1)
+    flat[: min(flat.size, 5)] = [np.nan, np.inf, -np.inf, -0.0, 0.0][: min(flat.size, 5)]
+    for scalar in (0, -0.0, 0.5):
+        for x, y in ((scalar, full), (full, scalar)):
+            want = ufunc(x, y)
+            out = np.empty_like(want)
+            assert _kernels.with_scalar(ufunc, x, y, out) is not None
+            assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+    if full.ndim > 2:
+        strided = full.transpose(1, 0, *range(2, full.ndim))
+        out = np.empty(strided.shape, np.float32)
+        _kernels.with_scalar(ufunc, strided, 0, out)
+        assert np.array_equal(out.view(np.uint32), ufunc(strided, 0).view(np.uint32))
+
+
 def test_maxpool_workspace_follows_inputs_whose_windows_have_the_same_shape():
     """Reference: the same calls without a workspace, bitwise.  Inputs of 8x8, 9x9, 8x9 and
     9x8 pixels all give 4x4 windows at size 2, stride 2 (and 7x7 / 8x8 at stride 1 give 6x6 /
