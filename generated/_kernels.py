@@ -29,7 +29,7 @@ def check_arrays(where, arrays):
     for name, (array, axes) in arrays.items():
         if not isinstance(array, np.ndarray):
             raise TypeError(f"{where}: {name} must be a NumPy array, got {type(array).__name__}")
-        if not np.issubdtype(array.dtype, np.floating):
+        if array.dtype.kind != "f":  # np.floating; a kind test is a tenth of issubdtype's time
             raise TypeError(
                 f"{where}: {name} has dtype {array.dtype}; cnnderive computes in floating point, "
                 f"pass {name}.astype(np.float32) or np.float64"
