@@ -278,10 +278,11 @@ def _emit_cases(emitter: Emitter, gradient) -> list[str]:
     if len(gradient.cases) == 1:
         branch = emitter.branch()
         branch.assign(gradient.name, gradient.cases[0].tree)
+        emitter.names |= branch.names  # see below
         return branch.lines
     if gradient.cases[-1].condition != sympy.true:
         raise ValueError(f"{gradient.name}: the last case must hold unconditionally")
-    lines = []
+    lines, taken = [], set()
     for number, case in enumerate(gradient.cases):
         branch = emitter.branch()
         branch.uses = Counter()  # each case counts its own uses
@@ -294,6 +295,11 @@ def _emit_cases(emitter: Emitter, gradient) -> list[str]:
         else:
             lines.append(f"elif {integer_code(case.condition)}:")
         lines += ["    " + line for line in branch.lines]
+        taken |= branch.names
+    # Names taken in the branches stay taken for what follows: a name is also a workspace
+    # key, and a later statement under the same key would overwrite a kept array that may
+    # hold this gradient.  (The branches exclude one another: they may share names.)
+    emitter.names |= taken
     return lines
 
 

@@ -172,11 +172,12 @@ class UfuncLowering:
         array_terms = [t for t in expr.args if self.is_array(t)]
         scalars = [t for t in expr.args if not self.is_array(t)]
         if len(array_terms) == 1 and scalars and array_terms[0].could_extract_minus_sign():
-            # c - x (as in 1 - a): one subtraction instead of negating x and adding c;
-            # the same value, since negation is exact.
+            # c - x (as in 1 - a): one subtraction instead of negating x and adding c.
+            # In dest's dtype, as the negation and addition were (-x into dest is exact
+            # even when dest is wider than x): the same bits.
             minuend = self.scalar(sympy.Add(*scalars))
             subtrahend = self.operand(-array_terms[0], dest, busy=False)
-            self.emit(f"np.subtract({minuend}, {subtrahend}, out={dest})")
+            self.emit(f"np.subtract({minuend}, {subtrahend}, out={dest}, dtype={dest}.dtype)")
             return dest
         accumulated = None
         for term in self._ordered(array_terms):

@@ -294,9 +294,10 @@ avgpool2d = Layer(
             "x",
             (
                 # dP is divided by k^2 before it is spread out, not after: the division
-                # runs over the k^2-times smaller array.  The values are the same (bit for
-                # bit when windows do not overlap: each element is then one dP element
-                # over k^2; a sum of several otherwise, equal up to rounding).
+                # runs over dP, k^2 times smaller than dX when stride = size.  The values
+                # are the same (bit for bit when windows do not overlap: each element is
+                # then one dP element over k^2; a sum of several otherwise, equal up to
+                # rounding).
                 Case(
                     Crop(Upsample(_scaled_dout, SIZE), 0, 0, _PH, _PW),
                     condition=sympy.Eq(STRIDE, SIZE),

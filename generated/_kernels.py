@@ -120,9 +120,11 @@ def with_vector(ufunc, x, y, out):
     return ufunc(x, y, out=out)
 
 
-# Arrays smaller than this take with_scalar's plain ufunc call: a repeated row costs
-# more than it saves on a few thousand elements.
+# with_scalar's repeated row pays for arrays of at least _SCALAR_ROW_MIN_SIZE elements
+# with rows (one image) of at least _SCALAR_ROW_MIN_LENGTH: on fewer elements, or on
+# narrow rows (many short loops), the plain call is faster.
 _SCALAR_ROW_MIN_SIZE = 1 << 14
+_SCALAR_ROW_MIN_LENGTH = 512
 
 
 def with_scalar(ufunc, x, y, out):
@@ -140,6 +142,7 @@ def with_scalar(ufunc, x, y, out):
         and full.ndim >= 2
         and full.shape == out.shape
         and full.size >= _SCALAR_ROW_MIN_SIZE
+        and full.size >= _SCALAR_ROW_MIN_LENGTH * full.shape[0]
         and full.flags.c_contiguous
         and out.flags.c_contiguous
     ):

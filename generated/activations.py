@@ -67,7 +67,7 @@ def sigmoid_backward(da, cache, *, workspace=None):
         np.broadcast_shapes(da.shape, out.shape),
         np.result_type(da, out),
     )
-    np.subtract(1, out, out=dz)
+    np.subtract(1, out, out=dz, dtype=dz.dtype)
     np.multiply(dz, da, out=dz)
     np.multiply(dz, out, out=dz)
     return dz
@@ -183,7 +183,7 @@ def tanh_backward(da, cache, *, workspace=None):
         np.result_type(da, out),
     )
     np.square(out, out=dz)
-    np.subtract(1, dz, out=dz)
+    np.subtract(1, dz, out=dz, dtype=dz.dtype)
     np.multiply(dz, da, out=dz)
     return dz
 

@@ -79,7 +79,7 @@ def bce_backward(cache, *, workspace=None):
         np.broadcast_shapes(probs.shape, targets.shape),
         np.result_type(probs, targets),
     )
-    np.subtract(1, probs, out=dprobs_scratch1)
+    np.subtract(1, probs, out=dprobs_scratch1, dtype=dprobs_scratch1.dtype)
     np.divide(dprobs, dprobs_scratch1, out=dprobs)
     np.divide(dprobs, batch, out=dprobs)
     return dprobs

@@ -345,3 +345,44 @@ def test_verified_results_proves_the_layer_it_is_given():
         prove(bad, bad.example)
     with pytest.raises(UnverifiedError):
         verified_results([bad])
+
+
+def test_names_taken_in_a_branch_are_not_reused_as_workspace_keys_later():
+    """Reference: the same function without a workspace.  Gradient ``da`` has two cases,
+    each a kernel over a pointwise of dout that is bound to a name (and so to a workspace
+    key) inside its branch; a later gradient ``db`` binds another pointwise of dout.  If
+    ``db`` took the same name, its statement would overwrite the kept array that ``da``
+    (a view of it here: crop within bounds) still is."""
+    from codegen.emit import Emitter
+    from codegen.render import _emit_cases
+    from derive.ir import Case, Crop, Upsample
+    from derive.layers import _PH, _PW, SIZE, STRIDE
+    from generated import _kernels
+
+    dout = Operand("dout")
+    doubled = pointwise(sympy.Symbol("dout") * 2, dout=dout)
+    tripled = pointwise(sympy.Symbol("dout") * 3, dout=dout)
+    da = Gradient(
+        "da",
+        "a",
+        (
+            Case(Crop(Upsample(doubled, SIZE), 0, 0, _PH, _PW), condition=sympy.Eq(STRIDE, SIZE)),
+            Case(Crop(doubled, 0, 0, _PH, _PW)),
+        ),
+    )
+    emitter = Emitter(names={"dout", "workspace"}, workspace="workspace", function="backward")
+    body = _emit_cases(emitter, da)
+    emitter.count(Upsample(tripled, 1))
+    emitter.assign("db", Upsample(tripled, 1))
+    body += emitter.lines
+    source = "def backward(dout, size, stride, in_height, in_width, *, workspace=None):\n"
+    source += "".join(f"    {line}\n" for line in body) + "    return da, db\n"
+    namespace = {"np": np, "_k": _kernels}
+    exec(source, namespace)
+    dout_values = np.arange(1, 9, dtype=np.float32).reshape(1, 2, 4, 1)
+    # size 1, stride 2: the second case (da = crop of 2 * dout)
+    fresh = namespace["backward"](dout_values, 1, 2, 2, 4)
+    kept = namespace["backward"](dout_values, 1, 2, 2, 4, workspace={})
+    assert np.array_equal(fresh[0], 2 * dout_values)
+    assert np.array_equal(kept[0], 2 * dout_values), source
+    assert np.array_equal(kept[1], 3 * dout_values)

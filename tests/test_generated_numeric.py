@@ -682,6 +682,26 @@ def test_with_scalar_is_the_plain_ufunc_bitwise(ufunc, shape):
         assert np.array_equal(out.view(np.uint32), ufunc(strided, 0).view(np.uint32))
 
 
+def test_one_minus_a_is_computed_in_the_wider_dtype_of_mixed_inputs():
+    """Reference: NumPy in float64 on the float32 outputs widened (exact), in the lowered
+    order, bitwise: ((1 - a) * da) * a for sigmoid; (1 - a^2) * da for tanh, with a^2 in
+    float32 as NumPy computes ``a**2``.  The subtraction must not round in float32."""
+    from generated import activations
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(64, 10)).astype(np.float32)
+    da = rng.normal(size=(64, 10))
+    out, cache = activations.sigmoid_forward(z)
+    wide = out.astype(np.float64)
+    for workspace in (None, {}):
+        got = activations.sigmoid_backward(da, cache, workspace=workspace)
+        assert got.dtype == np.float64
+        assert np.array_equal(got, (1.0 - wide) * da * wide)
+    out, cache = activations.tanh_forward(z)
+    squared = (out**2).astype(np.float64)
+    assert np.array_equal(activations.tanh_backward(da, cache), (1.0 - squared) * da)
+
+
 def test_maxpool_workspace_follows_inputs_whose_windows_have_the_same_shape():
     """Reference: the same calls without a workspace, bitwise.  Inputs of 8x8, 9x9, 8x9 and
     9x8 pixels all give 4x4 windows at size 2, stride 2 (and 7x7 / 8x8 at stride 1 give 6x6 /
