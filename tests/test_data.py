@@ -476,3 +476,23 @@ def test_unwritable_cache_falls_back(tmp_path, monkeypatch):
 def test_download_disabled_creates_nothing(tmp_path):
     load_dataset("mnist", allow_download=False, log=lambda _: None)
     assert not (tmp_path / "cache").exists()
+
+
+def test_first_of_each_class_takes_the_classes_in_turn_in_file_order():
+    """Reference: the selection written out by hand for labels 0 0 0 1 1 2 (sorted by class,
+    as the shipped subset is): 4 images are the first 0, 1 and 2, then the second 0."""
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    split = data.Split(images=np.arange(6.0).reshape(6, 1, 1, 1), labels=labels)
+    picked = data.first_of_each_class(split, 4)
+    assert picked.labels.tolist() == [0, 0, 1, 2]
+    assert picked.images[:, 0, 0, 0].tolist() == [0.0, 1.0, 3.0, 5.0]  # file order kept
+    assert data.first_of_each_class(split, 100).labels.tolist() == labels.tolist()
+
+
+def test_limit_on_the_shipped_subset_holds_every_digit():
+    """The shipped subset is sorted by digit: its first 400 training images are all zeros.
+    --limit 400 must still give 40 images of each digit."""
+    bundle = data._load_subset()  # not load_dataset: full MNIST in the cache would win
+    assert set(bundle.train.labels[:400].tolist()) == {0}
+    picked = data.first_of_each_class(bundle.train, 400)
+    assert np.bincount(picked.labels, minlength=10).tolist() == [40] * 10

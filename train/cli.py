@@ -69,8 +69,8 @@ def add_parsers(commands) -> None:
         "--limit",
         type=int,
         metavar="N",
-        help="use only the first N training images, in file order (the shipped 5k subset "
-        "is sorted by digit, so a small N there covers only the first digits)",
+        help="use only N training images: the first of each class, then the second of "
+        "each, and so on (the same images for every seed)",
     )
     p.add_argument(
         "--threads",

@@ -39,7 +39,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import optim
-from .data import DataBundle, Split
+from .data import DataBundle, Split, first_of_each_class
 from .networks import Network, build
 
 __all__ = [
@@ -70,7 +70,7 @@ class Recipe:
     epochs: int
     seed: int = 0
     dataset: str = "mnist"
-    limit: int | None = None  # use only the first ``limit`` training images
+    limit: int | None = None  # use only ``limit`` training images (data.first_of_each_class)
     weight_decay: float = 0.0  # decoupled, see train.optim
     shift: int = 0  # augmentation: random translations of up to this many pixels
     momentum: float = 0.95  # SGD only: the momentum reached after its warm-up from 0.5
@@ -176,7 +176,7 @@ def prepare_splits(
     """(train, validation, test) as ``net``'s task sees them; ``limit`` cuts the training set."""
     train = bundle.train
     if limit is not None:
-        train = Split(images=train.images[:limit], labels=train.labels[:limit])
+        train = first_of_each_class(train, limit)
     test = net.prepare(bundle.test) if bundle.test is not None else None
     return net.prepare(train), net.prepare(bundle.validation), test
 
