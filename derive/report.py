@@ -97,7 +97,8 @@ def latex_to_text(latex: str) -> str:
             text = re.sub(pattern, replacement, text)
         if previous == text:  # plain groups last, so that they cannot break a fraction apart
             text = re.sub(r"(?<!\\frac)(?<!\})\{([^{}]*)\}", r"\1", text)
-    text = re.sub(r"\(([A-Za-z0-9∂ ]+)\)/\(([A-Za-z0-9∂ \[\],]+)\)", r"\1/\2", text)
+    text = re.sub(r"\^\((\w+)\)", r"^\1", text)  # k^(2) -> k^2
+    text = re.sub(r"\(([\w∂^ ]+)\)/\(([\w∂^ \[\],]+)\)", r"\1/\2", text)
     return re.sub(r"[ ]{2,}", " ", text).strip()
 
 
