@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cnnderive.cli import UsageError
+from cnnderive.files import folder_problem
+
 
 def add_parsers(commands) -> None:
     generate = commands.add_parser(
@@ -26,10 +29,20 @@ def run_generate(args) -> int:
     from codegen.render import DEFAULT_OUTPUT, UnverifiedError, generate
 
     output = args.output or DEFAULT_OUTPUT
+    problem = None if args.check else folder_problem(output)
+    if problem is not None:  # before the proofs, which take a while
+        raise UsageError(f"cannot write to {output}: {problem}; choose another --output")
     try:
         diffs = generate(output=output, check=args.check)
     except UnverifiedError as error:
         print(f"cnnderive generate: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(
+            f"cnnderive generate: could not write {error.filename or output}: "
+            f"{error.strerror or error}",
+            file=sys.stderr,
+        )
         return 1
     if args.check:
         if diffs:

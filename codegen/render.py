@@ -10,9 +10,7 @@ versions, sorted everywhere, so regeneration is byte-identical.
 from __future__ import annotations
 
 import difflib
-import os
 import subprocess
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import jinja2
 import sympy
 
+from cnnderive.files import replace_atomically
 from codegen.emit import Emitter, dims_in
 from codegen.printer import integer_code
 from derive import ir
@@ -426,21 +425,30 @@ def render(
 
 def write_atomically(path: Path, content: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(content)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    replace_atomically(path, lambda stream: stream.write(content.encode("utf-8")))
+
+
+def _generated_before(output: Path) -> set[str]:
+    """Names of the ``*.py`` files in ``output`` that start with the generated-file header.
+
+    Only those count as stale when no longer generated: ``--output`` may name a folder that
+    also holds other Python files, and those are not cnnderive's to delete."""
+    if not output.is_dir():
+        return set()
+    marker = HEADER.split("{")[0].encode()
+    found = set()
+    for path in output.glob("*.py"):
+        with open(path, "rb") as stream:
+            if stream.read(len(marker)) == marker:
+                found.add(path.name)
+    return found
 
 
 def differences(files: dict[str, str], output: Path) -> list[str]:
-    """Unified diffs between ``files`` and what is on disk (missing and stale files included)."""
+    """Unified diffs between ``files`` and what is on disk (missing files, and stale files
+    that a generation left, included)."""
     diffs = []
-    present = {p.name for p in output.glob("*.py")} if output.is_dir() else set()
+    present = _generated_before(output)
     for name in sorted(set(files) | present):
         path = output / name
         old = path.read_text(encoding="utf-8") if path.exists() else ""
@@ -468,6 +476,6 @@ def generate(output: Path = DEFAULT_OUTPUT, check: bool = False) -> list[str]:
             path = output / name
             if not path.exists() or path.read_text(encoding="utf-8") != content:
                 write_atomically(path, content)
-        for stale in sorted({p.name for p in output.glob("*.py")} - set(files)):
+        for stale in sorted(_generated_before(output) - set(files)):
             (output / stale).unlink()
     return diffs

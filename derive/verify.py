@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -322,8 +321,11 @@ def verify_layers(
     try:
         if workers > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
             context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                for job, results in zip(jobs, pool.map(_prove_chunk, jobs)):
+            # A multiprocessing pool, whose exit terminates its workers at once: Ctrl-C that
+            # reaches this process only (kill -INT, a cancelled CI job) ends the command
+            # without waiting for the proofs still queued or running, minutes of them.
+            with context.Pool(workers) as pool:
+                for job, results in zip(jobs, pool.imap(_prove_chunk, jobs)):
                     collected[layers[job[0]].name].extend(results)
         else:
             for job in jobs:

@@ -237,3 +237,30 @@ def test_plain_text_and_latex_carry_the_same_steps():
     text, latex = to_text(blocks), to_latex(blocks)
     assert "kron" in text and r"\operatorname{kron}" in latex
     assert "when" in text  # the kron form holds when stride = size
+
+
+def test_ctrl_c_to_the_main_process_only_stops_verify_at_once():
+    """Reference: exit code 130 within 3 s of SIGINT sent to the command's process alone (as
+    `kill -INT` or a cancelled CI job does; the pool's workers get no signal).  Leaving the
+    pool used to wait for every proof still queued or running (6-8 s here)."""
+    import signal
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cnnderive.cli", "verify"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)  # the whole sweep takes 15 s or more
+    assert process.poll() is None
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    try:
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err[-2000:]
+    assert time.monotonic() - sent < 3
+    assert err.strip().splitlines()[-1] == "interrupted"

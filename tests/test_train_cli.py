@@ -251,3 +251,37 @@ def test_the_train_command_never_imports_sympy(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_an_unwritable_out_is_a_usage_error_before_any_work(capsys, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    assert_usage_error(
+        capsys, *TRAIN, "--net", "toy", "--out", "a_file", match="a_file is a file, not a folder"
+    )
+    assert_usage_error(
+        capsys, *TRAIN, "--net", "toy", "--out", "a_file/run", match="choose another --out"
+    )
+    assert_usage_error(capsys, "generate", "--output", "a_file", match="choose another --output")
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_a_full_disk_while_saving_exits_1_and_keeps_the_last_checkpoint(
+    capsys, tmp_path, monkeypatch
+):
+    """Reference: the checkpoint of epoch 1, byte for byte, after a save in epoch 2 fails."""
+    import cnnderive.files
+
+    args = (*TRAIN, "--net", "toy", "--limit", "1000", "--out", "full")
+    assert run(capsys, *args, "--epochs", "1")[0] == 0
+    before = (tmp_path / "full" / "checkpoint.npz").read_bytes()
+
+    def no_room(path, write):
+        raise OSError(28, "No space left on device", str(path))
+
+    for module in ("train.checkpoint", "train.loop", "train.plots"):
+        monkeypatch.setattr(f"{module}.replace_atomically", no_room)
+    code, out, err = run(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 1 and "Traceback" not in err
+    assert "No space left on device" in err and "--resume" in err
+    assert (tmp_path / "full" / "checkpoint.npz").read_bytes() == before
+    assert cnnderive.files.replace_atomically is not no_room

@@ -12,15 +12,15 @@ mid-write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CHECKPOINT_NAME", "Checkpoint", "CheckpointError", "load", "save", "write_atomic"]
+from cnnderive.files import replace_atomically
+
+__all__ = ["CHECKPOINT_NAME", "Checkpoint", "CheckpointError", "load", "save"]
 
 CHECKPOINT_NAME = "checkpoint.npz"
 FORMAT = 1
@@ -41,21 +41,6 @@ class Checkpoint:
         return int(self.meta["epoch"])
 
 
-def write_atomic(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(path: Path, checkpoint: Checkpoint) -> None:
     arrays: dict[str, np.ndarray] = {}
     for name, value in checkpoint.params.items():
@@ -65,7 +50,7 @@ def save(path: Path, checkpoint: Checkpoint) -> None:
         arrays[f"optim/{key}"] = value
     meta = dict(checkpoint.meta, format=FORMAT, optimizer_state=opt)
     arrays["meta"] = np.array(json.dumps(meta))
-    write_atomic(path, lambda handle: np.savez(handle, **arrays))
+    replace_atomically(path, lambda handle: np.savez(handle, **arrays))
 
 
 def load(path: Path) -> Checkpoint:

@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cnnderive.cli import UsageError
+from cnnderive.files import folder_problem
 
 from .data import DATASETS, DataError, load_dataset
 from .networks import NETWORKS
@@ -149,6 +150,9 @@ def _recipe(args):
     dataset = args.dataset or "mnist"
     out = Path(args.out) if args.out else Path("runs") / f"{args.net}-{dataset}-seed{seed}"
     checkpoint_path = out / CHECKPOINT_NAME
+    problem = folder_problem(out)
+    if problem is not None:
+        raise UsageError(f"cannot write the run to {out}: {problem}; choose another --out")
 
     if not args.resume:
         if checkpoint_path.exists():
@@ -227,6 +231,14 @@ def run_train(args) -> int:
         return 1
     except ValueError as error:  # e.g. --limit leaves no image of the toy task's digits
         raise UsageError(str(error)) from None
+    except OSError as error:  # a full disk, say, while saving
+        print(
+            f"cnnderive train: could not write {error.filename or out}: "
+            f"{error.strerror or error}. The checkpoint of the last completed epoch is kept; "
+            "--resume continues from it once there is room.",
+            file=sys.stderr,
+        )
+        return 1
     last = history[-1]
     print(
         f"Done in {time.perf_counter() - began:.1f} s: validation accuracy "

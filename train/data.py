@@ -34,7 +34,6 @@ import gzip
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -43,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cnnderive.files import replace_atomically
 
 __all__ = ["DataBundle", "DataError", "Split", "first_of_each_class", "load_dataset", "read_idx"]
 
@@ -357,21 +358,18 @@ def _fetch(url: str, target: Path, md5: str, timeout: float) -> None:
     The temporary file sits in the target's folder and is removed unless its md5 matches,
     in which case it is renamed into place in one step.
     """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
+
+    def download(out) -> None:
         digest = hashlib.md5()
         request = urllib.request.Request(url, headers={"User-Agent": "cnnderive"})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             while chunk := resp.read(_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != md5:
             raise OSError(f"md5 {digest.hexdigest()} differs from the published {md5}")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    replace_atomically(target, download)
 
 
 def _download(

@@ -37,6 +37,8 @@ from typing import Callable
 
 import numpy as np
 
+from cnnderive.files import replace_atomically
+
 from . import checkpoint as ckpt
 from . import optim
 from .data import DataBundle, Split, first_of_each_class
@@ -192,7 +194,7 @@ def evaluate(net: Network, split: Split, batch_size: int = 500) -> tuple[float, 
 
 def _write_json(path: Path, data) -> None:
     text = json.dumps(data, indent=2) + "\n"
-    ckpt.write_atomic(path, lambda handle: handle.write(text.encode()))
+    replace_atomically(path, lambda handle: handle.write(text.encode()))
 
 
 def _finite(params: dict[str, np.ndarray]) -> bool:

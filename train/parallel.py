@@ -157,7 +157,10 @@ def _worker_main(connection, parent_ends, build_network, layout, index):
                     reply = ("error", f"unknown message {kind!r}")
         except BaseException:
             reply = ("error", traceback.format_exc())
-        connection.send(reply)
+        try:
+            connection.send(reply)
+        except OSError:  # the parent is gone or stopped listening (Ctrl-C): nothing to tell
+            return
 
 
 class PartWorkers:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import write_atomic
+from cnnderive.files import replace_atomically
 
 __all__ = ["plot_curves", "plot_filters"]
 
@@ -27,7 +27,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> None:
-    write_atomic(Path(path), lambda handle: fig.savefig(handle, format="png"))
+    replace_atomically(path, lambda handle: fig.savefig(handle, format="png"))
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
