@@ -65,7 +65,14 @@ _SYMBOLS = {
     r"\infty": "∞",
     r"\tilde{X}": "X̃",
     r"\max": "max",
+    r"\min": "min",
     r"\log": "log",
+    r"\exp": "exp",
+    r"\tanh": "tanh",
+    r"\bmod": "mod",
+    r"\Sigma": "Σ",
+    r"\:": " ",
+    r"\!": "",
     r"\qquad": "    ",
     r"\quad": "  ",
     r"\;": " ",
@@ -80,6 +87,7 @@ _SYMBOLS = {
 
 def latex_to_text(latex: str) -> str:
     text = re.sub(r"\\begin\{[a-z]*\}|\\end\{[a-z]*\}", "", latex)
+    text = text.replace("\\\\", "; ")  # a line break, before "\ " (a space) can split it
     for macro in sorted(_SYMBOLS, key=len, reverse=True):
         text = text.replace(macro, _SYMBOLS[macro])
     text = text.replace("&", " ").replace("\\_", "_")
@@ -97,6 +105,7 @@ def latex_to_text(latex: str) -> str:
             text = re.sub(pattern, replacement, text)
         if previous == text:  # plain groups last, so that they cannot break a fraction apart
             text = re.sub(r"(?<!\\frac)(?<!\})\{([^{}]*)\}", r"\1", text)
+    text = re.sub(r"\\([A-Za-z]+)", r"\1", text)  # any other macro: its name
     text = re.sub(r"\^\((\w+)\)", r"^\1", text)  # k^(2) -> k^2
     text = re.sub(r"\(([\w∂^ ]+)\)/\(([\w∂^ \[\],]+)\)", r"\1/\2", text)
     return re.sub(r"[ ]{2,}", " ", text).strip()

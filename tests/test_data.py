@@ -417,13 +417,22 @@ def test_download_resumes_and_keeps_existing_files(tmp_path, server, shipped, mo
 
 def test_test_files_failing_still_loads_training_files(tmp_path, server, shipped, monkeypatch):
     publish(server, shipped, monkeypatch, "mnist")
+    (server[0] / "aside").mkdir()
     for name in data.TEST_FILES:
-        (server[0] / "good" / name).unlink()
+        (server[0] / "good" / name).rename(server[0] / "aside" / name)
     monkeypatch.setitem(data.MIRRORS, "mnist", (f"{server[1]}/good/",))
     logs: list[str] = []
     bundle = load_dataset("mnist", log=logs.append)
     assert bundle.name == "mnist" and bundle.test is None
     assert any("test" in line for line in logs)
+    # The mirror has them again: the next load fetches them (the cache's training files
+    # alone do not settle it).
+    for name in data.TEST_FILES:
+        (server[0] / "aside" / name).rename(server[0] / "good" / name)
+    logs.clear()
+    again = load_dataset("mnist", log=logs.append)
+    assert again.test is not None and len(again.test.labels) == 30
+    assert all("train-" not in line for line in logs)
 
 
 def test_download_md5_mismatch_everywhere_falls_back(tmp_path, server, shipped, monkeypatch):

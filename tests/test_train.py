@@ -447,6 +447,9 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
         ckpt.load(tmp_path / "checkpoint.npz")
     (tmp_path / "checkpoint.npz").write_bytes(b"not a zip")
+    with pytest.raises(ckpt.CheckpointError, match="not an .npz archive"):
+        ckpt.load(tmp_path / "checkpoint.npz")
+    np.savez(tmp_path / "checkpoint.npz", other=np.zeros(2))  # an archive, but no meta
     with pytest.raises(ckpt.CheckpointError, match="not a readable"):
         ckpt.load(tmp_path / "checkpoint.npz")
 

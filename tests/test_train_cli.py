@@ -173,6 +173,8 @@ def test_a_worker_process_that_dies_stops_the_run_with_exit_1(capsys, monkeypatc
         ((*TRAIN, "--net", "seed", "--lr", "-0.1"), "--lr must be a positive number"),
         ((*TRAIN, "--net", "seed", "--lr", "nan"), "--lr must be a positive number"),
         ((*TRAIN, "--net", "seed", "--shift", "-1"), "--shift must be at least 0"),
+        ((*TRAIN, "--net", "seed", "--shift", "28"), "image side (28 pixels), got 28"),
+        ((*TRAIN, "--net", "toy", "--shift", "6"), "image side (6 pixels), got 6"),
         ((*TRAIN, "--net", "seed", "--threads", "0"), "--threads must be at least 1"),
         ((*TRAIN, "--net", "seed", "--weight-decay", "-1"), "--weight-decay must be a number"),
         (
@@ -220,7 +222,11 @@ def test_resume_refuses_a_different_recipe_and_new_run_refuses_an_existing_one(c
 def test_evaluate_rejects_a_corrupt_checkpoint(capsys, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "checkpoint.npz").write_bytes(b"garbage")
-    assert_usage_error(capsys, "evaluate", "bad", match="not a readable cnnderive checkpoint")
+    assert_usage_error(capsys, "evaluate", "bad", match="not a cnnderive checkpoint: not an .npz")
+    # An archive holding pickled objects: refused without numpy's advice to load it unsafely.
+    np.savez(tmp_path / "bad" / "checkpoint.npz", meta=np.array([None], dtype=object))
+    code, out, err = run(capsys, "evaluate", "bad")
+    assert code == 2 and "pickled Python objects" in err and "allow_pickle" not in err
 
 
 def test_resume_through_the_cli_is_bitwise_exact(capsys, tmp_path):
@@ -285,3 +291,21 @@ def test_a_full_disk_while_saving_exits_1_and_keeps_the_last_checkpoint(
     assert "No space left on device" in err and "--resume" in err
     assert (tmp_path / "full" / "checkpoint.npz").read_bytes() == before
     assert cnnderive.files.replace_atomically is not no_room
+
+
+def test_evaluate_warns_when_the_validation_images_come_from_other_data(tiny_run, capsys, tmp_path):
+    """A run trained on full MNIST, evaluated where only the shipped subset is found: the
+    subset's validation images are full MNIST training images, so the score is suspect."""
+    import dataclasses
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run[0], copy)
+    saved = ckpt.load(copy / "checkpoint.npz")
+    meta = {**saved.meta, "data": "mnist"}
+    ckpt.save(copy / "checkpoint.npz", dataclasses.replace(saved, meta=meta))
+    code, out, err = run(capsys, "evaluate", str(copy), "--no-download")
+    assert code == 0, err
+    assert "warning" in err and "trained on mnist" in err and "--data-dir" in err
+    code, out, err = run(capsys, "evaluate", str(tiny_run[0]), "--no-download")
+    assert code == 0 and "warning" not in err

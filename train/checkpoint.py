@@ -57,13 +57,21 @@ def load(path: Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # np.load would take it for a pickle, and say so
+        raise CheckpointError(
+            f"{path} is not a cnnderive checkpoint: not an .npz archive (damaged, or another "
+            "kind of file)"
+        )
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             params = {k[len("param/") :]: data[k] for k in data.files if k.startswith("param/")}
             buffers = {k[len("optim/") :]: data[k] for k in data.files if k.startswith("optim/")}
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not a readable cnnderive checkpoint ({error})") from None
+        reason = str(error)
+        if "pickle" in reason:  # numpy's advice to load it unsafely is not ours to give
+            reason = "it holds pickled Python objects, which are never loaded"
+        raise CheckpointError(f"{path} is not a readable cnnderive checkpoint ({reason})") from None
     if meta.get("format") != FORMAT or "optimizer_state" not in meta:
         raise CheckpointError(f"{path} is not a cnnderive checkpoint of format {FORMAT}")
     optimizer = dict(meta.pop("optimizer_state"), buffers=buffers)

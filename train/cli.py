@@ -141,6 +141,12 @@ def _recipe(args):
     _positive("--limit", args.limit)
     _positive("--seed", args.seed, 0)
     _positive("--shift", args.shift, 0)
+    side = NETWORKS[args.net].input_shape[0]
+    if args.shift is not None and args.shift >= side:
+        raise UsageError(
+            f"--shift must be less than the {args.net} network's image side ({side} pixels), "
+            f"got {args.shift}: a shift that large moves every image out of its frame"
+        )
     _positive("--threads", args.threads)
     if args.weight_decay is not None and not (0 <= args.weight_decay < math.inf):
         raise UsageError(f"--weight-decay must be a number of at least 0, got {args.weight_decay}")
@@ -277,6 +283,15 @@ def run_evaluate(args) -> int:
     bundle = _load(meta.get("dataset", "mnist"), args.data_dir, args.no_download, log)
     _, validation, test = prepare_splits(net, bundle)
     split_name, split = ("test", test) if test is not None else ("validation", validation)
+    if split_name == "validation" and meta.get("data") != bundle.name:
+        # Another data set's validation images may be among the run's training images
+        # (the shipped subset's all come from full MNIST's training set).
+        print(
+            f"warning: {run_dir} was trained on {meta.get('data')}, and this is the "
+            f"validation split of {bundle.name}, which may hold images it trained on; pass "
+            "--data-dir with the data it was trained on for a fair score",
+            file=sys.stderr,
+        )
     accuracy, correct, count = evaluate(net, split)
     result = {
         "run_dir": str(run_dir),

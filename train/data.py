@@ -496,6 +496,13 @@ def load_dataset(
                 raise
             pair = None  # an interrupted download: the download below completes it
         if pair is not None:
+            if is_cache and allow_download:
+                # The test files of an earlier download may have failed: try again.
+                _, test_failures = _download(name, cache_dir, TEST_FILES, log=log)
+                if test_failures:
+                    log(
+                        f"Could not download the {title} test files; carrying on without a test set."
+                    )
             source = f"{title} files in {directory}"
             return _bundle(name, source, directory, pair, cache=is_cache)
 
