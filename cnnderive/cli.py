@@ -46,4 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m cnnderive.cli`, this file is the module __main__, and its
+    # UsageError would not be the one the subcommands raise: use the package's module.
+    from cnnderive.cli import main as package_main
+
+    sys.exit(package_main())

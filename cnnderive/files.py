@@ -9,35 +9,42 @@ checkpoints, metrics, plots, downloads and the generated modules.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 __all__ = ["folder_problem", "replace_atomically"]
 
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
+
+def _create_beside(path: Path):
+    """(file descriptor, name) of a new, empty temporary file in ``path``'s folder.
+
+    Made with mode 0666 and the umask applied by the kernel, so that the renamed file gets
+    the permissions of any new file (tempfile.mkstemp makes 0600 files, and reading the
+    umask to correct that would change it, for a moment, for every thread)."""
+    for _ in range(100):
+        name = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _BINARY, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(file)`` on a temporary binary file beside ``path``, then rename it to
     ``path``.  If ``write`` raises, the temporary file is removed and ``path`` is untouched.
-
-    The file gets the permissions of any new file (0666 less the umask): mkstemp makes
-    its files readable by their owner only, and the rename would keep that.
     """
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = _create_beside(path)
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
-            if hasattr(os, "fchmod"):
-                os.fchmod(stream.fileno(), 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -438,9 +438,14 @@ def _generated_before(output: Path) -> set[str]:
     marker = HEADER.split("{")[0].encode()
     found = set()
     for path in output.glob("*.py"):
-        with open(path, "rb") as stream:
-            if stream.read(len(marker)) == marker:
-                found.add(path.name)
+        if path.is_symlink() or not path.is_file():  # an editor's lock file, say
+            continue
+        try:
+            with open(path, "rb") as stream:
+                if stream.read(len(marker)) == marker:
+                    found.add(path.name)
+        except OSError:  # unreadable: not one of ours to judge
+            continue
     return found
 
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import signal
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -273,6 +275,12 @@ class LayerResult:
 _LAYERS_BEING_PROVEN: list[Layer] = []
 
 
+def _ignore_ctrl_c() -> None:
+    """In a proof worker: Ctrl-C at a terminal reaches the whole process group; the main
+    process handles it and stops the workers, which need not print tracebacks of their own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _prove_chunk(args) -> list[tuple]:
     """Prove some configurations of one layer (runs in a worker process).
 
@@ -321,12 +329,23 @@ def verify_layers(
     try:
         if workers > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
             context = multiprocessing.get_context("fork")
-            # A multiprocessing pool, whose exit terminates its workers at once: Ctrl-C that
-            # reaches this process only (kill -INT, a cancelled CI job) ends the command
-            # without waiting for the proofs still queued or running, minutes of them.
-            with context.Pool(workers) as pool:
-                for job, results in zip(jobs, pool.imap(_prove_chunk, jobs)):
-                    collected[layers[job[0]].name].extend(results)
+            pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=context, initializer=_ignore_ctrl_c
+            )
+            futures = [pool.submit(_prove_chunk, job) for job in jobs]
+            try:
+                for job, future in zip(jobs, futures):
+                    collected[layers[job[0]].name].extend(future.result())
+            except BaseException:
+                # Ctrl-C or an error: leaving the pool as a with-block does would wait for
+                # every proof still queued or running, minutes of them.  The workers are
+                # stopped first, so that the pool marks what is left as failed rather than
+                # waiting (a dead worker, too, fails the pool instead of hanging it).
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.terminate()
+                pool.shutdown(wait=False)
+                raise
+            pool.shutdown()
         else:
             for job in jobs:
                 collected[layers[job[0]].name].extend(_prove_chunk(job))

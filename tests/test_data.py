@@ -6,6 +6,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import os
 import shutil
 import socket
 import threading
@@ -430,6 +431,11 @@ def test_test_files_failing_still_loads_training_files(tmp_path, server, shipped
     for name in data.TEST_FILES:
         (server[0] / "aside" / name).rename(server[0] / "good" / name)
     logs.clear()
+    assert load_dataset("mnist", log=logs.append).test is None  # tried again only in a day
+    assert logs == []
+    tried = tmp_path / "cache" / "mnist" / ".test-files-tried"
+    day_ago = tried.stat().st_mtime - 24 * 3600
+    os.utime(tried, (day_ago, day_ago))
     again = load_dataset("mnist", log=logs.append)
     assert again.test is not None and len(again.test.labels) == 30
     assert all("train-" not in line for line in logs)

@@ -309,3 +309,16 @@ def test_evaluate_warns_when_the_validation_images_come_from_other_data(tiny_run
     assert "warning" in err and "trained on mnist" in err and "--data-dir" in err
     code, out, err = run(capsys, "evaluate", str(tiny_run[0]), "--no-download")
     assert code == 0 and "warning" not in err
+
+
+def test_resuming_a_finished_run_needs_no_writable_folder(capsys, tmp_path, monkeypatch):
+    """A finished run on a read-only disk: --resume has nothing to do, and says so."""
+    import train.cli
+
+    args = (*TRAIN, "--net", "toy", "--limit", "200", "--epochs", "1", "--out", "done")
+    assert run(capsys, *args)[0] == 0
+    monkeypatch.setattr(train.cli, "folder_problem", lambda folder: "read-only file system")
+    code, out, err = run(capsys, *args, "--resume")
+    assert code == 0 and "nothing to do" in out, err
+    assert_usage_error(capsys, *args[:-4], "--epochs", "2", "--out", "done", "--resume",
+                       match="read-only file system")  # fmt: skip

@@ -156,9 +156,6 @@ def _recipe(args):
     dataset = args.dataset or "mnist"
     out = Path(args.out) if args.out else Path("runs") / f"{args.net}-{dataset}-seed{seed}"
     checkpoint_path = out / CHECKPOINT_NAME
-    problem = folder_problem(out)
-    if problem is not None:
-        raise UsageError(f"cannot write the run to {out}: {problem}; choose another --out")
 
     if not args.resume:
         if checkpoint_path.exists():
@@ -198,6 +195,7 @@ def _recipe(args):
 
 
 def run_train(args) -> int:
+    from .checkpoint import CHECKPOINT_NAME
     from .loop import TrainingDiverged, train
     from .parallel import WorkerFailed
 
@@ -208,6 +206,9 @@ def run_train(args) -> int:
             "(pass a larger --epochs to train on)"
         )
         return 0
+    problem = folder_problem(out)
+    if problem is not None:  # before loading data and training
+        raise UsageError(f"cannot write the run to {out}: {problem}; choose another --out")
     bundle = _load(recipe.dataset, args.data_dir, args.no_download, print)
     print(f"Data: {bundle.source}")
     if checkpoint is not None and checkpoint.meta.get("data") != bundle.name:
@@ -238,10 +239,14 @@ def run_train(args) -> int:
     except ValueError as error:  # e.g. --limit leaves no image of the toy task's digits
         raise UsageError(str(error)) from None
     except OSError as error:  # a full disk, say, while saving
+        kept = (
+            " The checkpoint of the last completed epoch is kept; --resume continues from it."
+            if (out / CHECKPOINT_NAME).exists()
+            else ""
+        )
         print(
             f"cnnderive train: could not write {error.filename or out}: "
-            f"{error.strerror or error}. The checkpoint of the last completed epoch is kept; "
-            "--resume continues from it once there is room.",
+            f"{error.strerror or error}.{kept}",
             file=sys.stderr,
         )
         return 1

@@ -34,6 +34,7 @@ import gzip
 import hashlib
 import http.client
 import os
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -416,6 +417,9 @@ def _download(
             except urllib.error.URLError as error:
                 detail = str(error.reason)
                 unreachable.add(base)
+            except TimeoutError as error:  # connected, then no answer: as good as unreachable
+                detail = str(error) or "timed out"
+                unreachable.add(base)
             except (OSError, http.client.HTTPException, ValueError) as error:
                 detail = str(error) or type(error).__name__
             else:
@@ -430,6 +434,34 @@ def _download(
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+# In the cache folder: when the test files last failed to download.  They are tried again
+# a day later, not on every run (each try can wait for a timeout per mirror).
+_TEST_FILES_TRIED = ".test-files-tried"
+_TEST_FILES_RETRY_SECONDS = 24 * 3600
+
+
+def _test_files_due(cache_dir: Path) -> bool:
+    """Whether the cache lacks test files that are worth trying to download now."""
+    if all(_find(cache_dir, name) is not None for name in TEST_FILES):
+        return False
+    try:
+        tried = (cache_dir / _TEST_FILES_TRIED).stat().st_mtime
+    except OSError:
+        return True
+    return time.time() - tried >= _TEST_FILES_RETRY_SECONDS
+
+
+def _test_files_failed(cache_dir: Path, title: str, log: Callable[[str], None]) -> None:
+    try:
+        (cache_dir / _TEST_FILES_TRIED).touch()
+    except OSError:  # a read-only cache: they will be tried again next time
+        pass
+    log(
+        f"Could not download the {title} test files; carrying on without a test set "
+        "(they are tried again in a day, or put them in the cache folder yourself)."
+    )
 
 
 def _bundle(
@@ -496,13 +528,11 @@ def load_dataset(
                 raise
             pair = None  # an interrupted download: the download below completes it
         if pair is not None:
-            if is_cache and allow_download:
-                # The test files of an earlier download may have failed: try again.
+            if is_cache and allow_download and _test_files_due(cache_dir):
+                # The test files of an earlier download failed: try again (once a day).
                 _, test_failures = _download(name, cache_dir, TEST_FILES, log=log)
                 if test_failures:
-                    log(
-                        f"Could not download the {title} test files; carrying on without a test set."
-                    )
+                    _test_files_failed(cache_dir, title, log)
             source = f"{title} files in {directory}"
             return _bundle(name, source, directory, pair, cache=is_cache)
 
@@ -512,7 +542,7 @@ def load_dataset(
             more, test_failures = _download(name, cache_dir, TEST_FILES, log=log)
             used += [m for m in more if m not in used]
             if test_failures:
-                log(f"Could not download the {title} test files; carrying on without a test set.")
+                _test_files_failed(cache_dir, title, log)
             pair = _find_pair(cache_dir, TRAIN_FILES)
             if pair is None:  # pragma: no cover - the download just put both files there
                 raise DataError(f"the {title} training files vanished from {cache_dir}")
