@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 
 class UsageError(Exception):
@@ -43,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenProcessPool:
+        print(
+            f"cnnderive {args.command}: a proof worker process died (killed, or out of "
+            "memory?); run the command again",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

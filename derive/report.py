@@ -109,7 +109,7 @@ def latex_to_text(latex: str) -> str:
     text = re.sub(r"\^\((\w+)\)", r"^\1", text)  # k^(2) -> k^2
     # (a)/(b) -> a/b for simple a and b; a denominator with a space keeps its parentheses
     # (e/(C W), not e/C W), except a derivative's "∂ X".
-    text = re.sub(r"\(([\w∂^ ]+)\)/\(((?:∂ )?[\w^\[\],]+)\)", r"\1/\2", text)
+    text = re.sub(r"\(([\w∂^ ]+)\)/\(((?:∂ )?[\w^\[\],]+)\)(?![\w(Σ])", r"\1/\2", text)
     text = re.sub(r"\(([\w^]+)\)/\(", r"\1/(", text)  # (e)/(C W) -> e/(C W)
     return re.sub(r"[ ]{2,}", " ", text).strip()
 

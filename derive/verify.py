@@ -332,8 +332,9 @@ def verify_layers(
             pool = ProcessPoolExecutor(
                 max_workers=workers, mp_context=context, initializer=_ignore_ctrl_c
             )
-            futures = [pool.submit(_prove_chunk, job) for job in jobs]
+            futures = []
             try:
+                futures += [pool.submit(_prove_chunk, job) for job in jobs]
                 for job, future in zip(jobs, futures):
                     collected[layers[job[0]].name].extend(future.result())
             except BaseException:

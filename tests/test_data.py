@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -511,3 +512,18 @@ def test_limit_on_the_shipped_subset_holds_every_digit():
     assert set(bundle.train.labels[:400].tolist()) == {0}
     picked = data.first_of_each_class(bundle.train, 400)
     assert np.bincount(picked.labels, minlength=10).tolist() == [40] * 10
+
+
+def test_missing_test_files_are_tried_again_once_a_day(tmp_path):
+    """The marker's age decides: none or a day old -> try (and mark), fresh -> not, dated in
+    the future (a clock set back) -> try."""
+    cache = tmp_path / "mnist"
+    cache.mkdir()
+    marker = cache / ".test-files-tried"
+    assert data._test_files_due(cache) and marker.exists()
+    assert not data._test_files_due(cache)
+    day = 24 * 3600
+    for age, due in ((day + 60, True), (-30 * day, True), (60, False)):
+        when = time.time() - age
+        os.utime(marker, (when, when))
+        assert data._test_files_due(cache) is due, age

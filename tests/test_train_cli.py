@@ -322,3 +322,16 @@ def test_resuming_a_finished_run_needs_no_writable_folder(capsys, tmp_path, monk
     assert code == 0 and "nothing to do" in out, err
     assert_usage_error(capsys, *args[:-4], "--epochs", "2", "--out", "done", "--resume",
                        match="read-only file system")  # fmt: skip
+
+
+def test_a_dead_proof_worker_is_one_line_and_exit_1(capsys, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    import derive.cli
+
+    def dies(args):
+        raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(derive.cli, "run_verify", dies)
+    code, out, err = run(capsys, "verify")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "worker process died" in err

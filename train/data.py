@@ -382,12 +382,14 @@ def _download(
     md5s: dict[str, str] | None = None,
     timeout: float | None = None,
     log: Callable[[str], None] = print,
+    unreachable: set[str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """Download those of ``files`` missing from ``target_dir``, trying each mirror in turn.
 
     Files already in ``target_dir`` are left alone. A mirror that cannot be reached at all
     (as opposed to answering with an error or a wrong file) is not asked again for the
-    other files, so an offline machine gives up after one timeout per mirror. Returns the
+    other files (nor by a later call given the same ``unreachable`` set), so an offline
+    machine gives up after one timeout per mirror. Returns the
     mirrors that served files and, for each file that could not be had, the reason from
     the last mirror tried.
     """
@@ -395,7 +397,7 @@ def _download(
     md5s = MD5[name] if md5s is None else md5s
     timeout = DOWNLOAD_TIMEOUT if timeout is None else timeout
     used: list[str] = []
-    unreachable: set[str] = set()
+    unreachable = set() if unreachable is None else unreachable
     failures: dict[str, str] = {}
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
@@ -443,20 +445,28 @@ _TEST_FILES_RETRY_SECONDS = 24 * 3600
 
 
 def _test_files_due(cache_dir: Path) -> bool:
-    """Whether the cache lacks test files that are worth trying to download now."""
+    """Whether the cache lacks test files that are worth trying to download now; if so,
+    the try is recorded first (the files could not be saved where that fails)."""
     if all(_find(cache_dir, name) is not None for name in TEST_FILES):
         return False
+    marker = cache_dir / _TEST_FILES_TRIED
     try:
-        tried = (cache_dir / _TEST_FILES_TRIED).stat().st_mtime
+        age = time.time() - marker.stat().st_mtime
     except OSError:
-        return True
-    return time.time() - tried >= _TEST_FILES_RETRY_SECONDS
+        age = None
+    if age is not None and 0 <= age < _TEST_FILES_RETRY_SECONDS:  # a future date: retry
+        return False
+    try:
+        marker.touch()
+    except OSError:  # a read-only cache
+        return False
+    return True
 
 
 def _test_files_failed(cache_dir: Path, title: str, log: Callable[[str], None]) -> None:
     try:
         (cache_dir / _TEST_FILES_TRIED).touch()
-    except OSError:  # a read-only cache: they will be tried again next time
+    except OSError:
         pass
     log(
         f"Could not download the {title} test files; carrying on without a test set "
@@ -537,9 +547,12 @@ def load_dataset(
             return _bundle(name, source, directory, pair, cache=is_cache)
 
     if allow_download:
-        used, failures = _download(name, cache_dir, TRAIN_FILES, log=log)
+        unreachable: set[str] = set()
+        used, failures = _download(name, cache_dir, TRAIN_FILES, log=log, unreachable=unreachable)
         if not failures:
-            more, test_failures = _download(name, cache_dir, TEST_FILES, log=log)
+            more, test_failures = _download(
+                name, cache_dir, TEST_FILES, log=log, unreachable=unreachable
+            )
             used += [m for m in more if m not in used]
             if test_failures:
                 _test_files_failed(cache_dir, title, log)
