@@ -347,6 +347,19 @@ def test_shift_images_moves_each_image_by_its_offset():
     offsets = epoch_shifts(3, 1, 100, 2)
     assert offsets.min() == -2 and offsets.max() == 2
     assert np.array_equal(offsets, epoch_shifts(3, 1, 100, 2))
+    # Reference for random offsets and three channels: pixel by pixel, out[y, x] = in[y - down,
+    # x - right] where that is inside the image, else 0.
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 7, 9, 3)).astype(np.float32)
+    offsets = rng.integers(-3, 4, size=(6, 2))
+    moved = shift_images(images, offsets, 3)
+    expected = np.zeros_like(images)
+    for i, (down, right) in enumerate(offsets):
+        for y in range(7):
+            for x in range(9):
+                if 0 <= y - down < 7 and 0 <= x - right < 9:
+                    expected[i, y, x] = images[i, y - down, x - right]
+    assert np.array_equal(moved, expected) and moved.flags.c_contiguous
 
 
 def test_epoch_permutation_depends_only_on_seed_and_epoch():

