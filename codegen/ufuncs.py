@@ -60,7 +60,7 @@ class UfuncLowering:
         else:
             shape = f"np.broadcast_shapes({', '.join(n + '.shape' for n in names)})"
             dtype = f"np.result_type({', '.join(names)})"
-        self.shape, self.dtype, self.target = shape, dtype, target
+        self.target = target
         self.lines = [f'{target} = _k.buffer({self.workspace}, "{self.key}", {shape}, {dtype})']
         result = self.compute(expr, target)
         if result != target:  # the expression was a bare name or a scalar
@@ -86,7 +86,7 @@ class UfuncLowering:
         self.scratch.append(name)
         self.lines.append(
             f'{name} = _k.buffer({self.workspace}, "{self.key}.scratch{len(self.scratch)}", '
-            f"{self.shape}, {self.dtype})"
+            f"{self.target}.shape, {self.target}.dtype)"
         )
         return name
 
@@ -179,8 +179,17 @@ class UfuncLowering:
             subtrahend = self.operand(-array_terms[0], dest, busy=False)
             self.emit(f"np.subtract({minuend}, {subtrahend}, out={dest}, dtype={dest}.dtype)")
             return dest
+        terms = self._ordered(array_terms)
+        if len(terms) > 1 and terms[0].could_extract_minus_sign():
+            # -a + b as b - a (one pass less, the same value); only the first two swap,
+            # so every later addition sees the same partial sum.
+            positive = next(
+                (i for i, t in enumerate(terms) if not t.could_extract_minus_sign()), None
+            )
+            if positive == 1:
+                terms[0], terms[1] = terms[1], terms[0]
         accumulated = None
-        for term in self._ordered(array_terms):
+        for term in terms:
             if accumulated is not None and term.could_extract_minus_sign():
                 accumulated = self.fold("np.subtract", accumulated, -term, dest)
             else:

@@ -92,6 +92,27 @@ def buffer(workspace, key, shape, dtype):
     return kept
 
 
+def _one_row_per_image(full, out):
+    """Whether ``full`` and ``out`` can be viewed as one row per image (first axis)."""
+    return (
+        isinstance(full, np.ndarray)
+        and full.ndim >= 2
+        and full.shape == out.shape
+        and full.size > 0
+        and full.flags.c_contiguous
+        and out.flags.c_contiguous
+    )
+
+
+def _row_against_images(ufunc, x, y, full, row, out):
+    """``ufunc(x, y, out=out)`` with ``full`` (x or y) as one row per image and the other
+    operand replaced by ``row``: its values repeated to the length of one image."""
+    n = full.shape[0]
+    wide, wide_out = full.reshape(n, -1), out.reshape(n, -1)
+    operands = (wide, row) if full is x else (row, wide)
+    return ufunc(*operands, out=wide_out).reshape(out.shape)
+
+
 def with_vector(ufunc, x, y, out):
     """``ufunc(x, y, out=out)`` where ``x`` or ``y`` may be a vector along the last axis.
 
@@ -103,20 +124,12 @@ def with_vector(ufunc, x, y, out):
     vector, full = (x, y) if np.ndim(x) == 1 else (y, x)
     if (
         np.ndim(vector) == 1
-        and isinstance(full, np.ndarray)
+        and _one_row_per_image(full, out)
         and full.ndim > 2
-        and full.shape == out.shape
         and full.shape[-1] == len(vector)
-        and full.size > 0
-        and full.flags.c_contiguous
-        and out.flags.c_contiguous
     ):
-        n = full.shape[0]
-        repeated = np.tile(vector, full.size // (n * len(vector)))
-        wide, wide_out = full.reshape(n, -1), out.reshape(n, -1)
-        if vector is x:
-            return ufunc(repeated, wide, out=wide_out).reshape(out.shape)
-        return ufunc(wide, repeated, out=wide_out).reshape(out.shape)
+        row = np.tile(vector, full.size // (full.shape[0] * len(vector)))
+        return _row_against_images(ufunc, x, y, full, row, out)
     return ufunc(x, y, out=out)
 
 
@@ -138,20 +151,13 @@ def with_scalar(ufunc, x, y, out):
     scalar, full = (x, y) if np.ndim(x) == 0 else (y, x)
     if (
         np.ndim(scalar) == 0
-        and isinstance(full, np.ndarray)
-        and full.ndim >= 2
-        and full.shape == out.shape
+        and _one_row_per_image(full, out)
         and full.size >= _SCALAR_ROW_MIN_SIZE
         and full.size >= _SCALAR_ROW_MIN_LENGTH * full.shape[0]
-        and full.flags.c_contiguous
-        and out.flags.c_contiguous
     ):
-        n = full.shape[0]
-        row = np.full((1, full.size // n), scalar, dtype=np.result_type(full, scalar))
-        wide, wide_out = full.reshape(n, -1), out.reshape(n, -1)
-        if scalar is x:
-            return ufunc(row, wide, out=wide_out).reshape(out.shape)
-        return ufunc(wide, row, out=wide_out).reshape(out.shape)
+        length = full.size // full.shape[0]
+        row = np.full(length, scalar, dtype=np.result_type(full, scalar))
+        return _row_against_images(ufunc, x, y, full, row, out)
     return ufunc(x, y, out=out)
 
 

@@ -243,7 +243,6 @@ def softmax_backward(da, cache, *, workspace=None):
         np.broadcast_shapes(da.shape, out.shape, weighted_sum.shape),
         np.result_type(da, out, weighted_sum),
     )
-    np.negative(weighted_sum, out=dz)
-    np.add(dz, da, out=dz)
+    np.subtract(da, weighted_sum, out=dz)
     np.multiply(dz, out, out=dz)
     return dz

@@ -70,14 +70,10 @@ def bce_backward(cache, *, workspace=None):
         np.broadcast_shapes(probs.shape, targets.shape),
         np.result_type(probs, targets),
     )
-    np.negative(targets, out=dprobs)
-    np.add(dprobs, probs, out=dprobs)
+    np.subtract(probs, targets, out=dprobs)
     np.divide(dprobs, probs, out=dprobs)
     dprobs_scratch1 = _k.buffer(
-        workspace,
-        "bce_backward.dprobs.scratch1",
-        np.broadcast_shapes(probs.shape, targets.shape),
-        np.result_type(probs, targets),
+        workspace, "bce_backward.dprobs.scratch1", dprobs.shape, dprobs.dtype
     )
     np.subtract(1, probs, out=dprobs_scratch1, dtype=dprobs_scratch1.dtype)
     np.divide(dprobs, dprobs_scratch1, out=dprobs)
@@ -148,18 +144,11 @@ def bce_with_logits_backward(cache, *, workspace=None):
             np.broadcast_shapes(logits.shape, targets.shape),
             np.result_type(logits, targets),
         )
-        np.negative(targets, out=dlogits)
-        dlogits_scratch1 = _k.buffer(
-            workspace,
-            "bce_with_logits_backward.dlogits.scratch1",
-            np.broadcast_shapes(logits.shape, targets.shape),
-            np.result_type(logits, targets),
-        )
-        np.negative(logits, out=dlogits_scratch1)
-        np.exp(dlogits_scratch1, out=dlogits_scratch1)
-        np.add(dlogits_scratch1, 1, out=dlogits_scratch1)
-        np.divide(1, dlogits_scratch1, out=dlogits_scratch1)
-        np.add(dlogits, dlogits_scratch1, out=dlogits)
+        np.negative(logits, out=dlogits)
+        np.exp(dlogits, out=dlogits)
+        np.add(dlogits, 1, out=dlogits)
+        np.divide(1, dlogits, out=dlogits)
+        np.subtract(dlogits, targets, out=dlogits)
         np.divide(dlogits, batch, out=dlogits)
     return dlogits
 
@@ -230,15 +219,8 @@ def softmax_cross_entropy_backward(cache, *, workspace=None):
         np.broadcast_shapes(softmax.shape, target_sum.shape, targets.shape),
         np.result_type(softmax, target_sum, targets),
     )
-    np.negative(targets, out=dlogits)
-    dlogits_scratch1 = _k.buffer(
-        workspace,
-        "softmax_cross_entropy_backward.dlogits.scratch1",
-        np.broadcast_shapes(softmax.shape, target_sum.shape, targets.shape),
-        np.result_type(softmax, target_sum, targets),
-    )
-    np.multiply(softmax, target_sum, out=dlogits_scratch1)
-    np.add(dlogits, dlogits_scratch1, out=dlogits)
+    np.multiply(softmax, target_sum, out=dlogits)
+    np.subtract(dlogits, targets, out=dlogits)
     np.divide(dlogits, batch, out=dlogits)
     return dlogits
 
@@ -303,14 +285,9 @@ def mse_backward(cache, *, workspace=None):
         np.broadcast_shapes(pred.shape, targets.shape),
         np.result_type(pred, targets),
     )
-    np.multiply(targets, (-2), out=dpred)
-    dpred_scratch1 = _k.buffer(
-        workspace,
-        "mse_backward.dpred.scratch1",
-        np.broadcast_shapes(pred.shape, targets.shape),
-        np.result_type(pred, targets),
-    )
-    np.multiply(pred, 2, out=dpred_scratch1)
-    np.add(dpred, dpred_scratch1, out=dpred)
+    np.multiply(pred, 2, out=dpred)
+    dpred_scratch1 = _k.buffer(workspace, "mse_backward.dpred.scratch1", dpred.shape, dpred.dtype)
+    np.multiply(targets, 2, out=dpred_scratch1)
+    np.subtract(dpred, dpred_scratch1, out=dpred)
     np.divide(dpred, batch, out=dpred)
     return dpred
