@@ -12,6 +12,7 @@ import platform
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_info
 
 
 def load_average() -> float:
@@ -68,17 +69,12 @@ def describe_environment(extra_lines=()) -> str:
         f"python {platform.python_version()}, numpy {np.__version__}, "
         f"{os.cpu_count()} CPUs, load average {load_average():.2f}"
     ]
-    try:
-        from threadpoolctl import threadpool_info
-
-        for pool in threadpool_info():
-            lines.append(
-                f"{pool.get('internal_api')} {pool.get('version')} "
-                f"({pool.get('architecture')}, {pool.get('filepath', '').rsplit('/', 1)[-1]}), "
-                f"{pool.get('num_threads')} threads"
-            )
-    except ImportError:
-        lines.append("threadpoolctl not installed: BLAS library not shown")
+    for pool in threadpool_info():
+        lines.append(
+            f"{pool.get('internal_api')} {pool.get('version')} "
+            f"({pool.get('architecture')}, {pool.get('filepath', '').rsplit('/', 1)[-1]}), "
+            f"{pool.get('num_threads')} threads"
+        )
     lines += list(extra_lines)
     for name in (
         "OPENBLAS_CORETYPE",

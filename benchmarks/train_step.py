@@ -40,7 +40,7 @@ import sys
 import time
 
 import numpy as np
-from _measure import OtherLoad, describe_environment
+from _measure import OtherLoad, describe_environment, percent
 from numpy.lib.stride_tricks import as_strided
 
 from train.networks import build
@@ -642,9 +642,7 @@ def main(argv=None):
         print(
             f"  {'   other (Python, waiting)':<28} {'':>10} {'':>11} {other:>9.2f} {100 * other / total:>5.1f}%"
         )
-    shares = ", ".join(
-        f"{impl} {'?' if share is None else f'{100 * share:.0f}%'}" for impl, share in disturbed
-    )
+    shares = ", ".join(f"{impl} {percent(share)}" for impl, share in disturbed)
     print(
         f"\nCPU time other processes used during each worker run (share of the machine): {shares}."
         " More than a few % means the numbers above are disturbed."

@@ -31,6 +31,7 @@ import traceback
 import warnings
 
 import numpy as np
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 __all__ = ["PartWorkers", "WorkerFailed", "one_blas_thread", "parallel_supported"]
 
@@ -41,8 +42,6 @@ def one_blas_thread():
     """A context in which BLAS uses one thread."""
     global _BLAS
     if _BLAS is None:
-        from threadpoolctl import ThreadpoolController
-
         _BLAS = ThreadpoolController()
     return _BLAS.limit(limits=1, user_api="blas")
 
@@ -68,6 +67,7 @@ class _Layout:
         self.image_size = capacity * int(np.prod(image_shape))
         self.output_size = capacity * outputs
         self.worker_size = self.image_size + self.output_size + self.param_size
+        self.workers = workers
         self.total = self.param_size + workers * self.worker_size
 
     def fits(self, params, dtype, capacity, image_shape, outputs) -> bool:
@@ -88,7 +88,7 @@ class _Views:
         self.params = self._split(flat[: layout.param_size], layout)
         self.images, self.outputs, self.grads = [], [], []
         offset = layout.param_size
-        for _ in range((layout.total - layout.param_size) // max(1, layout.worker_size)):
+        for _ in range(layout.workers):
             block = flat[offset : offset + layout.worker_size]
             self.images.append(block[: layout.image_size].reshape(-1, *layout.image_shape))
             self.outputs.append(
@@ -109,7 +109,7 @@ class _Views:
         return arrays
 
 
-def _worker_main(connection, parent_ends, build_network, layout, index):
+def _worker_main(connection, parent_ends, build_network, buffer, layout, index):
     """A worker's loop: one message in, one reply out, until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # The parent's ends of this worker's pipe and of earlier workers' pipes came along
@@ -117,14 +117,11 @@ def _worker_main(connection, parent_ends, build_network, layout, index):
     # SIGKILL) ends this loop with EOF instead of leaving the worker waiting forever.
     for end in parent_ends:
         end.close()
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1, user_api="blas")
-    except Exception:  # no threadpoolctl or no BLAS found: run with the defaults
-        pass
+    threadpool_limits(1, user_api="blas")
     net = build_network()
-    views = _Views(_worker_main.buffer, layout)
+    views = _Views(buffer, layout)
+    # The network reads the parameters the parent writes before each call, in place.
+    net.params = views.params
     images, outputs, grads = views.images[index], views.outputs[index], views.grads[index]
     while True:
         try:
@@ -136,9 +133,6 @@ def _worker_main(connection, parent_ends, build_network, layout, index):
             return
         try:
             with np.errstate(**errors):
-                if kind in ("forward", "step", "logits"):
-                    for name, value in views.params.items():
-                        net.params[name][...] = value
                 if kind in ("forward", "step"):
                     loss, out = net.forward(images[:count], labels)
                     outputs[:count] = out
@@ -192,30 +186,33 @@ class PartWorkers:
         self.buffer = mmap.mmap(-1, max(1, self.layout.total * self.layout.dtype.itemsize))
         self.views = _Views(self.buffer, self.layout)
         context = multiprocessing.get_context("fork")
-        # The child inherits the mapping through fork; _worker_main finds it here.
-        _worker_main.buffer = self.buffer
-        try:
-            with warnings.catch_warnings():
-                # Python 3.12+ warns that forking a multi-threaded process may deadlock.
-                # The only other threads here are BLAS's (OpenBLAS re-initialises its
-                # pool in the child through pthread_atfork) and the worker runs no
-                # code that could wait on a lock held by them.
-                warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-                for index in range(self.count):
-                    parent_end, child_end = context.Pipe()
-                    parent_ends = [*self.connections, parent_end]
-                    process = context.Process(
-                        target=_worker_main,
-                        args=(child_end, parent_ends, self.build_network, self.layout, index),
-                        name=f"cnnderive-{self.name}-part{index + 1}",
-                        daemon=True,
-                    )
-                    process.start()
-                    child_end.close()
-                    self.processes.append(process)
-                    self.connections.append(parent_end)
-        finally:
-            del _worker_main.buffer
+        with warnings.catch_warnings():
+            # Python 3.12+ warns that forking a multi-threaded process may deadlock.
+            # The only other threads here are BLAS's (OpenBLAS re-initialises its
+            # pool in the child through pthread_atfork) and the worker runs no
+            # code that could wait on a lock held by them.
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            for index in range(self.count):
+                parent_end, child_end = context.Pipe()
+                parent_ends = [*self.connections, parent_end]
+                # Forked, not pickled: the child inherits the mapping itself.
+                process = context.Process(
+                    target=_worker_main,
+                    args=(
+                        child_end,
+                        parent_ends,
+                        self.build_network,
+                        self.buffer,
+                        self.layout,
+                        index,
+                    ),
+                    name=f"cnnderive-{self.name}-part{index + 1}",
+                    daemon=True,
+                )
+                process.start()
+                child_end.close()
+                self.processes.append(process)
+                self.connections.append(parent_end)
 
     def close(self) -> None:
         """Stop the workers and release the shared memory."""
