@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from train import checkpoint as ckpt
-from train import optim
+from train import networks, optim
 from train.data import DataBundle, Split, load_dataset
 from train.loop import (
     RECIPES,
@@ -135,6 +135,43 @@ def test_gradients_match_finite_differences_in_float64(name):
         value[...] = original
         numeric = (plus - minus) / (2 * eps)
         assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (key, analytic, numeric)
+
+
+@pytest.mark.parametrize("name", ["lenet", "toy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_after_max_pool_gives_the_losses_and_gradients_of_the_definition_order(
+    name, dtype, monkeypatch
+):
+    """The networks run each max pool before the ReLU that precedes it in their definition.
+    Reference: the same network in definition order; the values must be equal, not close."""
+    reordered = build(name, seed=4, dtype=dtype)
+    monkeypatch.setattr(networks, "relu_after_max_pools", list)
+    in_definition_order = build(name, seed=4, dtype=dtype)
+
+    def forwards(net):
+        return [getattr(layer, "_forward", None) for layer in net.layers]
+
+    assert forwards(reordered) != forwards(in_definition_order)  # the pools did move
+    rng = np.random.default_rng(11)
+    for key, value in reordered.params.items():
+        if key.endswith("_b"):
+            # Biases of both signs: over the blank background every window of a channel
+            # ties at its bias, all positive or all negative.
+            value[...] = rng.normal(0, 0.2, value.shape)
+            in_definition_order.params[key][...] = value
+    images = np.zeros((6, *reordered.input_shape), dtype=dtype)
+    side = reordered.input_shape[0]
+    inner = slice(side // 4, side - side // 4)  # a written middle, a blank border
+    images[:, inner, inner] = rng.random(images[:, inner, inner].shape)
+    images[4:] = rng.standard_normal(images[4:].shape)  # and no blank background at all
+    labels = rng.integers(0, reordered.num_classes if name != "toy" else 2, size=6)
+    loss1, outputs1, grads1 = reordered.loss_and_gradients(images, labels)
+    loss2, outputs2, grads2 = in_definition_order.loss_and_gradients(images, labels)
+    assert loss1 == loss2
+    assert np.array_equal(outputs1, outputs2)
+    for key in grads2:
+        assert np.array_equal(grads1[key], grads2[key]), key
+        assert np.any(grads2[key] != 0), key  # every parameter takes part
 
 
 def test_split_batch_makes_contiguous_parts_of_nearly_equal_size():
