@@ -24,6 +24,7 @@ from codegen.printer import integer_code
 from derive import ir
 from derive.layer import Layer
 from derive.layers import LAYERS
+from derive.report import inline_math_to_text
 from derive.treelatex import operand_latex, tree_latex
 from derive.verify import LayerResult, verify_layers, verify_stable_forms
 
@@ -125,8 +126,15 @@ def forward_docstring(layer: Layer) -> str:
 def backward_docstring(layer: Layer, result: LayerResult) -> str:
     names = _latex_names(layer)
     wrt = ", ".join(g.wrt for g in layer.gradients)
-    summed = " (summed over the batch)" if layer.kind == "layer" else ""
-    lines = [f"{layer.title}: gradients with respect to {wrt}{summed}.", ""]
+    # dx is per example; only the gradients of parameters (inputs without a batch axis,
+    # such as w and b) add up the examples.
+    per_batch = [item.name for item in layer.inputs if item.axes and item.axes[0].name == "batch"]
+    summed = [g.wrt for g in layer.gradients if g.wrt not in per_batch]
+    summed_text = (
+        f" ({', '.join(summed)} summed over the batch)" if layer.kind == "layer" and summed else ""
+    )
+    noun = "gradient" if len(layer.gradients) == 1 else "gradients"
+    lines = [f"{layer.title}: {noun} with respect to {wrt}{summed_text}.", ""]
     if layer.kind != "loss":
         lines += [
             f"    {layer.upstream} is the gradient of the loss with respect to the forward output.",
@@ -139,7 +147,9 @@ def backward_docstring(layer: Layer, result: LayerResult) -> str:
     for gradient in layer.gradients:
         for case in gradient.cases:
             condition = (
-                "" if case.condition == sympy.true else f"    [when {sympy.sstr(case.condition)}]"
+                ""
+                if case.condition == sympy.true
+                else rf"\qquad \text{{when }} {sympy.latex(case.condition)}"
             )
             lines.append(f"        {gradient.name} = {tree_latex(case.tree, names)}{condition}")
     lines.append("")
@@ -154,7 +164,7 @@ def backward_docstring(layer: Layer, result: LayerResult) -> str:
             "`cnnderive verify --seed-size` also proves them at the seed network's size."
         )
     for note in layer.notes:
-        lines += [""] + _wrap(note)
+        lines += [""] + _wrap(inline_math_to_text(note))
     lines += [""] + _wrap(f"{WORKSPACE}: {WORKSPACE_TEXT}")
     return "\n".join(lines)
 

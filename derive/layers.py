@@ -216,9 +216,11 @@ conv2d = Layer(
     ),
     notes=(
         "Indices are 0-based. 'correlate' slides the kernel without flipping it, as deep-learning "
-        "frameworks do; 'full_convolve' is the same product over the gradient padded by K-1 on every "
-        "side, and the flip is written explicitly as rot180.",
-        "For stride s > 1 the gradient is first dilated: s-1 zeros between neighbouring elements.",
+        "frameworks do; 'full_convolve' is the same product over the gradient padded by $K - 1$ on "
+        "every side, and the flip is written explicitly as rot180.",
+        "For stride $s > 1$ the gradient is first dilated: $s - 1$ zeros between neighbouring elements.",
+        "crop takes a window of an array and reads zeros beyond its edges: input rows that no "
+        "window reaches get zero gradient.",
     ),
 )
 
@@ -321,7 +323,9 @@ avgpool2d = Layer(
     notes=(
         "With stride = size the windows tile the input, every input element lies in at most one "
         "window, and the scatter-add is the Kronecker product with a k-by-k block of ones.",
-        "Rows and columns that no window reaches (when the size does not divide the input) get zero gradient.",
+        "Rows and columns that no window reaches get zero gradient: the last $(H - k) \\bmod s$ "
+        "rows (and likewise columns), and the gaps between windows when $s > k$; crop reads "
+        "zeros beyond the spread gradient's edge.",
     ),
 )
 
@@ -385,8 +389,9 @@ maxpool2d = Layer(
             r"P_{n,i,j,c} = \sum_{u=0}^{k-1} \sum_{v=0}^{k-1} X_{n,\,si+u,\,sj+v,\,c}\;"
             r"\mathbf{1}^{\mathrm{first\,max}}_{u,v}",
             r"\mathbf{1}^{\mathrm{first\,max}}_{u,v} = \begin{cases} 1 & (u, v) = (u^*, v^*) \\ 0 & "
-            r"\text{otherwise} \end{cases},\qquad (u^*, v^*) = \text{the first } (u, v) \text{ in row-major "
-            r"order with } X_{n,si+u,sj+v,c} = \max_{0 \le u',v' < k} X_{n,si+u',sj+v',c}",
+            r"\text{otherwise} \end{cases}",
+            r"(u^*, v^*) = \text{the first } (u, v) \text{ in row-major order with } "
+            r"X_{n,si+u,sj+v,c} = \max_{0 \le u',v' < k} X_{n,si+u',sj+v',c}",
         ),
         build=_first_max_definition,
     ),
@@ -416,10 +421,12 @@ maxpool2d = Layer(
     ),
     notes=(
         "Tie rule: the gradient of a window goes to its first maximum in row-major order "
-        "(as PyTorch does). The definition writes the pooling as a sum of each window element "
-        "times the indicator of being that first maximum; the indicator is locally constant, so "
-        "SymPy's derivative is the indicator itself. The proof runs on integer inputs drawn from "
-        "{0, 1, 2}, so most windows tie.",
+        "(as PyTorch does). Where a window's maximum is unique, the maximum is differentiable and "
+        "this is its gradient; where several elements tie, it has no derivative, and the rule picks "
+        "one of its subgradients. The definition writes the pooling as a sum of each window "
+        "element times the indicator of being that first maximum, and SymPy differentiates it "
+        "with the indicator held fixed: exactly the rule. The proof runs on integer inputs drawn "
+        "from {0, 1, 2}, so most windows tie, and checks that the code follows the rule there too.",
         "SymPy's derivative of Max is a Heaviside step that splits a tie half and half, which is "
         "not a rule a pooling layer can use; hence the explicit first-maximum definition.",
     ),
@@ -583,7 +590,10 @@ relu = _activation(
     sympy.Piecewise((_das, _zs > 0), (0, True)),
     {"da": _da, "z": _z},
     (r"\frac{\partial L}{\partial Z_{n,k}} = \delta_{n,k}\,\mathbf{1}[Z_{n,k} > 0]",),
-    notes=("At Z = 0 the derivative is taken as 0 (the definition's pieces say so).",),
+    notes=(
+        "ReLU has no derivative at $Z = 0$; the gradient uses 0 there (a subgradient, any value "
+        "in $[0, 1]$ would be one), which is what the strict $Z > 0$ in the definition gives.",
+    ),
 )
 
 tanh = _activation(
@@ -613,7 +623,7 @@ softmax = Layer(
     output_latex="A",
     definition=IndexDefinition(
         lhs=_A[n, k],
-        rhs=exp(_Zi[n, k]) / sympy.Sum(exp(_Zi[n, e]), (e, 0, _AK - 1)),
+        rhs=exp(_Zi[n, k]) / sympy.Sum(exp(_Zi[n, j]), (j, 0, _AK - 1)),
         indices=(n, k),
         arrays=lambda a, sizes: {"Z": a["z"]},
     ),
@@ -642,9 +652,9 @@ softmax = Layer(
     example={_AN: 1, _AK: 3},
     upstream="da",
     chain_rule=(
-        r"\frac{\partial A_{n,e}}{\partial Z_{n,k}} = A_{n,e}\,(\mathbf{1}[e = k] - A_{n,k})",
-        r"\frac{\partial L}{\partial Z_{n,k}} = \sum_e \delta_{n,e} A_{n,e} (\mathbf{1}[e=k] - A_{n,k})"
-        r" = A_{n,k}\left(\delta_{n,k} - \sum_e \delta_{n,e} A_{n,e}\right)",
+        r"\frac{\partial A_{n,j}}{\partial Z_{n,k}} = A_{n,j}\,(\mathbf{1}[j = k] - A_{n,k})",
+        r"\frac{\partial L}{\partial Z_{n,k}} = \sum_j \delta_{n,j} A_{n,j} (\mathbf{1}[j=k] - A_{n,k})"
+        r" = A_{n,k}\left(\delta_{n,k} - \sum_j \delta_{n,j} A_{n,j}\right)",
     ),
     notes=(
         "The generated forward subtracts each row's maximum before exponentiating; the shift cancels.",
@@ -784,7 +794,7 @@ softmax_cross_entropy = _loss(
     "Softmax cross-entropy on logits (softmax + CE fused)",
     "logits",
     "Z",
-    lambda Z, y_: -y_ * log(exp(Z[n, k]) / sympy.Sum(exp(Z[n, e]), (e, 0, _LK - 1))),
+    lambda Z, y_: -y_ * log(exp(Z[n, k]) / sympy.Sum(exp(Z[n, j]), (j, 0, _LK - 1))),
     _ys * (_ls - _ps),
     {"p": None, "y": _y_op, "row_logsumexp": LogSumExp(Operand("logits"))},
     (_softmax_s * _target_sum - _ys) / _LN,
@@ -794,13 +804,13 @@ softmax_cross_entropy = _loss(
         "y": _y_op,
     },
     (
-        r"\frac{\partial L}{\partial Z_{n,k}} = -\frac{1}{m}\sum_e Y_{n,e}\,(\mathbf{1}[e=k] - A_{n,k})"
-        r" = \frac{1}{m}\left(A_{n,k}\sum_e Y_{n,e} - Y_{n,k}\right)",
-        r"\sum_e Y_{n,e} = 1 \implies \frac{\partial L}{\partial Z_{n,k}} = \frac{A_{n,k} - Y_{n,k}}{m}",
+        r"\frac{\partial L}{\partial Z_{n,k}} = -\frac{1}{m}\sum_j Y_{n,j}\,(\mathbf{1}[j=k] - A_{n,k})"
+        r" = \frac{1}{m}\left(A_{n,k}\sum_j Y_{n,j} - Y_{n,k}\right),\qquad A = \operatorname{softmax}(Z)",
+        r"\sum_j Y_{n,j} = 1 \implies \frac{\partial L}{\partial Z_{n,k}} = \frac{A_{n,k} - Y_{n,k}}{m}",
     ),
     notes=(
         "The closed form holds for any targets; for one-hot or probability targets "
-        "(each row sums to 1) it is (A - Y) / m.",
+        "(each row sums to 1) it is $(A - Y)/m$.",
         "The code evaluates y (logsumexp(z) - z), finite for any logits.",
     ),
 )

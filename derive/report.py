@@ -35,7 +35,8 @@ def heading(title: str) -> Block:
 
 
 def paragraph(text: str) -> Block:
-    return Block("text", text, text)
+    """A paragraph of prose; ``$...$`` in it is inline math (LaTeX), printed as text by to_text."""
+    return Block("text", text, inline_math_to_text(text))
 
 
 def math(latex: str, text: str | None = None) -> Block:
@@ -85,6 +86,11 @@ _SYMBOLS = {
 }
 
 
+def inline_math_to_text(text: str) -> str:
+    """Prose with ``$...$`` inline math, the math turned into readable text."""
+    return re.sub(r"\$([^$]*)\$", lambda match: latex_to_text(match.group(1)), text)
+
+
 def latex_to_text(latex: str) -> str:
     text = re.sub(r"\\begin\{[a-z]*\}|\\end\{[a-z]*\}", "", latex)
     text = text.replace("\\\\", "; ")  # a line break, before "\ " (a space) can split it
@@ -109,9 +115,14 @@ def latex_to_text(latex: str) -> str:
     text = re.sub(r"\^\((\w+)\)", r"^\1", text)  # k^(2) -> k^2
     # (a)/(b) -> a/b for simple a and b; a denominator with a space keeps its parentheses
     # (e/(C W), not e/C W), except a derivative's "∂ X".
-    text = re.sub(r"\(([\w∂^ ]+)\)/\(((?:∂ )?[\w^\[\],]+)\)(?![\w(Σ])", r"\1/\2", text)
-    text = re.sub(r"\(([\w^]+)\)/\(", r"\1/(", text)  # (e)/(C W) -> e/(C W)
-    return re.sub(r"[ ]{2,}", " ", text).strip()
+    text = re.sub(r"\(([\w∂^ ]+|[\w^\[\],]+)\)/\(((?:∂ )?[\w^\[\],]+)\)(?![\w(Σ])", r"\1/\2", text)
+    text = re.sub(r"\(([\w^\[\],]+)\)/\(", r"\1/(", text)  # (e)/(C W) -> e/(C W)
+    text = re.sub(r"[ ]{2,}", " ", text)
+    # What cases and \left( leave behind: "( 1 for z > 0 ; 0 otherwise )".
+    text = re.sub(r"∂ (?=\w)", "∂", text)  # ∂L/∂Z, as in the prose
+    text = re.sub(r"\( ?(-)? ", r"(\1", text)  # "( 1" -> "(1", "(- z" -> "(-z"
+    text = re.sub(r" (\)|;)", r"\1", text)
+    return text.strip()
 
 
 # ---------------------------------------------------------------------------
@@ -119,10 +130,9 @@ def latex_to_text(latex: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _short_names(proof: Proof, text: bool = False) -> dict[sympy.Symbol, sympy.Symbol]:
+def _short_names(proof: Proof) -> dict[sympy.Symbol, sympy.Symbol]:
     """Element symbols without the indices of axes of length 1 (x_{0,1,2,0} -> x_{1,2} when
-    batch and channels are 1), so small examples read like the seed documents; with
-    ``text``, named for plain text (x[1,2], δ[0,0])."""
+    batch and channels are 1), so small examples read like the seed documents."""
     arrays = list(proof.inputs.values()) + ([proof.upstream] if proof.upstream is not None else [])
     renames = {}
     for array in arrays:
@@ -133,12 +143,11 @@ def _short_names(proof: Proof, text: bool = False) -> dict[sympy.Symbol, sympy.S
                 continue
             base = symbol.name.split("_{")[0]
             label = ",".join(str(index[axis]) for axis in keep)
-            if text:
-                base = "δ" if base == "delta" else base
-                renames[symbol] = sympy.Symbol(f"{base}[{label}]" if label else base)
-            else:
-                base = r"\delta" if base == "delta" else base
-                renames[symbol] = sympy.Symbol(f"{base}_{{{label}}}" if label else base)
+            if base == "delta":
+                base = r"\delta"
+            elif len(base) > 1:
+                base = rf"\mathrm{{{base}}}"  # probs_{0}, not p r o b s
+            renames[symbol] = sympy.Symbol(f"{base}_{{{label}}}" if label else base)
     return renames
 
 
@@ -150,7 +159,7 @@ def _partial_symbol(layer: Layer, name: str, symbol, renames) -> str:
     return r"\frac{\partial L}{\partial " + sympy.latex(symbol.xreplace(renames)) + "}"
 
 
-def _as_matrix(array: np.ndarray, renames, text_renames) -> tuple[str, str] | None:
+def _as_matrix(array: np.ndarray, renames) -> tuple[str, str] | None:
     """A 2-D view of ``array`` (singleton axes dropped) as a LaTeX matrix, if small enough."""
     squeezed = np.squeeze(np.asarray(array, dtype=object))
     if squeezed.ndim == 0:
@@ -161,10 +170,14 @@ def _as_matrix(array: np.ndarray, renames, text_renames) -> tuple[str, str] | No
         return None
     matrix = sympy.Matrix(squeezed.tolist())
     rows = [
-        "[" + ",  ".join(sympy.sstr(e.xreplace(text_renames)) for e in row) + "]"
+        "[" + ",  ".join(latex_to_text(_element_latex(e, renames)) for e in row) + "]"
         for row in squeezed.tolist()
     ]
     return sympy.latex(matrix.xreplace(renames), mat_delim="("), "\n".join(rows)
+
+
+def _axes_longer_than_one(array: np.ndarray) -> int:
+    return sum(1 for length in np.shape(array) if length > 1)
 
 
 def derivation(layer: Layer, config: Configuration) -> list[Block]:
@@ -205,21 +218,25 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
         blocks.append(paragraph(f"FAILED: {failure}"))
         return blocks
 
-    renames, text_renames = _short_names(proof), _short_names(proof, text=True)
+    renames = _short_names(proof)
     # The derived gradients at the example's numbers, where the proof fixed some (max pooling).
     derived_values = {
         g.wrt: substituted(proof.derived[g.wrt], proof.substitution) for g in layer.gradients
     }
     blocks.append(heading("3. Element by element"))
     if proof.substitution:
+        first = layer.inputs[0]
+        numbers = substituted(proof.inputs[first.name], proof.substitution)
+        shown = _as_matrix(numbers, renames)
         blocks.append(
             paragraph(
-                "Which window element is the maximum depends on the numbers, so this example uses the "
-                "input "
-                + ", ".join(f"{k}={v}" for k, v in list(proof.substitution.items())[:16])
-                + "."
+                "Which window element is the maximum depends on the numbers, so this example uses "
+                f"the input {first.latex}"
+                + (":" if shown else f" of shape {numbers.shape} drawn from {{0, 1, 2}}.")
             )
         )
+        if shown:
+            blocks.append(math(f"{first.latex} = {shown[0]}", f"{first.latex} =\n{shown[1]}"))
     for gradient in layer.gradients:
         derived = derived_values[gradient.wrt]
         symbols = proof.inputs[gradient.wrt]
@@ -231,14 +248,19 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
                 )
                 break
             lhs = _partial_symbol(layer, gradient.wrt, symbols[index], renames)
-            text = f"∂L/∂{symbols[index].xreplace(text_renames)} = {sympy.sstr(sympy.sympify(derived[index]).xreplace(text_renames))}"
-            blocks.append(math(f"{lhs} = {_element_latex(derived[index], renames)}", text))
+            blocks.append(math(f"{lhs} = {_element_latex(derived[index], renames)}"))
             shown += 1
 
     blocks.append(heading("4. Matrix form"))
     for gradient in layer.gradients:
         derived = derived_values[gradient.wrt]
-        shown = _as_matrix(derived, renames, text_renames)
+        if _axes_longer_than_one(derived) < 2:
+            # A row of the elements above would only repeat them, on one long line.
+            blocks.append(
+                paragraph(f"{gradient.name} has one axis here: its elements are those of step 3.")
+            )
+            continue
+        shown = _as_matrix(derived, renames)
         label = r"\frac{\partial L}{\partial " + operand_latex(gradient.wrt, names) + "}"
         if shown is None:
             blocks.append(
@@ -251,13 +273,8 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
                     f"∂L/∂{operand_latex(gradient.wrt, names)} =\n{shown[1]}",
                 )
             )
-    for symbol_name, array in (
-        ("input", proof.inputs[layer.inputs[0].name]),
-        ("upstream", proof.upstream),
-    ):
-        if array is None or symbol_name == "input":
-            continue
-        shown = _as_matrix(array, renames, text_renames)
+    if proof.upstream is not None and _axes_longer_than_one(proof.upstream) >= 2:
+        shown = _as_matrix(proof.upstream, renames)
         if shown is not None:
             blocks.append(math(r"\delta = " + shown[0], "δ =\n" + shown[1]))
 
@@ -307,13 +324,20 @@ def to_latex(blocks: list[Block], standalone: bool = False) -> str:
     return (
         "\\documentclass{article}\n"
         "\\usepackage{amsmath,amssymb}\n"
+        "\\usepackage[margin=2cm]{geometry}\n"  # room for the wide index expressions
         "\\allowdisplaybreaks\n"
         "\\begin{document}\n" + body + "\\end{document}\n"
     )
 
 
 def _escape(text: str) -> str:
-    """Escape a plain-text paragraph for LaTeX, keeping `code` as typewriter text."""
+    """A paragraph for LaTeX: prose escaped, `code` as typewriter text, 'quoted' words in
+    LaTeX's quotes, ``$...$`` inline math kept as it is."""
+    parts = re.split(r"(\$[^$]*\$)", text)
+    return "".join(part if part.startswith("$") else _escape_prose(part) for part in parts)
+
+
+def _escape_prose(text: str) -> str:
     out = text
     for char, replacement in (
         ("\\", r"\textbackslash{}"),
@@ -326,6 +350,8 @@ def _escape(text: str) -> str:
         ("}", r"\}"),
         ("^", r"\^{}"),
         ("~", r"\~{}"),
+        ("<", r"\textless{}"),
+        (">", r"\textgreater{}"),
     ):
         out = out.replace(char, replacement)
     for char, replacement in (
@@ -335,7 +361,9 @@ def _escape(text: str) -> str:
         ("σ", r"$\sigma$"),
     ):
         out = out.replace(char, replacement)
-    return re.sub(r"`([^`]*)`", r"\\texttt{\1}", out)
+    out = re.sub(r"`([^`]*)`", r"\\texttt{\1}", out)
+    # 'word' -> `word' (an opening quote, not two closing ones); not an apostrophe (SymPy's).
+    return re.sub(r"(?<![\w'])'([^'\n]+?)'(?!\w)", r"`\1'", out)
 
 
 def to_text(blocks: list[Block]) -> str:

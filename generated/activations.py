@@ -43,7 +43,7 @@ def sigmoid_forward(z, *, workspace=None):
 
 
 def sigmoid_backward(da, cache, *, workspace=None):
-    r"""Sigmoid: gradients with respect to z.
+    r"""Sigmoid: gradient with respect to z.
 
     da is the gradient of the loss with respect to the forward output.
 
@@ -102,7 +102,7 @@ def relu_forward(z, *, workspace=None):
 
 
 def relu_backward(da, cache, *, workspace=None):
-    r"""ReLU: gradients with respect to z.
+    r"""ReLU: gradient with respect to z.
 
     da is the gradient of the loss with respect to the forward output.
 
@@ -112,7 +112,8 @@ def relu_backward(da, cache, *, workspace=None):
 
     dz: proven on 3 configurations: batch 1-2, features 1-3.
 
-    At Z = 0 the derivative is taken as 0 (the definition's pieces say so).
+    ReLU has no derivative at Z = 0; the gradient uses 0 there (a subgradient, any value in [0,
+    1] would be one), which is what the strict Z > 0 in the definition gives.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
     this layer. Results, the cache and work arrays are then written into arrays kept in it and
@@ -158,7 +159,7 @@ def tanh_forward(z, *, workspace=None):
 
 
 def tanh_backward(da, cache, *, workspace=None):
-    r"""Hyperbolic tangent: gradients with respect to z.
+    r"""Hyperbolic tangent: gradient with respect to z.
 
     da is the gradient of the loss with respect to the forward output.
 
@@ -193,7 +194,7 @@ def softmax_forward(z, *, workspace=None):
 
     Definition (index notation, 0-based indices)::
 
-        {A}_{n,k} = \frac{e^{{Z}_{n,k}}}{\sum_{e=0}^{K - 1} e^{{Z}_{n,e}}}
+        {A}_{n,k} = \frac{e^{{Z}_{n,k}}}{\sum_{j=0}^{K - 1} e^{{Z}_{n,j}}}
 
     Computed as::
 
@@ -216,7 +217,7 @@ def softmax_forward(z, *, workspace=None):
 
 
 def softmax_backward(da, cache, *, workspace=None):
-    r"""Softmax over the last axis: gradients with respect to z.
+    r"""Softmax over the last axis: gradient with respect to z.
 
     da is the gradient of the loss with respect to the forward output.
 

@@ -54,13 +54,13 @@ def forward(x, *, size=2, stride=None, workspace=None):
 
 
 def backward(dout, cache, *, workspace=None):
-    r"""2-D average pooling: gradients with respect to x (summed over the batch).
+    r"""2-D average pooling: gradient with respect to x.
 
     dout is the gradient of the loss with respect to the forward output.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
-        dx = \operatorname{crop}_{0,0}^{H \times W}\left(\operatorname{kron}\left(\frac{\delta}{k^{2}},\ \mathbf{1}_{k \times k}\right)\right)    [when Eq(stride, size)]
+        dx = \operatorname{crop}_{0,0}^{H \times W}\left(\operatorname{kron}\left(\frac{\delta}{k^{2}},\ \mathbf{1}_{k \times k}\right)\right)\qquad \text{when } s = k
         dx = \operatorname{scatter\_windows}_{k,s}\left(\frac{\delta}{k^{2}}\right)
 
     dx (kron(dP / k^2, ones(k, k)) (non-overlapping windows)): proven on 56 configurations:
@@ -71,8 +71,9 @@ def backward(dout, cache, *, workspace=None):
     With stride = size the windows tile the input, every input element lies in at most one
     window, and the scatter-add is the Kronecker product with a k-by-k block of ones.
 
-    Rows and columns that no window reaches (when the size does not divide the input) get zero
-    gradient.
+    Rows and columns that no window reaches get zero gradient: the last (H - k) mod s rows (and
+    likewise columns), and the gaps between windows when s > k; crop reads zeros beyond the
+    spread gradient's edge.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
     this layer. Results, the cache and work arrays are then written into arrays kept in it and

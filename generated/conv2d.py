@@ -78,7 +78,7 @@ def forward(x, w, b, *, stride=1, padding=0, workspace=None):
 
 
 def backward(dout, cache, *, input_gradient=True, workspace=None):
-    r"""2-D convolution (multi-channel, batch, stride, zero padding, bias): gradients with respect to x, w, b (summed over the batch).
+    r"""2-D convolution (multi-channel, batch, stride, zero padding, bias): gradients with respect to x, w, b (w, b summed over the batch).
 
     dout is the gradient of the loss with respect to the forward output.
 
@@ -100,10 +100,13 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     `cnnderive verify --seed-size` also proves them at the seed network's size.
 
     Indices are 0-based. 'correlate' slides the kernel without flipping it, as deep-learning
-    frameworks do; 'full_convolve' is the same product over the gradient padded by K-1 on every
-    side, and the flip is written explicitly as rot180.
+    frameworks do; 'full_convolve' is the same product over the gradient padded by K - 1 on
+    every side, and the flip is written explicitly as rot180.
 
-    For stride s > 1 the gradient is first dilated: s-1 zeros between neighbouring elements.
+    For stride s > 1 the gradient is first dilated: s - 1 zeros between neighbouring elements.
+
+    crop takes a window of an array and reads zeros beyond its edges: input rows that no window
+    reaches get zero gradient.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
     this layer. Results, the cache and work arrays are then written into arrays kept in it and

@@ -35,7 +35,7 @@ def forward(x, *, workspace=None):
 
 
 def backward(dout, cache, *, workspace=None):
-    r"""Flatten (N, H, W, C) to (N, H*W*C), row-major: gradients with respect to x (summed over the batch).
+    r"""Flatten (N, H, W, C) to (N, H*W*C), row-major: gradient with respect to x.
 
     dout is the gradient of the loss with respect to the forward output.
 

@@ -44,7 +44,7 @@ def bce_forward(probs, targets, *, workspace=None):
 
 
 def bce_backward(cache, *, workspace=None):
-    r"""Binary cross-entropy on probabilities: gradients with respect to probs.
+    r"""Binary cross-entropy on probabilities: gradient with respect to probs.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
@@ -116,7 +116,7 @@ def bce_with_logits_forward(logits, targets, *, workspace=None):
 
 
 def bce_with_logits_backward(cache, *, workspace=None):
-    r"""Binary cross-entropy on logits (sigmoid + BCE fused): gradients with respect to logits.
+    r"""Binary cross-entropy on logits (sigmoid + BCE fused): gradient with respect to logits.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
@@ -158,7 +158,7 @@ def softmax_cross_entropy_forward(logits, targets, *, workspace=None):
 
     Definition (index notation, 0-based indices)::
 
-        L = \frac{\sum_{\substack{0 \leq n \leq m - 1\\0 \leq k \leq K - 1}} - \left(\log{\left(\frac{e^{{Z}_{n,k}}}{\sum_{e=0}^{K - 1} e^{{Z}_{n,e}}} \right)}\right) {Y}_{n,k}}{m}
+        L = \frac{\sum_{\substack{0 \leq n \leq m - 1\\0 \leq k \leq K - 1}} - \left(\log{\left(\frac{e^{{Z}_{n,k}}}{\sum_{j=0}^{K - 1} e^{{Z}_{n,j}}} \right)}\right) {Y}_{n,k}}{m}
 
     Computed as::
 
@@ -189,7 +189,7 @@ def softmax_cross_entropy_forward(logits, targets, *, workspace=None):
 
 
 def softmax_cross_entropy_backward(cache, *, workspace=None):
-    r"""Softmax cross-entropy on logits (softmax + CE fused): gradients with respect to logits.
+    r"""Softmax cross-entropy on logits (softmax + CE fused): gradient with respect to logits.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
@@ -198,7 +198,7 @@ def softmax_cross_entropy_backward(cache, *, workspace=None):
     dlogits: proven on 4 configurations: batch 1-2, classes 1-3.
 
     The closed form holds for any targets; for one-hot or probability targets (each row sums to
-    1) it is (A - Y) / m.
+    1) it is (A - Y)/m.
 
     The code evaluates y (logsumexp(z) - z), finite for any logits.
 
@@ -260,7 +260,7 @@ def mse_forward(pred, targets, *, workspace=None):
 
 
 def mse_backward(cache, *, workspace=None):
-    r"""Mean squared error: gradients with respect to pred.
+    r"""Mean squared error: gradient with respect to pred.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 

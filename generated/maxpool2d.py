@@ -13,7 +13,8 @@ def forward(x, *, size=2, stride=None, workspace=None):
     Definition (index notation, 0-based indices)::
 
         P_{n,i,j,c} = \sum_{u=0}^{k-1} \sum_{v=0}^{k-1} X_{n,\,si+u,\,sj+v,\,c}\;\mathbf{1}^{\mathrm{first\,max}}_{u,v}
-        \mathbf{1}^{\mathrm{first\,max}}_{u,v} = \begin{cases} 1 & (u, v) = (u^*, v^*) \\ 0 & \text{otherwise} \end{cases},\qquad (u^*, v^*) = \text{the first } (u, v) \text{ in row-major order with } X_{n,si+u,sj+v,c} = \max_{0 \le u',v' < k} X_{n,si+u',sj+v',c}
+        \mathbf{1}^{\mathrm{first\,max}}_{u,v} = \begin{cases} 1 & (u, v) = (u^*, v^*) \\ 0 & \text{otherwise} \end{cases}
+        (u^*, v^*) = \text{the first } (u, v) \text{ in row-major order with } X_{n,si+u,sj+v,c} = \max_{0 \le u',v' < k} X_{n,si+u',sj+v',c}
 
     Computed as::
 
@@ -55,7 +56,7 @@ def forward(x, *, size=2, stride=None, workspace=None):
 
 
 def backward(dout, cache, *, workspace=None):
-    r"""2-D max pooling (ties go to the first maximum in row-major window order): gradients with respect to x (summed over the batch).
+    r"""2-D max pooling (ties go to the first maximum in row-major window order): gradient with respect to x.
 
     dout is the gradient of the loss with respect to the forward output.
 
@@ -67,10 +68,12 @@ def backward(dout, cache, *, workspace=None):
     configurations: batch 1-2, channels 1-2, in_height 2-5, in_width 2-5, size 1-3, stride 1-3.
 
     Tie rule: the gradient of a window goes to its first maximum in row-major order (as PyTorch
-    does). The definition writes the pooling as a sum of each window element times the indicator
-    of being that first maximum; the indicator is locally constant, so SymPy's derivative is the
-    indicator itself. The proof runs on integer inputs drawn from {0, 1, 2}, so most windows
-    tie.
+    does). Where a window's maximum is unique, the maximum is differentiable and this is its
+    gradient; where several elements tie, it has no derivative, and the rule picks one of its
+    subgradients. The definition writes the pooling as a sum of each window element times the
+    indicator of being that first maximum, and SymPy differentiates it with the indicator held
+    fixed: exactly the rule. The proof runs on integer inputs drawn from {0, 1, 2}, so most
+    windows tie, and checks that the code follows the rule there too.
 
     SymPy's derivative of Max is a Heaviside step that splits a tie half and half, which is not
     a rule a pooling layer can use; hence the explicit first-maximum definition.

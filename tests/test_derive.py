@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ from cnnderive.cli import main
 from derive import ir
 from derive.ir import Case, MatMul, Operand
 from derive.layers import LAYERS
-from derive.report import derivation, equations, to_latex, to_text
+from derive.report import derivation, equations, paragraph, to_latex, to_text
 from derive.verify import VerificationError, prove, verify_layers, verify_stable_forms
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,7 +171,10 @@ def test_derive_prints_every_step_as_text(name, capsys):
     ):
         assert step in out
     assert "verified for this configuration" in out
-    assert "\\frac" not in out  # plain text, not LaTeX
+    # Plain text: no LaTeX commands, no SymPy's Python syntax.
+    for leftover in ("\\", "Piecewise", "**", "$", "_{"):
+        assert leftover not in out, leftover
+    assert not re.search(r"(?<![a-z])exp\(", out)  # SymPy's exp(z), not e^z (logaddexp( is fine)
 
 
 # ---------------------------------------------------------------------------
@@ -214,7 +218,7 @@ def test_katex_checker_rejects_broken_latex():
     assert [f["index"] for f in json.loads(completed.stdout)] == [1, 2]
 
 
-@pytest.mark.parametrize("name", ["conv2d", "maxpool2d", "softmax_cross_entropy"])
+@pytest.mark.parametrize("name", list(LAYERS))
 def test_pdflatex_compiles_the_standalone_document(name, tmp_path):
     _need(shutil.which("pdflatex") is not None, "pdflatex (Debian package texlive-latex-base)")
     layer = LAYERS[name]
@@ -229,6 +233,21 @@ def test_pdflatex_compiles_the_standalone_document(name, tmp_path):
     )
     assert completed.returncode == 0, completed.stdout[-2000:]
     assert (tmp_path / "derivation.pdf").stat().st_size > 1000
+    # Nothing runs off the page by more than a few points (the log reports each line that does).
+    log = (tmp_path / "derivation.log").read_text(encoding="latin-1")
+    widths = [float(w) for w in re.findall(r"Overfull \\hbox \(([0-9.]+)pt too wide", log)]
+    assert max(widths, default=0.0) < 5.0, widths
+
+
+def test_paragraphs_keep_inline_math_and_escape_the_prose():
+    """Reference: LaTeX's default font prints a text-mode > as an inverted question mark,
+    and 'word' with two closing quotes; $...$ is math in LaTeX and readable text in text."""
+    note = "For stride $s > 1$ and x > 0: 'correlate', SymPy's x_1"
+    block = paragraph(note)
+    assert to_latex([block]).strip() == (
+        r"For stride $s > 1$ and x \textgreater{} 0: `correlate', SymPy's x\_1"
+    )
+    assert to_text([block]).strip() == "For stride s > 1 and x > 0: 'correlate', SymPy's x_1"
 
 
 def test_plain_text_and_latex_carry_the_same_steps():
