@@ -137,7 +137,7 @@ def backward_docstring(layer: Layer, result: LayerResult) -> str:
     lines = [f"{layer.title}: {noun} with respect to {wrt}{summed_text}.", ""]
     if layer.kind != "loss":
         lines += [
-            f"    {layer.upstream} is the gradient of the loss with respect to the forward output.",
+            f"    {layer.upstream} (δ in the formulas) is the gradient of the loss with respect to the forward output.",
             "",
         ]
     lines += [

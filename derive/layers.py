@@ -140,7 +140,7 @@ conv2d = Layer(
             "b": a["b"],
         },
         auxiliary=(
-            r"\tilde{X}_{n,h,w,c} = \begin{cases} X_{n,h-p,w-p,c} & p \le h < H + p,\ p \le w < W + p \\"
+            r"\tilde{X}_{n,h,w,c} = \begin{cases} X_{n,h-p,w-p,c} & \text{if } p \le h < H + p,\ p \le w < W + p \\"
             r" 0 & \text{otherwise} \end{cases}",
             r"H' = \left\lfloor \frac{H + 2p - K_H}{s} \right\rfloor + 1,\qquad"
             r" W' = \left\lfloor \frac{W + 2p - K_W}{s} \right\rfloor + 1",

@@ -15,7 +15,7 @@ import numpy as np
 import sympy
 
 from derive.layer import Configuration, Layer
-from derive.treelatex import operand_latex, tree_latex
+from derive.treelatex import operand_latex, primitive_definitions, tree_latex
 from derive.verify import Proof, VerificationError, prove, substituted
 
 MAX_ELEMENTS = 6  # per-element equations shown per gradient; the rest is summarised
@@ -99,6 +99,11 @@ def latex_to_text(latex: str) -> str:
     text = text.replace("&", " ").replace("\\_", "_")
     # Innermost groups first, until nothing changes: subscripts, superscripts, fractions, words.
     rules = [
+        # An operator's subscript is a parameter, not an index: crop_(p,p), dilate_s; a
+        # named subscript is part of a name: C_in.
+        (r"\\operatorname\{([^{}]*)\}_\{(\w+)\}", r"\1_\2"),
+        (r"\\operatorname\{([^{}]*)\}_\{([^{}]*)\}", r"\1_(\2)"),
+        (r"_\{\\mathrm\{(\w+)\}\}", r"_\1"),
         (r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)"),
         (r"\\(?:operatorname|mathrm|text|mathbf|substack)\{([^{}]*)\}", r"\1"),
         (r"\^\{([^{}]*)\}", r"^(\1)"),
@@ -288,6 +293,12 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
             blocks.append(math(f"{lhs} = {tree_latex(case.tree, names)}{condition}"))
             if case.name:
                 blocks.append(paragraph(f"({case.name})"))
+    definitions = primitive_definitions(
+        case.tree for gradient in layer.gradients for case in gradient.cases
+    )
+    if definitions:
+        blocks.append(paragraph("The primitives, element by element:"))
+        blocks += [math(definition) for definition in definitions]
     for note in layer.notes:
         blocks.append(paragraph(note))
 

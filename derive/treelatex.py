@@ -105,3 +105,55 @@ def tree_latex(node: ir.Node, names: dict[str, str]) -> str:
     if isinstance(node, ir.LogSumExp):
         return _operator("logsumexp", go(node.z))
     raise TypeError(f"no LaTeX for {type(node).__name__}")
+
+
+# What each primitive computes, in index notation: printed under a derivation's closed
+# forms, so that a reader need not guess which axes a primitive sums over, or whether
+# full_convolve flips its kernel (it does not: the flip is rot180).
+PRIMITIVE_DEFINITIONS: dict[type, str] = {
+    ir.Pad: r"\operatorname{pad}_{p,q}(A)_{n,h,w,c} = A_{n,\,h-p,\,w-q,\,c}"
+    r"\quad\text{(zero outside } A\text{)}",
+    ir.Crop: r"\operatorname{crop}_{t,l}^{R \times S}(A)_{n,h,w,c} = A_{n,\,t+h,\,l+w,\,c}"
+    r"\quad (h < R,\ w < S;\ \text{zero beyond the edges of } A)",
+    ir.Dilate: r"\operatorname{dilate}_{s}(G)_{n,\,si,\,sj,\,o} = G_{n,i,j,o}"
+    r"\quad\text{(zero in between)}",
+    ir.Rot180: r"\operatorname{rot180}(K)_{u,v,c,o} = K_{K_H-1-u,\,K_W-1-v,\,c,\,o}",
+    ir.Correlate: r"\operatorname{correlate}_{s}(A, K)_{n,i,j,o} = \sum_{u,v,c}"
+    r" A_{n,\,si+u,\,sj+v,\,c}\,K_{u,v,c,o}\quad\text{(no subscript: } s = 1\text{)}",
+    ir.CorrelateWeights: r"\operatorname{correlate}_{\Sigma n}(A, G)_{u,v,c,o} = \sum_{n,i,j}"
+    r" A_{n,\,i+u,\,j+v,\,c}\,G_{n,i,j,o}",
+    ir.FullConvolve: r"\operatorname{full\_convolve}(G, K)_{n,h,w,c} = \sum_{u,v,o}"
+    r" G_{n,\,h+u-(K_H-1),\,w+v-(K_W-1),\,o}\,K_{u,v,c,o}"
+    r"\quad\text{(} G \text{ zero outside its range; no flip here)}",
+    ir.WindowSum: r"\operatorname{window\_sum}_{k,s}(A)_{n,i,j,c} = \sum_{u=0}^{k-1}\sum_{v=0}^{k-1}"
+    r" A_{n,\,si+u,\,sj+v,\,c}",
+    ir.WindowArgmax: r"\operatorname{first\_argmax}_{k,s}(A)_{n,i,j,c} = (u^*, v^*)"
+    r"\quad\text{(the first maximum of window } (i, j) \text{ in row-major order)}",
+    ir.GatherWindows: r"\operatorname{gather}(A, (u^*, v^*))_{n,i,j,c} = A_{n,\,si+u^*,\,sj+v^*,\,c}",
+    ir.Upsample: r"\operatorname{kron}(A, \mathbf{1}_{k \times k})_{n,h,w,c}"
+    r" = A_{n,\,\lfloor h/k \rfloor,\,\lfloor w/k \rfloor,\,c}",
+    ir.ScatterWindows: r"\operatorname{scatter\_windows}_{k,s}(G)_{n,h,w,c} = "
+    r"\sum_{\substack{i,u:\ si+u=h\\ j,v:\ sj+v=w}} G_{n,i,j,c}",
+    ir.RouteToArgmax: r"\operatorname{route}(G \to (u^*, v^*))_{n,h,w,c} = "
+    r"\sum_{i,j:\ (si+u^*_{n,i,j,c},\ sj+v^*_{n,i,j,c}) = (h, w)} G_{n,i,j,c}",
+    ir.Sum: r"\textstyle\sum_{\text{axes } a} A\text{: the sum over the axes listed}"
+    r"\text{ (0 is the batch, } -1 \text{ the last axis, kept with length 1)}",
+    ir.MatMul: r"(A\,B)_{r,q} = \sum_{d} A_{r,d}\,B_{d,q}"
+    r"\quad\text{(the matrix product; every other product is elementwise)}",
+    ir.Flatten: r"\operatorname{flatten}(A)_{n,\,(h W + w) C + c} = A_{n,h,w,c}",
+    ir.ReshapeLike: r"\operatorname{reshape}(G, \operatorname{shape}(X))"
+    r"\text{: the elements of } G \text{ in row-major order, in the shape of } X",
+    ir.Softmax: r"\operatorname{softmax}(Z)_{n,k} = \frac{e^{Z_{n,k}}}{\sum_{j} e^{Z_{n,j}}}",
+    ir.LogSumExp: r"\operatorname{logsumexp}(Z)_{n} = \log \sum_{j} e^{Z_{n,j}}",
+}
+
+
+def primitive_definitions(trees) -> list[str]:
+    """The definitions of the primitives in ``trees``, each once, inner ones first."""
+    seen: list[type] = []
+    for tree in trees:
+        for node in tree.walk():
+            kind = type(node)
+            if kind in PRIMITIVE_DEFINITIONS and kind not in seen:
+                seen.append(kind)
+    return [PRIMITIVE_DEFINITIONS[kind] for kind in seen]

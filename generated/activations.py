@@ -45,7 +45,7 @@ def sigmoid_forward(z, *, workspace=None):
 def sigmoid_backward(da, cache, *, workspace=None):
     r"""Sigmoid: gradient with respect to z.
 
-    da is the gradient of the loss with respect to the forward output.
+    da (δ in the formulas) is the gradient of the loss with respect to the forward output.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
@@ -104,7 +104,7 @@ def relu_forward(z, *, workspace=None):
 def relu_backward(da, cache, *, workspace=None):
     r"""ReLU: gradient with respect to z.
 
-    da is the gradient of the loss with respect to the forward output.
+    da (δ in the formulas) is the gradient of the loss with respect to the forward output.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
@@ -161,7 +161,7 @@ def tanh_forward(z, *, workspace=None):
 def tanh_backward(da, cache, *, workspace=None):
     r"""Hyperbolic tangent: gradient with respect to z.
 
-    da is the gradient of the loss with respect to the forward output.
+    da (δ in the formulas) is the gradient of the loss with respect to the forward output.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
@@ -219,7 +219,7 @@ def softmax_forward(z, *, workspace=None):
 def softmax_backward(da, cache, *, workspace=None):
     r"""Softmax over the last axis: gradient with respect to z.
 
-    da is the gradient of the loss with respect to the forward output.
+    da (δ in the formulas) is the gradient of the loss with respect to the forward output.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 

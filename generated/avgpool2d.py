@@ -56,7 +56,7 @@ def forward(x, *, size=2, stride=None, workspace=None):
 def backward(dout, cache, *, workspace=None):
     r"""2-D average pooling: gradient with respect to x.
 
-    dout is the gradient of the loss with respect to the forward output.
+    dout (δ in the formulas) is the gradient of the loss with respect to the forward output.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 

@@ -15,7 +15,7 @@ def forward(x, w, b, *, stride=1, padding=0, workspace=None):
     Definition (index notation, 0-based indices)::
 
         {Z}_{n,i,j,o} = {b}_{o} + \sum_{\substack{0 \leq c \leq C_{\mathrm{in}} - 1\\0 \leq u \leq K_H - 1\\0 \leq v \leq K_W - 1}} {W}_{u,v,c,o} {\tilde{X}}_{n,s i + u,s j + v,c}
-        \tilde{X}_{n,h,w,c} = \begin{cases} X_{n,h-p,w-p,c} & p \le h < H + p,\ p \le w < W + p \\ 0 & \text{otherwise} \end{cases}
+        \tilde{X}_{n,h,w,c} = \begin{cases} X_{n,h-p,w-p,c} & \text{if } p \le h < H + p,\ p \le w < W + p \\ 0 & \text{otherwise} \end{cases}
         H' = \left\lfloor \frac{H + 2p - K_H}{s} \right\rfloor + 1,\qquad W' = \left\lfloor \frac{W + 2p - K_W}{s} \right\rfloor + 1
 
     Computed as::
@@ -80,7 +80,7 @@ def forward(x, w, b, *, stride=1, padding=0, workspace=None):
 def backward(dout, cache, *, input_gradient=True, workspace=None):
     r"""2-D convolution (multi-channel, batch, stride, zero padding, bias): gradients with respect to x, w, b (w, b summed over the batch).
 
-    dout is the gradient of the loss with respect to the forward output.
+    dout (δ in the formulas) is the gradient of the loss with respect to the forward output.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 

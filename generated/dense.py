@@ -52,7 +52,7 @@ def forward(x, w, b, *, workspace=None):
 def backward(dout, cache, *, input_gradient=True, workspace=None):
     r"""Dense (fully connected) layer with bias: gradients with respect to x, w, b (w, b summed over the batch).
 
-    dout is the gradient of the loss with respect to the forward output.
+    dout (δ in the formulas) is the gradient of the loss with respect to the forward output.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 

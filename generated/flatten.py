@@ -37,7 +37,7 @@ def forward(x, *, workspace=None):
 def backward(dout, cache, *, workspace=None):
     r"""Flatten (N, H, W, C) to (N, H*W*C), row-major: gradient with respect to x.
 
-    dout is the gradient of the loss with respect to the forward output.
+    dout (δ in the formulas) is the gradient of the loss with respect to the forward output.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 

@@ -58,7 +58,7 @@ def forward(x, *, size=2, stride=None, workspace=None):
 def backward(dout, cache, *, workspace=None):
     r"""2-D max pooling (ties go to the first maximum in row-major window order): gradient with respect to x.
 
-    dout is the gradient of the loss with respect to the forward output.
+    dout (δ in the formulas) is the gradient of the loss with respect to the forward output.
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
