@@ -7,12 +7,33 @@ Each subcommand's module is imported only when that subcommand runs, so that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
 
 class UsageError(Exception):
     """A problem with the user's input: printed as one clear line, exit code 2."""
+
+
+@contextlib.contextmanager
+def proof_progress():
+    """A ``progress(done, total)`` callback for derive.verify.verify_layers that shows a
+    progress bar on a terminal's stderr (the proofs take 15 s or more), and nothing
+    elsewhere."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc="proving", unit=" configurations", file=sys.stderr, disable=None, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        bar.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports the subcommands' modules: Ctrl-C may come here
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)

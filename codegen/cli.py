@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cnnderive.cli import UsageError
+from cnnderive.cli import UsageError, proof_progress
 from cnnderive.files import folder_problem
 
 
@@ -33,7 +33,8 @@ def run_generate(args) -> int:
     if problem is not None:  # before the proofs, which take a while
         raise UsageError(f"cannot write to {output}: {problem}; choose another --output")
     try:
-        diffs = generate(output=output, check=args.check)
+        with proof_progress() as progress:
+            diffs = generate(output=output, check=args.check, progress=progress)
     except UnverifiedError as error:
         print(f"cnnderive generate: {error}", file=sys.stderr)
         return 1

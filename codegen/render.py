@@ -380,8 +380,8 @@ def ruff_format(source: str, filename: str) -> str:
     return completed.stdout
 
 
-def verified_results(layers: list[Layer]) -> dict[str, LayerResult]:
-    results = {r.name: r for r in verify_layers(layers)}
+def verified_results(layers: list[Layer], progress=None) -> dict[str, LayerResult]:
+    results = {r.name: r for r in verify_layers(layers, progress=progress)}
     stable = verify_stable_forms()
     failures = [r for r in [*results.values(), stable] if not r.ok]
     if failures:
@@ -393,11 +393,14 @@ def verified_results(layers: list[Layer]) -> dict[str, LayerResult]:
 
 
 def render(
-    layers: list[Layer] | None = None, results: dict[str, LayerResult] | None = None
+    layers: list[Layer] | None = None,
+    results: dict[str, LayerResult] | None = None,
+    progress=None,
 ) -> dict[str, str]:
-    """File name -> content of every file of generated/."""
+    """File name -> content of every file of generated/.  ``progress(done, total)``
+    follows the proofs (see verify_layers)."""
     layers = list(LAYERS.values()) if layers is None else layers
-    results = verified_results(layers) if results is None else results
+    results = verified_results(layers, progress) if results is None else results
     env = environment()
     modules: dict[str, list[Layer]] = {}
     for layer in layers:
@@ -482,9 +485,9 @@ def differences(files: dict[str, str], output: Path) -> list[str]:
     return diffs
 
 
-def generate(output: Path = DEFAULT_OUTPUT, check: bool = False) -> list[str]:
+def generate(output: Path = DEFAULT_OUTPUT, check: bool = False, progress=None) -> list[str]:
     """Write generated/ (or, with ``check``, only compare).  Returns the diffs found."""
-    files = render()
+    files = render(progress=progress)
     diffs = differences(files, output)
     if not check:
         for name, content in files.items():

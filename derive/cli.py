@@ -148,7 +148,10 @@ def run_verify(args) -> int:
                 "none of the chosen layers has a seed-size configuration (conv2d and dense do)"
             )
     start = time.perf_counter()
-    results = verify_layers(layers, seed_size=args.seed_size)
+    from cnnderive.cli import proof_progress
+
+    with proof_progress() as progress:
+        results = verify_layers(layers, seed_size=args.seed_size, progress=progress)
     if not args.seed_size and not args.layer:
         results.append(verify_stable_forms())
     elapsed = time.perf_counter() - start

@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import sympy
@@ -312,9 +312,16 @@ def configurations_of(layer: Layer, method: str) -> list[Configuration]:
 
 
 def verify_layers(
-    layers: list[Layer], *, seed_size: bool = False, workers: int | None = None
+    layers: list[Layer],
+    *,
+    seed_size: bool = False,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[LayerResult]:
-    """Prove every layer on its sweep (or at the seed network's size), in parallel."""
+    """Prove every layer on its sweep (or at the seed network's size), in parallel.
+
+    ``progress(done, total)`` is called as configurations are proven.
+    """
     method = "coefficients" if seed_size else "diff"
     jobs = []
     for number, layer in enumerate(layers):
@@ -325,6 +332,15 @@ def verify_layers(
             jobs.append((number, list(range(first, min(count, first + chunk))), method))
     workers = workers or min(2, os.cpu_count() or 1)
     collected: dict[str, list] = {layer.name: [] for layer in layers}
+    total, done = sum(len(job[1]) for job in jobs), 0
+
+    def finished(job, results):
+        nonlocal done
+        collected[layers[job[0]].name].extend(results)
+        done += len(job[1])
+        if progress is not None:
+            progress(done, total)
+
     _LAYERS_BEING_PROVEN[:] = layers
     try:
         if workers > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
@@ -336,20 +352,25 @@ def verify_layers(
             try:
                 futures += [pool.submit(_prove_chunk, job) for job in jobs]
                 for job, future in zip(jobs, futures):
-                    collected[layers[job[0]].name].extend(future.result())
+                    finished(job, future.result())
+                pool.shutdown()
             except BaseException:
                 # Ctrl-C or an error: leaving the pool as a with-block does would wait for
                 # every proof still queued or running, minutes of them.  The workers are
                 # stopped first, so that the pool marks what is left as failed rather than
-                # waiting (a dead worker, too, fails the pool instead of hanging it).
-                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                # waiting (a dead worker, too, fails the pool instead of hanging it).  Then
+                # the pool's own thread is let finish, now at once: left running, it is
+                # joined at exit, where a Ctrl-C printed a traceback.
+                processes = list((getattr(pool, "_processes", None) or {}).values())
+                for process in processes:
                     process.terminate()
-                pool.shutdown(wait=False)
+                for process in processes:
+                    process.join()
+                pool.shutdown(wait=True, cancel_futures=True)
                 raise
-            pool.shutdown()
         else:
             for job in jobs:
-                collected[layers[job[0]].name].extend(_prove_chunk(job))
+                finished(job, _prove_chunk(job))
     finally:
         _LAYERS_BEING_PROVEN.clear()
     out = []

@@ -72,7 +72,7 @@ def test_regenerating_a_deleted_directory_restores_it_byte_for_byte(
 ):
     """generate() into an empty directory (render() replaced by the module's rendering,
     so nothing is proven twice) writes exactly the committed bytes."""
-    monkeypatch.setattr(render_module, "render", lambda: dict(rendered))
+    monkeypatch.setattr(render_module, "render", lambda progress=None: dict(rendered))
     output = tmp_path / "generated"
     diffs = generate(output=output)
     assert len(diffs) == len(rendered)  # every file was missing
@@ -83,7 +83,7 @@ def test_regenerating_a_deleted_directory_restores_it_byte_for_byte(
 
 
 def test_generate_rewrites_changed_files_and_removes_stale_ones(rendered, tmp_path, monkeypatch):
-    monkeypatch.setattr(render_module, "render", lambda: dict(rendered))
+    monkeypatch.setattr(render_module, "render", lambda progress=None: dict(rendered))
     output = tmp_path / "generated"
     for name, content in rendered.items():
         write_atomically(output / name, content)
@@ -345,7 +345,7 @@ def test_generate_writes_nothing_when_a_proof_fails(monkeypatch, tmp_path):
 def test_verified_results_reports_a_failed_stable_form(monkeypatch):
     """The aggregation alone: every layer proven, one stable form not."""
 
-    def proven(layers):
+    def proven(layers, progress=None):
         return [LayerResult(layer.name, True, 0.0, ["c"], {}) for layer in layers]
 
     failed = LayerResult("stable forms", False, 0.0, [], {}, error="softplus differs")

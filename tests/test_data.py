@@ -463,6 +463,28 @@ def test_offline_mnist_falls_back_with_log(tmp_path):
     assert IMAGES in fallback
 
 
+def test_unreachable_mirrors_are_not_asked_again_for_an_hour(
+    tmp_path, server, shipped, monkeypatch
+):
+    """Reference: the second offline run within the hour logs one line and asks no mirror;
+    a run after the hour (the marker's time moved back) asks again, and succeeds."""
+    first: list[str] = []
+    assert load_dataset("mnist", log=first.append).name == "mnist-5k"
+    assert any(line.startswith("Downloading") for line in first)
+    second: list[str] = []
+    assert load_dataset("mnist", log=second.append).name == "mnist-5k"
+    assert len(second) == 1 and "could be reached 0 min ago" in second[0]
+    marker = tmp_path / "cache" / "mnist" / ".mirrors-unreachable"
+    assert str(marker) in second[0]  # how to try again at once
+    hour_ago = time.time() - 3601
+    os.utime(marker, (hour_ago, hour_ago))
+    publish(server, shipped, monkeypatch, "mnist")
+    monkeypatch.setitem(data.MIRRORS, "mnist", (f"{server[1]}/good/",))
+    third: list[str] = []
+    assert load_dataset("mnist", log=third.append).name == "mnist"
+    assert not marker.exists()
+
+
 def test_download_disabled_mnist_falls_back(tmp_path):
     logs: list[str] = []
     bundle = load_dataset("mnist", tmp_path, allow_download=False, log=logs.append)

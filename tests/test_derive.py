@@ -239,6 +239,17 @@ def test_pdflatex_compiles_the_standalone_document(name, tmp_path):
     assert max(widths, default=0.0) < 5.0, widths
 
 
+def test_verify_reports_its_progress_up_to_every_configuration():
+    from derive.verify import verify_layers
+
+    calls = []
+    layers = [LAYERS["relu"], LAYERS["dense"]]
+    results = verify_layers(layers, progress=lambda done, total: calls.append((done, total)))
+    total = sum(len(result.configurations) for result in results)
+    assert calls[-1] == (total, total)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
 def test_paragraphs_keep_inline_math_and_escape_the_prose():
     """Reference: LaTeX's default font prints a text-mode > as an inverted question mark,
     and 'word' with two closing quotes; $...$ is math in LaTeX and readable text in text."""

@@ -217,6 +217,56 @@ def test_resume_refuses_a_different_recipe_and_new_run_refuses_an_existing_one(c
     assert_usage_error(
         capsys, *args, "--epochs", "2", "--resume", "--optimizer", "adam", match="--optimizer adam"
     )
+    # --net cannot be left out (it is required), so the message names the right one.
+    seed_args = (*TRAIN, "--net", "seed", "--out", "r", "--resume")
+    assert_usage_error(
+        capsys, *seed_args, match="differs from the checkpoint's toy; pass --net toy"
+    )
+
+
+def test_resume_with_another_lr_says_so_and_records_each_epochs_lr(capsys):
+    args = (*TRAIN, "--net", "toy", "--limit", "1000", "--out", "r")
+    assert run(capsys, *args, "--epochs", "1")[0] == 0
+    code, out, err = run(capsys, *args, "--epochs", "2", "--resume", "--lr", "0.05")
+    assert code == 0, err
+    assert "--lr 0.05 replaces the checkpoint's 0.2 from epoch 2 on" in err
+    epochs = json.loads(open("r/metrics.json").read())["epochs"]
+    assert [(e["lr"], e["batch_size"]) for e in epochs] == [
+        (0.2, 32),
+        (pytest.approx(0.05 * 0.8), 32),
+    ]
+
+
+def test_toy_runs_say_which_images_their_task_uses(capsys):
+    code, out, err = run(capsys, *TRAIN, "--net", "toy", "--epochs", "1", "--out", "t")
+    assert code == 0, err
+    # The shipped subset holds 450 training and 50 validation images of each digit.
+    assert (
+        "The toy network trains on 900 of the 4,500 training images and is scored on 100 of "
+        "the 500 validation images (digit 1 against digit 0)." in out
+    )
+
+
+def test_an_interrupted_run_says_what_it_kept_and_how_to_go_on(capsys, monkeypatch):
+    from train import loop
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the second epoch
+        raise KeyboardInterrupt
+
+    args = (*TRAIN, "--net", "toy", "--limit", "1000", "--out", "r")
+    assert run(capsys, *args, "--epochs", "1")[0] == 0
+    monkeypatch.setattr(loop, "train", interrupted)
+    code, out, err = run(capsys, *args, "--epochs", "3", "--resume")
+    assert code == 130
+    assert "r/checkpoint.npz holds epoch 1; run the same command with --resume" in err
+
+
+def test_evaluate_given_the_checkpoint_file_names_its_folder(capsys):
+    args = (*TRAIN, "--net", "toy", "--limit", "1000", "--out", "r")
+    assert run(capsys, *args, "--epochs", "1")[0] == 0
+    assert_usage_error(
+        capsys, "evaluate", "r/checkpoint.npz", match="pass the run folder that holds it (r)"
+    )
 
 
 def test_evaluate_rejects_a_corrupt_checkpoint(capsys, tmp_path):

@@ -184,11 +184,23 @@ def _recipe(args):
     }
     for option, (given, kept) in fixed.items():
         if given is not None and given != kept:
+            # --net is required, so it cannot be left out: name the right one.
+            advice = f"pass {option} {kept}" if option == "--net" else "leave it out"
             raise UsageError(
-                f"--resume: {option} {given} differs from the checkpoint's {kept}; "
-                "leave it out or start a new run with another --out"
+                f"--resume: {option} {given} differs from the checkpoint's "
+                f"{'none' if kept is None else kept}; {advice} or start a new run with "
+                "another --out"
             )
-    return _given(stored, args, ("epochs", "batch_size", "lr", "threads")), out, checkpoint
+    recipe = _given(stored, args, ("epochs", "batch_size", "lr", "threads"))
+    for option, name in (("--lr", "lr"), ("--batch-size", "batch_size")):
+        if getattr(recipe, name) != getattr(stored, name):
+            print(
+                f"note: {option} {getattr(recipe, name):g} replaces the checkpoint's "
+                f"{getattr(stored, name):g} from epoch {checkpoint.epoch + 1} on (metrics.json "
+                "records each epoch's); the run will differ from an uninterrupted one",
+                file=sys.stderr,
+            )
+    return recipe, out, checkpoint
 
 
 # ---------------------------------------------------------------------------- commands
@@ -226,6 +238,9 @@ def run_train(args) -> int:
     began = time.perf_counter()
     try:
         net, history = train(recipe, bundle, out, resume_from=checkpoint, progress=args.progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. {_saved_epoch_text(out)}", file=sys.stderr)
+        return 130
     except TrainingDiverged as error:
         print(f"cnnderive train: {error}", file=sys.stderr)
         return 1
@@ -264,6 +279,21 @@ def run_train(args) -> int:
     return 0
 
 
+def _saved_epoch_text(out: Path) -> str:
+    """What an interrupted run kept, and how to go on."""
+    from . import checkpoint as ckpt
+
+    try:
+        epoch = ckpt.load(out / ckpt.CHECKPOINT_NAME).epoch
+    except (OSError, ckpt.CheckpointError):
+        return "No checkpoint was saved."
+    kept = "the initial weights (no epoch finished)" if epoch == 0 else f"epoch {epoch}"
+    return (
+        f"{out}/{ckpt.CHECKPOINT_NAME} holds {kept}; run the same command with --resume to "
+        "continue from there."
+    )
+
+
 def run_evaluate(args) -> int:
     from .checkpoint import CHECKPOINT_NAME
     from .loop import evaluate, prepare_splits
@@ -271,7 +301,12 @@ def run_evaluate(args) -> int:
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise UsageError(f"{run_dir} is not a folder")
+        hint = (
+            f"; pass the run folder that holds it ({run_dir.parent})"
+            if run_dir.name == CHECKPOINT_NAME
+            else "; pass the folder of a cnnderive train run (--out)"
+        )
+        raise UsageError(f"{run_dir} is not a folder{hint}")
     checkpoint = _load_checkpoint(run_dir / CHECKPOINT_NAME)
     meta = checkpoint.meta
     if meta.get("net") not in NETWORKS:
@@ -314,8 +349,10 @@ def run_evaluate(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         log(f"Data: {bundle.source}")
+        untrained = " (untrained: the run stopped before its first epoch ended)"
         print(
             f"{meta['net']} after epoch {checkpoint.epoch}: {split_name} accuracy "
             f"{100 * accuracy:.2f}% ({correct:,} of {count:,} images)"
+            + (untrained if checkpoint.epoch == 0 else "")
         )
     return 0

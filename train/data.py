@@ -332,8 +332,9 @@ def _search_dirs(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
     if data_dir is not None:
         given = Path(data_dir).expanduser()
         if not given.is_dir():
+            what = "is a file, not a folder" if given.exists() else "does not exist"
             raise DataError(
-                f"data directory {given} does not exist; create it and put the "
+                f"data directory {given} {what}; create it and put the "
                 f"{TITLES[name]} files there, or leave the data directory unset to use "
                 f"the cache ({_cache_root()[0]})"
             )
@@ -444,6 +445,33 @@ _TEST_FILES_TRIED = ".test-files-tried"
 _TEST_FILES_RETRY_SECONDS = 24 * 3600
 
 
+# In the cache folder: when no mirror could be reached.  For an hour after that, runs use
+# what they have without trying again: an offline machine then prints one line per run,
+# not a "Downloading ... / Could not use it" pair per mirror.
+_MIRRORS_UNREACHABLE = ".mirrors-unreachable"
+_MIRRORS_RETRY_SECONDS = 3600
+
+
+def _minutes_since_mirrors_failed(cache_dir: Path) -> int | None:
+    """Minutes since every mirror was found unreachable, if that was less than an hour ago."""
+    try:
+        age = time.time() - (cache_dir / _MIRRORS_UNREACHABLE).stat().st_mtime
+    except OSError:
+        return None
+    return int(age // 60) if 0 <= age < _MIRRORS_RETRY_SECONDS else None
+
+
+def _record_mirrors(cache_dir: Path, all_unreachable: bool) -> None:
+    marker = cache_dir / _MIRRORS_UNREACHABLE
+    try:
+        if all_unreachable:
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
+    except OSError:  # a read-only cache: the next run tries again
+        pass
+
+
 def _test_files_due(cache_dir: Path) -> bool:
     """Whether the cache lacks test files that are worth trying to download now; if so,
     the try is recorded first (the files could not be saved where that fails)."""
@@ -546,9 +574,16 @@ def load_dataset(
             source = f"{title} files in {directory}"
             return _bundle(name, source, directory, pair, cache=is_cache)
 
-    if allow_download:
+    minutes = _minutes_since_mirrors_failed(cache_dir) if allow_download else None
+    if minutes is not None:
+        why = (
+            f"no download mirror could be reached {minutes} min ago (they are tried again "
+            f"an hour after that; delete {cache_dir / _MIRRORS_UNREACHABLE} to try now)"
+        )
+    elif allow_download:
         unreachable: set[str] = set()
         used, failures = _download(name, cache_dir, TRAIN_FILES, log=log, unreachable=unreachable)
+        _record_mirrors(cache_dir, bool(failures) and set(MIRRORS[name]) <= unreachable)
         if not failures:
             more, test_failures = _download(
                 name, cache_dir, TEST_FILES, log=log, unreachable=unreachable
