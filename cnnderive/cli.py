@@ -36,12 +36,22 @@ def proof_progress():
         bar.close()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cnnderive")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnderive",
         description="Derive CNN gradients with SymPy, prove their closed forms, "
         "generate NumPy code from them and train networks with it.",
     )
+    parser.add_argument("--version", action="version", version=f"cnnderive {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from codegen import cli as codegen_cli

@@ -7,6 +7,7 @@ is built, so the training commands stay free of it.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 
@@ -25,6 +26,21 @@ SIZE_OPTIONS = {
     "out_features": ("out_features",),
     "features": ("features",),
     "classes": ("classes",),
+}
+SIZE_HELP = {
+    "batch": "batch size m",
+    "height": "input height H",
+    "width": "input width W",
+    "channels": "input channels C",
+    "out_channels": "output channels (conv2d)",
+    "kernel": "kernel height and width (conv2d)",
+    "stride": "stride s",
+    "padding": "zero padding p (conv2d)",
+    "size": "pool window size k",
+    "in_features": "input features (dense)",
+    "out_features": "output features (dense)",
+    "features": "features per example (activations, flatten)",
+    "classes": "classes K (losses, softmax)",
 }
 MAX_DERIVATION_ELEMENTS = (
     400  # input elements: beyond this a step-by-step derivation is unreadable and slow
@@ -45,7 +61,13 @@ def add_parsers(commands) -> None:
         "softmax, bce, bce_with_logits, softmax_cross_entropy or mse",
     )
     for option in SIZE_OPTIONS:
-        derive.add_argument("--" + option.replace("_", "-"), dest=option, type=int, metavar="N")
+        derive.add_argument(
+            "--" + option.replace("_", "-"),
+            dest=option,
+            type=int,
+            metavar="N",
+            help=f"{SIZE_HELP[option]} (default: the layer's worked example)",
+        )
     derive.add_argument("--latex", action="store_true", help="print LaTeX instead of plain text")
     derive.add_argument(
         "--standalone", action="store_true", help="with --latex: a complete LaTeX document"
@@ -105,11 +127,15 @@ def configuration_from(layer, args):
     param_names = {p.symbol.name for p in layer.params}
     for symbol, value in config.items():
         if symbol.name not in param_names and value < 1:
-            raise _usage_error(f"{symbol.name} must be at least 1, got {value}")
+            flag = next(
+                ("--" + o.replace("_", "-") for o, ns in SIZE_OPTIONS.items() if symbol.name in ns),
+                symbol.name,
+            )
+            raise _usage_error(f"{flag} must be at least 1, got {value}")
     problems = layer.violated(config)
     if problems:
         raise _usage_error(f"{layer.name}: " + "; ".join(problems))
-    elements = sum(int(__import__("math").prod(shape)) for shape in layer.shapes(config).values())
+    elements = sum(int(math.prod(shape)) for shape in layer.shapes(config).values())
     if elements > MAX_DERIVATION_ELEMENTS:
         raise _usage_error(
             f"{layer.name} with {layer.describe(config)} has {elements} input elements; a step-by-step "

@@ -303,11 +303,11 @@ avgpool2d = Layer(
                 Case(
                     Crop(Upsample(_scaled_dout, SIZE), 0, 0, _PH, _PW),
                     condition=sympy.Eq(STRIDE, SIZE),
-                    name="kron(dP / k^2, ones(k, k)) (non-overlapping windows)",
+                    name="kron: each δ/k^2 copied to its whole window (windows that tile the input)",
                 ),
                 Case(
                     ScatterWindows(_scaled_dout, SIZE, STRIDE, _PH, _PW),
-                    name="scatter-add of dP / k^2 over each window (any stride)",
+                    name="scatter-add of each δ/k^2 to every position of its window (any stride)",
                 ),
             ),
         ),
@@ -406,7 +406,7 @@ maxpool2d = Layer(
             (
                 Case(
                     RouteToArgmax(dout, Operand("argmax"), SIZE, STRIDE, _PH, _PW),
-                    name="argmax routing: each dP goes to the first maximum of its window",
+                    name="argmax routing: each δ goes to the first maximum of its window",
                 ),
             ),
         ),
@@ -463,9 +463,13 @@ dense = Layer(
     ),
     forward=(("out", pointwise("z + b", z=MatMul(x, w), b=b)),),
     gradients=(
-        Gradient("dx", "x", (Case(MatMul(dout, Transpose(w)), name="dZ W^T"),)),
-        Gradient("dw", "w", (Case(MatMul(Transpose(x), dout), name="X^T dZ"),)),
-        Gradient("db", "b", (Case(Sum(dout, (0,)), name="sum of dZ over the batch"),)),
+        Gradient(
+            "dx", "x", (Case(MatMul(dout, Transpose(w)), name="δ times the transposed weights"),)
+        ),
+        Gradient(
+            "dw", "w", (Case(MatMul(Transpose(x), dout), name="the transposed input times δ"),)
+        ),
+        Gradient("db", "b", (Case(Sum(dout, (0,)), name="sum of δ over the batch"),)),
     ),
     requirements=(),
     configurations=lambda: [
@@ -508,7 +512,7 @@ flatten = Layer(
     ),
     forward=(("out", Flatten(x)),),
     gradients=(
-        Gradient("dx", "x", (Case(ReshapeLike(dout, x), name="reshape dF to the input's shape"),)),
+        Gradient("dx", "x", (Case(ReshapeLike(dout, x), name="δ reshaped to the input's shape"),)),
     ),
     requirements=(),
     configurations=lambda: [
@@ -640,7 +644,7 @@ softmax = Layer(
                         da=_da,
                         weighted_sum=Sum(pointwise(_das * _as, da=_da, a=_a), (-1,), keepdims=True),
                     ),
-                    name="A * (dA - sum(dA * A))",
+                    name="the softmax Jacobian applied to δ",
                 ),
             ),
         ),

@@ -225,7 +225,7 @@ def softmax_backward(da, cache, *, workspace=None):
 
         dz = A \left(\delta - \left(\textstyle\sum_{\text{axes } -1} A \delta\right)\right)
 
-    dz (A * (dA - sum(dA * A))): proven on 5 configurations: batch 1-2, features 1-4.
+    dz (the softmax Jacobian applied to δ): proven on 5 configurations: batch 1-2, features 1-4.
 
     The generated forward subtracts each row's maximum before exponentiating; the shift cancels.
 

@@ -63,10 +63,10 @@ def backward(dout, cache, *, workspace=None):
         dx = \operatorname{crop}_{0,0}^{H \times W}\left(\operatorname{kron}\left(\frac{\delta}{k^{2}},\ \mathbf{1}_{k \times k}\right)\right)\qquad \text{when } s = k
         dx = \operatorname{scatter\_windows}_{k,s}\left(\frac{\delta}{k^{2}}\right)
 
-    dx (kron(dP / k^2, ones(k, k)) (non-overlapping windows)): proven on 56 configurations:
-    batch 1-2, channels 1-2, in_height 2-5, in_width 2-5, size 1-3, stride 1-3.
-    dx (scatter-add of dP / k^2 over each window (any stride)): proven on 168 configurations:
-    batch 1-2, channels 1-2, in_height 2-5, in_width 2-5, size 1-3, stride 1-3.
+    dx (kron: each δ/k^2 copied to its whole window (windows that tile the input)): proven on 56
+    configurations: batch 1-2, channels 1-2, in_height 2-5, in_width 2-5, size 1-3, stride 1-3.
+    dx (scatter-add of each δ/k^2 to every position of its window (any stride)): proven on 168
+    configurations: batch 1-2, channels 1-2, in_height 2-5, in_width 2-5, size 1-3, stride 1-3.
 
     With stride = size the windows tile the input, every input element lies in at most one
     window, and the scatter-add is the Kronecker product with a k-by-k block of ones.

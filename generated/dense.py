@@ -60,9 +60,11 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
         dw = X^{\mathsf{T}}\, \delta
         db = \textstyle\sum_{\text{axes } 0} \delta
 
-    dx (dZ W^T): proven on 27 configurations: batch 1-3, in_features 1-3, out_features 1-3.
-    dw (X^T dZ): proven on 27 configurations: batch 1-3, in_features 1-3, out_features 1-3.
-    db (sum of dZ over the batch): proven on 27 configurations: batch 1-3, in_features 1-3,
+    dx (δ times the transposed weights): proven on 27 configurations: batch 1-3, in_features
+    1-3, out_features 1-3.
+    dw (the transposed input times δ): proven on 27 configurations: batch 1-3, in_features 1-3,
+    out_features 1-3.
+    db (sum of δ over the batch): proven on 27 configurations: batch 1-3, in_features 1-3,
     out_features 1-3.
     `cnnderive verify --seed-size` also proves them at the seed network's size.
 

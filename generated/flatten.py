@@ -43,7 +43,7 @@ def backward(dout, cache, *, workspace=None):
 
         dx = \operatorname{reshape}\left(\delta,\ \operatorname{shape}(X)\right)
 
-    dx (reshape dF to the input's shape): proven on 36 configurations: batch 1-2, channels 1-3,
+    dx (δ reshaped to the input's shape): proven on 36 configurations: batch 1-2, channels 1-3,
     in_height 1-3, in_width 1-2.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for

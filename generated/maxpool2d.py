@@ -64,7 +64,7 @@ def backward(dout, cache, *, workspace=None):
 
         dx = \operatorname{route}\left(\delta\ \to\ (u^*, v^*)\right)
 
-    dx (argmax routing: each dP goes to the first maximum of its window): proven on 168
+    dx (argmax routing: each δ goes to the first maximum of its window): proven on 168
     configurations: batch 1-2, channels 1-2, in_height 2-5, in_width 2-5, size 1-3, stride 1-3.
 
     Tie rule: the gradient of a window goes to its first maximum in row-major order (as PyTorch

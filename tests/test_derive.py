@@ -148,7 +148,7 @@ def test_verify_json_lists_every_layer(capsys):
         (["derive", "maxpool2d", "--size", "5"], "pool window 5x5 does not fit the input 4x4"),
         (["derive", "nosuchlayer"], "unknown layer 'nosuchlayer'; choose one of: conv2d"),
         (["derive", "dense", "--stride", "2"], "dense has no option --stride"),
-        (["derive", "conv2d", "--height", "0"], "in_height must be at least 1, got 0"),
+        (["derive", "conv2d", "--height", "0"], "--height must be at least 1, got 0"),
         (["derive", "conv2d", "--standalone"], "use it with --latex"),
     ],
 )
