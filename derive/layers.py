@@ -742,7 +742,7 @@ def _loss(
         ),
         requirements=(),
         configurations=_loss_configurations,
-        example={_LN: 1, _LK: 2},
+        example={_LN: 2, _LK: 2},  # two examples, so that the 1/m shows
         chain_rule=chain_rule,
         notes=notes,
     )

@@ -19,6 +19,7 @@ from derive.treelatex import operand_latex, primitive_definitions, tree_latex
 from derive.verify import Proof, VerificationError, prove, substituted
 
 MAX_ELEMENTS = 6  # per-element equations shown per gradient; the rest is summarised
+MAX_MATRIX_ENTRY = 80  # characters: longer elements make a matrix wider than any page
 
 
 @dataclass
@@ -181,6 +182,22 @@ def _as_matrix(array: np.ndarray, renames) -> tuple[str, str] | None:
     return sympy.latex(matrix.xreplace(renames), mat_delim="("), "\n".join(rows)
 
 
+def _dropped_axes_example(proof: Proof, renames) -> tuple[str, str] | None:
+    """(short, full) LaTeX of an element whose name lost axes of length 1, if any did."""
+    for array in proof.inputs.values():
+        array = np.asarray(array, dtype=object)
+        if array.ndim > _axes_longer_than_one(array) and array.size:
+            symbol = array[(-1,) * array.ndim]  # the last element: all its indices differ
+            if isinstance(symbol, sympy.Symbol) and symbol in renames:
+                return sympy.latex(renames[symbol]), sympy.latex(symbol)
+    return None
+
+
+def _longest_entry(array: np.ndarray, renames) -> int:
+    """Characters of the longest element of ``array`` as text."""
+    return max(len(latex_to_text(_element_latex(e, renames))) for e in np.asarray(array).flat)
+
+
 def _axes_longer_than_one(array: np.ndarray) -> int:
     return sum(1 for length in np.shape(array) if length > 1)
 
@@ -229,6 +246,14 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
         g.wrt: substituted(proof.derived[g.wrt], proof.substitution) for g in layer.gradients
     }
     blocks.append(heading("3. Element by element"))
+    dropped = _dropped_axes_example(proof, renames)
+    if dropped:
+        blocks.append(
+            paragraph(
+                f"Axes of length 1 are left out of the indices: ${dropped[0]}$ stands for "
+                f"${dropped[1]}$."
+            )
+        )
     if proof.substitution:
         first = layer.inputs[0]
         numbers = substituted(proof.inputs[first.name], proof.substitution)
@@ -267,7 +292,14 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
             continue
         shown = _as_matrix(derived, renames)
         label = r"\frac{\partial L}{\partial " + operand_latex(gradient.wrt, names) + "}"
-        if shown is None:
+        if shown is not None and _longest_entry(derived, renames) > MAX_MATRIX_ENTRY:
+            blocks.append(
+                paragraph(
+                    f"{gradient.name} holds the elements of step 3 as a {derived.shape} array "
+                    "(too long to set as a matrix)."
+                )
+            )
+        elif shown is None:
             blocks.append(
                 paragraph(f"{gradient.name}: {derived.shape} array (too large to display).")
             )
