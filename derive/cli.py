@@ -39,8 +39,8 @@ SIZE_HELP = {
     "size": "pool window size k",
     "in_features": "input features (dense)",
     "out_features": "output features (dense)",
-    "features": "features per example (activations, flatten)",
-    "classes": "classes K (losses, softmax)",
+    "features": "features per example (activations, softmax)",
+    "classes": "classes K (losses)",
 }
 MAX_DERIVATION_ELEMENTS = (
     400  # input elements: beyond this a step-by-step derivation is unreadable and slow

@@ -20,6 +20,7 @@ from derive.verify import Proof, VerificationError, prove, substituted
 
 MAX_ELEMENTS = 6  # per-element equations shown per gradient; the rest is summarised
 MAX_MATRIX_ENTRY = 80  # characters: longer elements make a matrix wider than any page
+MAX_LISTED = 36  # elements: beyond this a gradient is too large to write out
 
 
 @dataclass
@@ -81,6 +82,8 @@ _SYMBOLS = {
     r"\,": " ",
     r"\ ": " ",
     r"\left": "",
+    r"\{": "\x01",  # literal braces: kept out of the way of the group rules below
+    r"\}": "\x02",
     r"\right": "",
     r"\textstyle": "",
     r"\\": "; ",
@@ -95,6 +98,8 @@ def inline_math_to_text(text: str) -> str:
 def latex_to_text(latex: str) -> str:
     text = re.sub(r"\\begin\{[a-z]*\}|\\end\{[a-z]*\}", "", latex)
     text = text.replace("\\\\", "; ")  # a line break, before "\ " (a space) can split it
+    # A fraction right after a name would be glued to it (log a/b, not loga/b).
+    text = re.sub(r"(?<=[A-Za-z}])\\frac", r" \\frac", text)
     for macro in sorted(_SYMBOLS, key=len, reverse=True):
         text = text.replace(macro, _SYMBOLS[macro])
     text = text.replace("&", " ").replace("\\_", "_")
@@ -126,6 +131,8 @@ def latex_to_text(latex: str) -> str:
     text = re.sub(r"[ ]{2,}", " ", text)
     # What cases and \left( leave behind: "( 1 for z > 0 ; 0 otherwise )".
     text = re.sub(r"∂ (?=\w)", "∂", text)  # ∂L/∂Z, as in the prose
+    text = re.sub(r"Σ_(\w)", r"Σ[\1]", text)  # \sum_j as \sum_{n,i,j} is: Σ[j]
+    text = text.replace("\x01", "{").replace("\x02", "}")
     text = re.sub(r"\( ?(-)? ", r"(\1", text)  # "( 1" -> "(1", "(- z" -> "(-z"
     text = re.sub(r" (\)|;)", r"\1", text)
     return text.strip()
@@ -184,12 +191,16 @@ def _as_matrix(array: np.ndarray, renames) -> tuple[str, str] | None:
 
 def _dropped_axes_example(proof: Proof, renames) -> tuple[str, str] | None:
     """(short, full) LaTeX of an element whose name lost axes of length 1, if any did."""
-    for array in proof.inputs.values():
+    arrays = [*proof.inputs.values(), *([proof.upstream] if proof.upstream is not None else [])]
+    for array in arrays:
         array = np.asarray(array, dtype=object)
         if array.ndim > _axes_longer_than_one(array) and array.size:
             symbol = array[(-1,) * array.ndim]  # the last element: all its indices differ
             if isinstance(symbol, sympy.Symbol) and symbol in renames:
-                return sympy.latex(renames[symbol]), sympy.latex(symbol)
+                short = renames[symbol]
+                base = short.name.split("_{")[0]  # \delta for delta, as in the equations
+                full = sympy.Symbol(base + "_{" + symbol.name.split("_{", 1)[1])
+                return sympy.latex(short), sympy.latex(full)
     return None
 
 
@@ -284,22 +295,28 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
     blocks.append(heading("4. Matrix form"))
     for gradient in layer.gradients:
         derived = derived_values[gradient.wrt]
-        if _axes_longer_than_one(derived) < 2:
-            # A row of the elements above would only repeat them, on one long line.
-            blocks.append(
-                paragraph(f"{gradient.name} has one axis here: its elements are those of step 3.")
-            )
-            continue
-        shown = _as_matrix(derived, renames)
-        label = r"\frac{\partial L}{\partial " + operand_latex(gradient.wrt, names) + "}"
-        if shown is not None and _longest_entry(derived, renames) > MAX_MATRIX_ENTRY:
+        all_in_step_3 = derived.size <= MAX_ELEMENTS
+        one_axis = _axes_longer_than_one(derived) < 2
+        too_long = _longest_entry(derived, renames) > MAX_MATRIX_ENTRY
+        if all_in_step_3 and (one_axis or too_long):
+            # A matrix would only repeat step 3: on one long line, or wider than a page.
             blocks.append(
                 paragraph(
-                    f"{gradient.name} holds the elements of step 3 as a {derived.shape} array "
-                    "(too long to set as a matrix)."
+                    f"{gradient.name} holds the elements of step 3 as a {derived.shape} array."
                 )
             )
-        elif shown is None:
+            continue
+        if too_long and derived.size <= MAX_LISTED:
+            # Step 3 showed the first elements; the others follow, one equation each.
+            blocks.append(paragraph(f"The other elements of {gradient.name}:"))
+            symbols = proof.inputs[gradient.wrt]
+            for index in list(np.ndindex(*symbols.shape))[MAX_ELEMENTS:]:
+                lhs = _partial_symbol(layer, gradient.wrt, symbols[index], renames)
+                blocks.append(math(f"{lhs} = {_element_latex(derived[index], renames)}"))
+            continue
+        shown = None if too_long else _as_matrix(derived, renames)
+        label = r"\frac{\partial L}{\partial " + operand_latex(gradient.wrt, names) + "}"
+        if shown is None:
             blocks.append(
                 paragraph(f"{gradient.name}: {derived.shape} array (too large to display).")
             )
@@ -351,13 +368,27 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
 # ---------------------------------------------------------------------------
 
 
+# In a standalone document, a display wider than the line is scaled down to fit it: the
+# element-by-element equations of larger configurations (softmax over many classes, say)
+# are single products of many factors that no line break could split well.
+_FIT_DISPLAY = r"""\newsavebox{\displaybox}
+\newcommand{\fitdisplay}[1]{\begin{center}\sbox{\displaybox}{$\displaystyle #1$}%
+\ifdim\wd\displaybox>\linewidth\resizebox{\linewidth}{!}{\usebox{\displaybox}}%
+\else\usebox{\displaybox}\fi\end{center}}
+"""
+
+
 def to_latex(blocks: list[Block], standalone: bool = False) -> str:
+    """The derivation as LaTeX: a fragment of ``\\[ ... \\]`` displays to include in a
+    document, or (``standalone``) a whole document whose wide displays are scaled to fit."""
     lines = []
     for block in blocks:
         if block.kind == "heading":
             lines.append(rf"\subsection*{{{_escape(block.latex)}}}")
         elif block.kind == "text":
             lines.append(_escape(block.latex))
+        elif standalone:
+            lines.append(r"\fitdisplay{" + block.latex + "}")
         else:
             lines.append(r"\[" + "\n" + block.latex + "\n" + r"\]")
         lines.append("")
@@ -366,10 +397,12 @@ def to_latex(blocks: list[Block], standalone: bool = False) -> str:
         return body
     return (
         "\\documentclass{article}\n"
-        "\\usepackage{amsmath,amssymb}\n"
+        "\\usepackage{amsmath,amssymb,graphicx}\n"
         "\\usepackage[margin=2cm]{geometry}\n"  # room for the wide index expressions
-        "\\allowdisplaybreaks\n"
-        "\\begin{document}\n" + body + "\\end{document}\n"
+        + _FIT_DISPLAY
+        + "\\begin{document}\n"
+        + body
+        + "\\end{document}\n"
     )
 
 

@@ -11,6 +11,7 @@ import shutil
 import socket
 import threading
 import time
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -483,6 +484,26 @@ def test_unreachable_mirrors_are_not_asked_again_for_an_hour(
     third: list[str] = []
     assert load_dataset("mnist", log=third.append).name == "mnist"
     assert not marker.exists()
+
+
+def test_a_download_that_breaks_off_is_tried_again_next_run(tmp_path, server, shipped, monkeypatch):
+    """A mirror that served a file and then dropped the connection is no offline machine:
+    no marker, so the next run asks again (and here succeeds)."""
+    publish(server, shipped, monkeypatch, "mnist")
+    monkeypatch.setitem(data.MIRRORS, "mnist", (f"{server[1]}/good/",))
+    real_fetch, fetched = data._fetch, []
+
+    def breaks_off(url, target, md5, timeout):
+        if fetched:
+            raise urllib.error.URLError("connection reset")
+        fetched.append(url)
+        real_fetch(url, target, md5, timeout)
+
+    monkeypatch.setattr(data, "_fetch", breaks_off)
+    assert load_dataset("mnist", log=lambda _: None).name == "mnist-5k"
+    assert not (tmp_path / "cache" / "mnist" / ".mirrors-unreachable").exists()
+    monkeypatch.setattr(data, "_fetch", real_fetch)
+    assert load_dataset("mnist", log=lambda _: None).name == "mnist"
 
 
 def test_download_disabled_mnist_falls_back(tmp_path):

@@ -218,11 +218,19 @@ def test_katex_checker_rejects_broken_latex():
     assert [f["index"] for f in json.loads(completed.stdout)] == [1, 2]
 
 
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_pdflatex_compiles_the_standalone_document(name, tmp_path):
+@pytest.mark.parametrize(
+    "argv",
+    [[name] for name in LAYERS]
+    + [  # sizes whose equations are wider than a line: scaled down to fit
+        ["softmax_cross_entropy", "--classes", "3", "--batch", "1"],
+        ["conv2d", "--channels", "2", "--out-channels", "2", "--batch", "2"],
+    ],
+    ids=" ".join,
+)
+def test_pdflatex_compiles_the_standalone_document(argv, tmp_path, capsys):
     _need(shutil.which("pdflatex") is not None, "pdflatex (Debian package texlive-latex-base)")
-    layer = LAYERS[name]
-    document = to_latex(derivation(layer, layer.example), standalone=True)
+    assert main(["derive", *argv, "--latex", "--standalone"]) == 0
+    document = capsys.readouterr().out
     (tmp_path / "derivation.tex").write_text(document, encoding="utf-8")
     completed = subprocess.run(
         ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "derivation.tex"],

@@ -247,18 +247,52 @@ def test_toy_runs_say_which_images_their_task_uses(capsys):
     )
 
 
-def test_an_interrupted_run_says_what_it_kept_and_how_to_go_on(capsys, monkeypatch):
-    from train import loop
+def test_ctrl_c_during_training_keeps_the_last_epoch_and_says_how_to_resume(tmp_path):
+    """Reference: Ctrl-C at a terminal sends SIGINT to the whole process group, here the
+    training process and its worker; the run exits with 130, names the epoch its checkpoint
+    holds, and leaves no process behind."""
+    import os
+    import re
+    import signal
+    import time
 
-    def interrupted(*args, **kwargs):  # Ctrl-C during the second epoch
-        raise KeyboardInterrupt
-
-    args = (*TRAIN, "--net", "toy", "--limit", "1000", "--out", "r")
-    assert run(capsys, *args, "--epochs", "1")[0] == 0
-    monkeypatch.setattr(loop, "train", interrupted)
-    code, out, err = run(capsys, *args, "--epochs", "3", "--resume")
-    assert code == 130
-    assert "r/checkpoint.npz holds epoch 1; run the same command with --resume" in err
+    command = [sys.executable, "-m", "cnnderive", *TRAIN, "--net", "lenet", "--limit", "200"]
+    command += ["--epochs", "1000", "--threads", "2", "--out", "r"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CNNDERIVE_DATA=str(tmp_path / "cache"))
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal gives a command
+    )
+    try:
+        for line in process.stdout:  # a few epochs first, so that one has been saved
+            if line.startswith("epoch 3/"):
+                break
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    saved = re.search(
+        r"r/checkpoint.npz holds epoch (\d+); run the same command with --resume", err
+    )
+    assert saved and int(saved.group(1)) >= 3, err
+    assert ckpt.load(tmp_path / "r" / "checkpoint.npz").epoch == int(saved.group(1))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the worker process is gone too
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("a process of the run outlived it")
 
 
 def test_evaluate_given_the_checkpoint_file_names_its_folder(capsys):

@@ -191,7 +191,14 @@ def _recipe(args):
                 f"{'none' if kept is None else kept}; {advice} or start a new run with "
                 "another --out"
             )
-    recipe = _given(stored, args, ("epochs", "batch_size", "lr", "threads"))
+    return _given(stored, args, ("epochs", "batch_size", "lr", "threads")), out, checkpoint
+
+
+def _changed_on_resume(recipe, checkpoint) -> None:
+    """Say so when --lr or --batch-size replaces the checkpoint's value."""
+    from .loop import Recipe
+
+    stored = Recipe.from_dict(checkpoint.meta["recipe"])
     for option, name in (("--lr", "lr"), ("--batch-size", "batch_size")):
         if getattr(recipe, name) != getattr(stored, name):
             print(
@@ -200,7 +207,6 @@ def _recipe(args):
                 "records each epoch's); the run will differ from an uninterrupted one",
                 file=sys.stderr,
             )
-    return recipe, out, checkpoint
 
 
 # ---------------------------------------------------------------------------- commands
@@ -218,6 +224,8 @@ def run_train(args) -> int:
             "(pass a larger --epochs to train on)"
         )
         return 0
+    if checkpoint is not None:
+        _changed_on_resume(recipe, checkpoint)
     problem = folder_problem(out)
     if problem is not None:  # before loading data and training
         raise UsageError(f"cannot write the run to {out}: {problem}; choose another --out")

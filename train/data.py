@@ -583,7 +583,11 @@ def load_dataset(
     elif allow_download:
         unreachable: set[str] = set()
         used, failures = _download(name, cache_dir, TRAIN_FILES, log=log, unreachable=unreachable)
-        _record_mirrors(cache_dir, bool(failures) and set(MIRRORS[name]) <= unreachable)
+        # Only when no mirror served anything: a connection lost halfway through says
+        # nothing about the next run.
+        _record_mirrors(
+            cache_dir, not used and bool(failures) and set(MIRRORS[name]) <= unreachable
+        )
         if not failures:
             more, test_failures = _download(
                 name, cache_dir, TEST_FILES, log=log, unreachable=unreachable

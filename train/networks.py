@@ -189,7 +189,9 @@ def relu_after_max_pools(layers: list) -> list:
     - Gradients: a window whose largest value is positive routes its gradient to the same
       first maximum in both orders (ReLU keeps the order of positive values) and passes it
       through ReLU's slope 1; a window whose largest value is not positive gets zero
-      gradient in both orders (ReLU's slope there is 0).
+      gradient in both orders (ReLU's slope there is 0). This holds for finite upstream
+      gradients: an infinite one turns into NaN (inf * 0) in both orders, though not at
+      the same input element.
 
     tests/test_train.py checks, for every network, that both orders give equal losses and
     gradients, with windows that tie and windows that are all negative.
