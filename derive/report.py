@@ -53,7 +53,7 @@ _SYMBOLS = {
     r"\partial": "∂",
     r"\delta": "δ",
     r"\sigma": "σ",
-    r"\sum": "Σ",
+    r"\sum": " Σ",  # a space before it: A Σ[j], not AΣ[j]
     r"\times": "×",
     r"\cdot": "·",
     r"\le": "≤",
