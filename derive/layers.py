@@ -388,7 +388,7 @@ maxpool2d = Layer(
         latex_lines=(
             r"P_{n,i,j,c} = \sum_{u=0}^{k-1} \sum_{v=0}^{k-1} X_{n,\,si+u,\,sj+v,\,c}\;"
             r"\mathbf{1}^{\mathrm{first\,max}}_{u,v}",
-            r"\mathbf{1}^{\mathrm{first\,max}}_{u,v} = \begin{cases} 1 & (u, v) = (u^*, v^*) \\ 0 & "
+            r"\mathbf{1}^{\mathrm{first\,max}}_{u,v} = \begin{cases} 1 & \text{if } (u, v) = (u^*, v^*) \\ 0 & "
             r"\text{otherwise} \end{cases}",
             r"(u^*, v^*) = \text{the first } (u, v) \text{ in row-major order with } "
             r"X_{n,si+u,sj+v,c} = \max_{0 \le u',v' < k} X_{n,si+u',sj+v',c}",
@@ -742,7 +742,7 @@ def _loss(
         ),
         requirements=(),
         configurations=_loss_configurations,
-        example={_LN: 2, _LK: 2},  # two examples, so that the 1/m shows
+        example={_LN: 3, _LK: 2},  # three examples: the 1/m shows (with 2, MSE's 2/m is 1)
         chain_rule=chain_rule,
         notes=notes,
     )

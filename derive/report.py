@@ -66,6 +66,7 @@ _SYMBOLS = {
     r"\lfloor": "⌊",
     r"\rfloor": "⌋",
     r"\infty": "∞",
+    r"\ldots": "…",
     r"\tilde{X}": "X̃",
     r"\max": "max",
     r"\min": "min",
@@ -179,7 +180,7 @@ def _as_matrix(array: np.ndarray, renames) -> tuple[str, str] | None:
         squeezed = squeezed.reshape(1, 1)
     if squeezed.ndim == 1:
         squeezed = squeezed.reshape(1, -1)
-    if squeezed.ndim != 2 or squeezed.size > 36:
+    if squeezed.ndim != 2 or squeezed.size > MAX_LISTED:
         return None
     matrix = sympy.Matrix(squeezed.tolist())
     rows = [
@@ -217,9 +218,11 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
     """The derivation of ``layer`` on ``config`` as a list of blocks."""
     names = {item.name: item.latex for item in layer.inputs}
     names[layer.output] = layer.output_latex
+    batch = next((value for symbol, value in config.items() if symbol.name == "batch"), None)
+    mean = f" The loss is a mean over $m = {batch}$ examples." if layer.kind == "loss" else ""
     blocks = [
         heading(f"{layer.title}"),
-        paragraph(f"Configuration: {layer.describe(config)}. Indices start at 0."),
+        paragraph(f"Configuration: {layer.describe(config)}. Indices start at 0.{mean}"),
     ]
 
     blocks.append(heading("1. Forward pass in index notation"))
@@ -234,8 +237,8 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
     else:
         blocks.append(
             paragraph(
-                f"With δ = ∂L/∂{layer.output_latex} the upstream gradient, every input element collects "
-                f"the contributions of the outputs it influences:"
+                rf"With $\delta = \partial L/\partial {layer.output_latex}$ the upstream gradient, "
+                "every input element collects the contributions of the outputs it influences:"
             )
         )
     for line in layer.chain_rule:
@@ -317,9 +320,8 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
         shown = None if too_long else _as_matrix(derived, renames)
         label = r"\frac{\partial L}{\partial " + operand_latex(gradient.wrt, names) + "}"
         if shown is None:
-            blocks.append(
-                paragraph(f"{gradient.name}: {derived.shape} array (too large to display).")
-            )
+            why = "too large to display" if too_long or derived.size > MAX_LISTED else "not 2-D"
+            blocks.append(paragraph(f"{gradient.name}: {derived.shape} array ({why})."))
         else:
             blocks.append(
                 math(
@@ -340,8 +342,10 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
                 condition = r"\qquad \text{when } " + sympy.latex(case.condition)
             lhs = r"\frac{\partial L}{\partial " + operand_latex(gradient.wrt, names) + "}"
             blocks.append(math(f"{lhs} = {tree_latex(case.tree, names)}{condition}"))
-            if case.name:
-                blocks.append(paragraph(f"({case.name})"))
+            applies = case.condition.xreplace(dict(config)) != sympy.false
+            if case.name or not applies:
+                note = "" if applies else "; not this configuration's case"
+                blocks.append(paragraph(f"({case.name}{note})"))
     definitions = primitive_definitions(
         case.tree for gradient in layer.gradients for case in gradient.cases
     )
@@ -409,6 +413,8 @@ def to_latex(blocks: list[Block], standalone: bool = False) -> str:
 def _escape(text: str) -> str:
     """A paragraph for LaTeX: prose escaped, `code` as typewriter text, 'quoted' words in
     LaTeX's quotes, ``$...$`` inline math kept as it is."""
+    # k^2 in prose is math: k squared, not "k^2" in typewriter-like text.
+    text = re.sub(r"(?<![\w$\\])(\w)\^(\w+)", r"$\1^{\2}$", text)
     parts = re.split(r"(\$[^$]*\$)", text)
     return "".join(part if part.startswith("$") else _escape_prose(part) for part in parts)
 

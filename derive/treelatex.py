@@ -20,6 +20,12 @@ def _int(expr) -> str:
     return sympy.latex(sympy.sympify(expr))
 
 
+def _grouped(expr) -> str:
+    """An integer expression, in parentheses if it is a sum: (K_H + s(H' - 1)) x ..."""
+    expr = sympy.sympify(expr)
+    return r"\left(" + _int(expr) + r"\right)" if isinstance(expr, sympy.Add) else _int(expr)
+
+
 def _operator(name: str, *arguments: str, sub: str = "", sup: str = "") -> str:
     r"""``\operatorname{name}_{sub}^{sup}\left(arg, arg\right)``, scripts only when given."""
     text = r"\operatorname{" + name + "}"
@@ -70,7 +76,7 @@ def tree_latex(node: ir.Node, names: dict[str, str]) -> str:
             "crop",
             go(node.a),
             sub=_int(node.top) + "," + _int(node.left),
-            sup=_int(node.height) + r" \times " + _int(node.width),
+            sup=_grouped(node.height) + r" \times " + _grouped(node.width),
         )
     if isinstance(node, ir.Dilate):
         return _operator("dilate", go(node.a), sub=_int(node.stride))
@@ -92,7 +98,7 @@ def tree_latex(node: ir.Node, names: dict[str, str]) -> str:
     if isinstance(node, ir.GatherWindows):
         return _operator("gather", go(node.a), go(node.index))
     if isinstance(node, ir.Upsample):
-        ones = r"\mathbf{1}_{" + _int(node.size) + r" \times " + _int(node.size) + "}"
+        ones = r"\operatorname{ones}(" + _int(node.size) + r" \times " + _int(node.size) + ")"
         return _operator("kron", go(node.a), ones)
     if isinstance(node, ir.ScatterWindows):
         return _operator(
@@ -130,16 +136,18 @@ PRIMITIVE_DEFINITIONS: dict[type, str] = {
     ir.WindowArgmax: r"\operatorname{first\_argmax}_{k,s}(A)_{n,i,j,c} = (u^*, v^*)"
     r"\quad\text{(the first maximum of window } (i, j) \text{ in row-major order)}",
     ir.GatherWindows: r"\operatorname{gather}(A, (u^*, v^*))_{n,i,j,c} = A_{n,\,si+u^*,\,sj+v^*,\,c}",
-    ir.Upsample: r"\operatorname{kron}(A, \mathbf{1}_{k \times k})_{n,h,w,c}"
+    ir.Upsample: r"\operatorname{kron}(A, \operatorname{ones}(k \times k))_{n,h,w,c}"
     r" = A_{n,\,\lfloor h/k \rfloor,\,\lfloor w/k \rfloor,\,c}",
     ir.ScatterWindows: r"\operatorname{scatter\_windows}_{k,s}(G)_{n,h,w,c} = "
     r"\sum_{\substack{i,u:\ si+u=h\\ j,v:\ sj+v=w}} G_{n,i,j,c}",
     ir.RouteToArgmax: r"\operatorname{route}(G \to (u^*, v^*))_{n,h,w,c} = "
     r"\sum_{i,j:\ (si+u^*_{n,i,j,c},\ sj+v^*_{n,i,j,c}) = (h, w)} G_{n,i,j,c}",
-    ir.Sum: r"\textstyle\sum_{\text{axes } a} A\text{: the sum over the axes listed}"
-    r"\text{ (0 is the batch, } -1 \text{ the last axis, kept with length 1)}",
+    ir.Sum: r"\textstyle\sum_{\text{axes } a} A\text{: the sum over the axes listed (0 is the batch);}"
+    r"\text{ those axes are dropped, except } -1 \text{ (the last), kept with length 1}",
     ir.MatMul: r"(A\,B)_{r,q} = \sum_{d} A_{r,d}\,B_{d,q}"
     r"\quad\text{(the matrix product; every other product is elementwise)}",
+    ir.Pointwise: r"A\,B,\ \frac{A}{B},\ e^{A},\ \ldots"
+    r"\text{: element by element, with NumPy's broadcasting (no matrix products)}",
     ir.Flatten: r"\operatorname{flatten}(A)_{n,\,(h W + w) C + c} = A_{n,h,w,c}",
     ir.ReshapeLike: r"\operatorname{reshape}(G, \operatorname{shape}(X))"
     r"\text{: the elements of } G \text{ in row-major order, in the shape of } X",
@@ -154,6 +162,8 @@ def primitive_definitions(trees) -> list[str]:
     for tree in trees:
         for node in tree.walk():
             kind = type(node)
+            if kind is ir.Pointwise and len(node.arguments) < 2:
+                continue  # no product of two arrays to tell from a matrix product
             if kind in PRIMITIVE_DEFINITIONS and kind not in seen:
                 seen.append(kind)
     return [PRIMITIVE_DEFINITIONS[kind] for kind in seen]

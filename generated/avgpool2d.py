@@ -60,7 +60,7 @@ def backward(dout, cache, *, workspace=None):
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
-        dx = \operatorname{crop}_{0,0}^{H \times W}\left(\operatorname{kron}\left(\frac{\delta}{k^{2}},\ \mathbf{1}_{k \times k}\right)\right)\qquad \text{when } s = k
+        dx = \operatorname{crop}_{0,0}^{H \times W}\left(\operatorname{kron}\left(\frac{\delta}{k^{2}},\ \operatorname{ones}(k \times k)\right)\right)\qquad \text{when } s = k
         dx = \operatorname{scatter\_windows}_{k,s}\left(\frac{\delta}{k^{2}}\right)
 
     dx (kron: each δ/k^2 copied to its whole window (windows that tile the input)): proven on 56

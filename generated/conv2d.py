@@ -85,7 +85,7 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
         dx = \operatorname{crop}_{p,p}^{H \times W}\left(\operatorname{full\_convolve}\left(\operatorname{dilate}_{s}\left(\delta\right),\ \operatorname{rot180}\left(W\right)\right)\right)
-        dw = \operatorname{correlate}_{\Sigma n}\left(\operatorname{crop}_{0,0}^{K_H + s \left(H' - 1\right) \times K_W + s \left(W' - 1\right)}\left(\tilde{X}\right),\ \operatorname{dilate}_{s}\left(\delta\right)\right)
+        dw = \operatorname{correlate}_{\Sigma n}\left(\operatorname{crop}_{0,0}^{\left(K_H + s \left(H' - 1\right)\right) \times \left(K_W + s \left(W' - 1\right)\right)}\left(\tilde{X}\right),\ \operatorname{dilate}_{s}\left(\delta\right)\right)
         db = \textstyle\sum_{\text{axes } 0,1,2} \delta
 
     dx (full convolution of the dilated gradient with the turned kernel, cropped by the

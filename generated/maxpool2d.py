@@ -13,7 +13,7 @@ def forward(x, *, size=2, stride=None, workspace=None):
     Definition (index notation, 0-based indices)::
 
         P_{n,i,j,c} = \sum_{u=0}^{k-1} \sum_{v=0}^{k-1} X_{n,\,si+u,\,sj+v,\,c}\;\mathbf{1}^{\mathrm{first\,max}}_{u,v}
-        \mathbf{1}^{\mathrm{first\,max}}_{u,v} = \begin{cases} 1 & (u, v) = (u^*, v^*) \\ 0 & \text{otherwise} \end{cases}
+        \mathbf{1}^{\mathrm{first\,max}}_{u,v} = \begin{cases} 1 & \text{if } (u, v) = (u^*, v^*) \\ 0 & \text{otherwise} \end{cases}
         (u^*, v^*) = \text{the first } (u, v) \text{ in row-major order with } X_{n,si+u,sj+v,c} = \max_{0 \le u',v' < k} X_{n,si+u',sj+v',c}
 
     Computed as::
