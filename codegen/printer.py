@@ -69,10 +69,17 @@ class ArrayExpressionPrinter(NumPyPrinter):
         return f"({self._print(expr.lhs)} {operators[expr.rel_op]} {self._print(expr.rhs)})"
 
     def _print_Max(self, expr):
-        args = [self._print(a) for a in expr.args]
-        text = args[0]
+        return self._fold("np.maximum", expr.args)
+
+    def _print_Min(self, expr):
+        # SymPy's own printer writes functools.reduce(np.minimum, ...), which needs an
+        # import the generated modules do not have.
+        return self._fold("np.minimum", expr.args)
+
+    def _fold(self, function: str, args) -> str:
+        text = self._print(args[0])
         for arg in args[1:]:
-            text = f"np.maximum({text}, {arg})"
+            text = f"{function}({text}, {self._print(arg)})"
         return text
 
     def _print_sigmoid(self, expr):

@@ -128,13 +128,14 @@ class UfuncLowering:
             argument = self.operand(expr.args[0], dest, busy=False)
             self.emit(f"{UNARY[expr.func]}({argument}, out={dest})")
             return dest
-        if isinstance(expr, sympy.Max) and len(expr.args) == 2:
+        if isinstance(expr, (sympy.Max, sympy.Min)) and len(expr.args) == 2:
+            ufunc = "np.maximum" if isinstance(expr, sympy.Max) else "np.minimum"
             first = self.operand(expr.args[0], dest, busy=False)
             second = self.operand(expr.args[1], dest, busy=first == dest)
             if self.is_array(expr.args[0]) and self.is_array(expr.args[1]):
-                self.emit(f"np.maximum({first}, {second}, out={dest})")
+                self.emit(f"{ufunc}({first}, {second}, out={dest})")
             else:  # max(0, z): NumPy's loop for a scalar operand is slow
-                self.emit(f"_k.with_scalar(np.maximum, {first}, {second}, {dest})")
+                self.emit(f"_k.with_scalar({ufunc}, {first}, {second}, {dest})")
             return dest
         if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2 and expr.args[1] == (0, True):
             # value * [condition], as the printer writes it (see its _print_Piecewise)
