@@ -42,6 +42,7 @@ import time
 import numpy as np
 from _measure import OtherLoad, describe_environment, percent
 from numpy.lib.stride_tricks import as_strided
+from threadpoolctl import threadpool_limits
 
 from train.networks import build
 from train.optim import SGD
@@ -480,6 +481,10 @@ def worker(impl, nets, batches, steps, warmup, with_breakdown, threads):
     """Time one implementation (in its own process); print the results as JSON."""
     if impl == "torch":
         torch.set_num_threads(threads)
+    else:
+        # NumPy's BLAS on as many cores as the other side gets (with two processes, the
+        # generated network holds each to one BLAS thread itself).
+        threadpool_limits(threads, user_api="blas")
     out = []
     for net_name in nets:
         for n in batches:

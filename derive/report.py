@@ -219,7 +219,8 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
     names = {item.name: item.latex for item in layer.inputs}
     names[layer.output] = layer.output_latex
     batch = next((value for symbol, value in config.items() if symbol.name == "batch"), None)
-    mean = f" The loss is a mean over $m = {batch}$ examples." if layer.kind == "loss" else ""
+    examples = "example" if batch == 1 else "examples"
+    mean = f" The loss is a mean over $m = {batch}$ {examples}." if layer.kind == "loss" else ""
     blocks = [
         heading(f"{layer.title}"),
         paragraph(f"Configuration: {layer.describe(config)}. Indices start at 0.{mean}"),
@@ -413,10 +414,22 @@ def to_latex(blocks: list[Block], standalone: bool = False) -> str:
 def _escape(text: str) -> str:
     """A paragraph for LaTeX: prose escaped, `code` as typewriter text, 'quoted' words in
     LaTeX's quotes, ``$...$`` inline math kept as it is."""
-    # k^2 in prose is math: k squared, not "k^2" in typewriter-like text.
-    text = re.sub(r"(?<![\w$\\])(\w)\^(\w+)", r"$\1^{\2}$", text)
-    parts = re.split(r"(\$[^$]*\$)", text)
-    return "".join(part if part.startswith("$") else _escape_prose(part) for part in parts)
+    pieces = []
+    for part in re.split(r"(\$[^$]*\$)", text):
+        if part.startswith("$"):
+            pieces.append(part)
+            continue
+        for chunk in re.split(r"(`[^`]*`)", part):
+            if chunk.startswith("`"):
+                pieces.append(_escape_prose(chunk))
+                continue
+            # k^2 in prose is math, k squared (in `code` it stays as written).
+            for bit in re.split(r"((?<![\w\\])\w\^\w+)", chunk):
+                if re.fullmatch(r"\w\^\w+", bit):
+                    pieces.append(f"${bit[0]}^{{{bit[2:]}}}$")
+                else:
+                    pieces.append(_escape_prose(bit))
+    return "".join(pieces)
 
 
 def _escape_prose(text: str) -> str:

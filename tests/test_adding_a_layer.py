@@ -43,8 +43,6 @@ def import_generated(files: dict[str, str], folder, name: str, monkeypatch):
 
 def test_a_new_layer_is_proven_generated_and_its_gradient_is_right(tmp_path, monkeypatch):
     layer = leaky_relu()
-    # The proofs run in forked workers that look layers up in the catalogue by name.
-    monkeypatch.setitem(catalogue.LAYERS, layer.name, layer)
     files = render([layer], verified_results([layer]))
     source = files["activations.py"]
     assert "def leaky_relu_forward" in source and "def leaky_relu_backward" in source
@@ -69,10 +67,10 @@ def test_a_new_layer_is_proven_generated_and_its_gradient_is_right(tmp_path, mon
     np.testing.assert_allclose(dz, numeric, rtol=1e-8, atol=1e-8)
 
 
-def test_a_new_layer_with_a_wrong_gradient_is_not_generated(monkeypatch):
+def test_a_new_layer_with_a_wrong_gradient_is_not_generated():
     wrong = leaky_relu(slope_in_backward=sympy.Rational(1, 10))
     with pytest.raises(VerificationError, match="leaky_relu dz"):
         prove(wrong, wrong.example)
-    monkeypatch.setitem(catalogue.LAYERS, wrong.name, wrong)
-    with pytest.raises(UnverifiedError, match="nothing was generated"):
+    with pytest.raises(UnverifiedError, match="nothing was generated") as info:
         render([wrong])
+    assert "leaky_relu dz" in str(info.value)

@@ -269,6 +269,22 @@ def test_paragraphs_keep_inline_math_and_escape_the_prose():
     assert to_text([block]).strip() == "For stride s > 1 and x > 0: 'correlate', SymPy's x_1"
 
 
+def test_powers_in_prose_are_math_but_not_in_code_or_math():
+    latex = to_latex([paragraph("each δ/k^2, `x^2` and $\\frac{1}{k^2}$")]).strip()
+    assert latex == r"each $\delta$/$k^{2}$, \texttt{x\^{}2} and $\frac{1}{k^2}$"
+
+
+def test_derivations_say_what_m_is_and_which_cases_do_not_apply(capsys):
+    assert main(["derive", "mse"]) == 0
+    assert "The loss is a mean over m = 3 examples." in capsys.readouterr().out
+    assert main(["derive", "mse", "--batch", "1"]) == 0
+    assert "a mean over m = 1 example." in capsys.readouterr().out
+    assert main(["derive", "avgpool2d", "--stride", "1"]) == 0
+    assert "not this configuration's case" in capsys.readouterr().out  # the kron form, s = k
+    assert main(["derive", "avgpool2d"]) == 0  # stride = size = 2: both forms apply
+    assert "not this configuration's case" not in capsys.readouterr().out
+
+
 def test_plain_text_and_latex_carry_the_same_steps():
     layer = LAYERS["avgpool2d"]
     blocks = derivation(layer, layer.example)

@@ -348,13 +348,6 @@ class Network:
             x = layer.forward(x, self.params, keep)
         return x
 
-    def _one_process(self):
-        """The context of a pass that runs in this process alone: with threads=1, BLAS at
-        one thread too, so that the network uses the one core it was given. (Measured
-        here: a second BLAS thread makes a LeNet step 8-20 % faster on an idle machine,
-        but 2-3 times slower when another program keeps one core busy.)"""
-        return one_blas_thread() if self.threads == 1 else contextlib.nullcontext()
-
     @contextlib.contextmanager
     def _exchange(self):
         """The workers, with BLAS at one thread while the parts run.
@@ -378,8 +371,7 @@ class Network:
         x = np.asarray(images, dtype=self.dtype)
         parts = self._split(len(x))
         if len(parts) == 1:
-            with self._one_process():
-                return self._own_logits(x, keep=False)
+            return self._own_logits(x, keep=False)
         self._start_workers(parts, x)
         counts = self._counts(parts)
         with self._exchange() as workers:
@@ -404,8 +396,7 @@ class Network:
             raise RuntimeError("backward() needs a forward() first")
         parts, self._parts = self._parts, []
         if len(parts) == 1:
-            with self._one_process():
-                return self._own_backward()
+            return self._own_backward()
         with self._exchange() as workers:
             workers.send("backward", self._counts(parts))
             first = self._own_backward()
@@ -423,14 +414,13 @@ class Network:
         labels = np.asarray(labels)
         parts = self._split(len(x))
         if len(parts) == 1:
-            with self._one_process():
-                logits = self._own_logits(x)
-                loss, self._loss_cache = self._loss_forward(logits, self._targets(labels))
-                outputs = self.probabilities(logits)
-                if not gradients:
-                    self._parts = parts
-                    return float(loss), outputs, None
-                return float(loss), outputs, self._own_backward()
+            logits = self._own_logits(x)
+            loss, self._loss_cache = self._loss_forward(logits, self._targets(labels))
+            outputs = self.probabilities(logits)
+            if not gradients:
+                self._parts = parts
+                return float(loss), outputs, None
+            return float(loss), outputs, self._own_backward()
         self._start_workers(parts, x)
         counts = self._counts(parts)
         with self._exchange() as workers:
