@@ -181,14 +181,14 @@ class UfuncLowering:
             self.emit(f"np.subtract({minuend}, {subtrahend}, out={dest}, dtype={dest}.dtype)")
             return dest
         terms = self._ordered(array_terms)
-        if len(terms) > 1 and terms[0].could_extract_minus_sign():
+        if (
+            len(terms) > 1
+            and terms[0].could_extract_minus_sign()
+            and not terms[1].could_extract_minus_sign()
+        ):
             # -a + b as b - a (one pass less, the same value); only the first two swap,
             # so every later addition sees the same partial sum.
-            positive = next(
-                (i for i, t in enumerate(terms) if not t.could_extract_minus_sign()), None
-            )
-            if positive == 1:
-                terms[0], terms[1] = terms[1], terms[0]
+            terms[0], terms[1] = terms[1], terms[0]
         accumulated = None
         for term in terms:
             if accumulated is not None and term.could_extract_minus_sign():

@@ -130,10 +130,10 @@ def latex_to_text(latex: str) -> str:
     text = re.sub(r"\(([\w∂^ ]+|[\w^\[\],]+)\)/\(((?:∂ )?[\w^\[\],]+)\)(?![\w(Σ])", r"\1/\2", text)
     text = re.sub(r"\(([\w^\[\],]+)\)/\(", r"\1/(", text)  # (e)/(C W) -> e/(C W)
     text = re.sub(r"[ ]{2,}", " ", text)
-    # What cases and \left( leave behind: "( 1 for z > 0 ; 0 otherwise )".
     text = re.sub(r"∂ (?=\w)", "∂", text)  # ∂L/∂Z, as in the prose
     text = re.sub(r"Σ_(\w)", r"Σ[\1]", text)  # \sum_j as \sum_{n,i,j} is: Σ[j]
     text = text.replace("\x01", "{").replace("\x02", "}")
+    # What cases and \left( leave behind: "( 1 for z > 0 ; 0 otherwise )".
     text = re.sub(r"\( ?(-)? ", r"(\1", text)  # "( 1" -> "(1", "(- z" -> "(-z"
     text = re.sub(r" (\)|;)", r"\1", text)
     return text.strip()
@@ -144,12 +144,16 @@ def latex_to_text(latex: str) -> str:
 # ---------------------------------------------------------------------------
 
 
+def _symbol_arrays(proof: Proof) -> list[np.ndarray]:
+    """The proof's arrays of element symbols: its inputs, and the upstream gradient δ."""
+    return [*proof.inputs.values(), *([proof.upstream] if proof.upstream is not None else [])]
+
+
 def _short_names(proof: Proof) -> dict[sympy.Symbol, sympy.Symbol]:
     """Element symbols without the indices of axes of length 1 (x_{0,1,2,0} -> x_{1,2} when
     batch and channels are 1), so small examples read like the seed documents."""
-    arrays = list(proof.inputs.values()) + ([proof.upstream] if proof.upstream is not None else [])
     renames = {}
-    for array in arrays:
+    for array in _symbol_arrays(proof):
         keep = [axis for axis, length in enumerate(array.shape) if length > 1]
         for index in np.ndindex(*array.shape):
             symbol = array[index]
@@ -192,8 +196,7 @@ def _as_matrix(array: np.ndarray, renames) -> tuple[str, str] | None:
 
 def _dropped_axes_example(proof: Proof, renames) -> tuple[str, str] | None:
     """(short, full) LaTeX of an element whose name lost axes of length 1, if any did."""
-    arrays = [*proof.inputs.values(), *([proof.upstream] if proof.upstream is not None else [])]
-    for array in arrays:
+    for array in _symbol_arrays(proof):
         array = np.asarray(array, dtype=object)
         if array.ndim > _axes_longer_than_one(array) and array.size:
             symbol = array[(-1,) * array.ndim]  # the last element: all its indices differ
@@ -299,6 +302,11 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
     blocks.append(heading("4. Matrix form"))
     for gradient in layer.gradients:
         derived = derived_values[gradient.wrt]
+        if derived.size > MAX_LISTED:
+            blocks.append(
+                paragraph(f"{gradient.name}: {derived.shape} array (too large to display).")
+            )
+            continue
         all_in_step_3 = derived.size <= MAX_ELEMENTS
         one_axis = _axes_longer_than_one(derived) < 2
         too_long = _longest_entry(derived, renames) > MAX_MATRIX_ENTRY
@@ -310,7 +318,7 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
                 )
             )
             continue
-        if too_long and derived.size <= MAX_LISTED:
+        if too_long:
             # Step 3 showed the first elements; the others follow, one equation each.
             blocks.append(paragraph(f"The other elements of {gradient.name}:"))
             symbols = proof.inputs[gradient.wrt]
@@ -318,11 +326,10 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
                 lhs = _partial_symbol(layer, gradient.wrt, symbols[index], renames)
                 blocks.append(math(f"{lhs} = {_element_latex(derived[index], renames)}"))
             continue
-        shown = None if too_long else _as_matrix(derived, renames)
+        shown = _as_matrix(derived, renames)
         label = r"\frac{\partial L}{\partial " + operand_latex(gradient.wrt, names) + "}"
         if shown is None:
-            why = "too large to display" if too_long or derived.size > MAX_LISTED else "not 2-D"
-            blocks.append(paragraph(f"{gradient.name}: {derived.shape} array ({why})."))
+            blocks.append(paragraph(f"{gradient.name}: {derived.shape} array (not 2-D)."))
         else:
             blocks.append(
                 math(

@@ -348,9 +348,8 @@ def verify_layers(
             pool = ProcessPoolExecutor(
                 max_workers=workers, mp_context=context, initializer=_ignore_ctrl_c
             )
-            futures = []
             try:
-                futures += [pool.submit(_prove_chunk, job) for job in jobs]
+                futures = [pool.submit(_prove_chunk, job) for job in jobs]
                 for job, future in zip(jobs, futures):
                     finished(job, future.result())
                 pool.shutdown()

@@ -452,22 +452,38 @@ _MIRRORS_UNREACHABLE = ".mirrors-unreachable"
 _MIRRORS_RETRY_SECONDS = 3600
 
 
-def _minutes_since_mirrors_failed(cache_dir: Path) -> int | None:
-    """Minutes since every mirror was found unreachable, if that was less than an hour ago."""
+def _seconds_since(marker: Path, within: float) -> float | None:
+    """Seconds since ``marker`` was touched, if fewer than ``within``; None otherwise (no
+    marker, or one dated in the future: then the thing it stands for is tried again)."""
     try:
-        age = time.time() - (cache_dir / _MIRRORS_UNREACHABLE).stat().st_mtime
+        age = time.time() - marker.stat().st_mtime
     except OSError:
         return None
-    return int(age // 60) if 0 <= age < _MIRRORS_RETRY_SECONDS else None
+    return age if 0 <= age < within else None
+
+
+def _touch(marker: Path) -> bool:
+    """Record now in ``marker``; False where the cache is read-only."""
+    try:
+        marker.touch()
+    except OSError:
+        return False
+    return True
+
+
+def _minutes_since_mirrors_failed(cache_dir: Path) -> int | None:
+    """Minutes since every mirror was found unreachable, if that was less than an hour ago."""
+    age = _seconds_since(cache_dir / _MIRRORS_UNREACHABLE, _MIRRORS_RETRY_SECONDS)
+    return None if age is None else int(age // 60)
 
 
 def _record_mirrors(cache_dir: Path, all_unreachable: bool) -> None:
     marker = cache_dir / _MIRRORS_UNREACHABLE
+    if all_unreachable:
+        _touch(marker)
+        return
     try:
-        if all_unreachable:
-            marker.touch()
-        else:
-            marker.unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
     except OSError:  # a read-only cache: the next run tries again
         pass
 
@@ -478,24 +494,13 @@ def _test_files_due(cache_dir: Path) -> bool:
     if all(_find(cache_dir, name) is not None for name in TEST_FILES):
         return False
     marker = cache_dir / _TEST_FILES_TRIED
-    try:
-        age = time.time() - marker.stat().st_mtime
-    except OSError:
-        age = None
-    if age is not None and 0 <= age < _TEST_FILES_RETRY_SECONDS:  # a future date: retry
+    if _seconds_since(marker, _TEST_FILES_RETRY_SECONDS) is not None:
         return False
-    try:
-        marker.touch()
-    except OSError:  # a read-only cache
-        return False
-    return True
+    return _touch(marker)
 
 
 def _test_files_failed(cache_dir: Path, title: str, log: Callable[[str], None]) -> None:
-    try:
-        (cache_dir / _TEST_FILES_TRIED).touch()
-    except OSError:
-        pass
+    _touch(cache_dir / _TEST_FILES_TRIED)
     log(
         f"Could not download the {title} test files; carrying on without a test set "
         "(they are tried again in a day, or put them in the cache folder yourself)."

@@ -254,6 +254,7 @@ def train(
     if len(train_split.labels) == 0:
         raise ValueError(f"no training images left for the {recipe.net} network")
     used, offered = len(train_split.labels), len(bundle.train.labels)
+    task = net.task(recipe.dataset)
     if used != offered or len(val_split.labels) != len(bundle.validation.labels):
         log(
             f"The {recipe.net} network trains on {used:,} of the {offered:,} training images "
@@ -264,7 +265,7 @@ def train(
                 if test_split is not None
                 else ""
             )
-            + (f" ({net.task(recipe.dataset)})." if net.task(recipe.dataset) else ".")
+            + (f" ({task})." if task else ".")
         )
 
     if resume_from is not None:

@@ -232,6 +232,7 @@ class Network:
     first_conv = "conv1_w"
     num_classes = 10
     input_shape = (28, 28, 1)
+    tasks: dict[str, str] = {}  # data set -> the network's own task on it (see task())
 
     def __init__(self, seed: int = 0, dtype=np.float32, threads: int = 1):
         self.dtype = np.dtype(dtype)
@@ -294,7 +295,7 @@ class Network:
 
     def task(self, dataset: str) -> str:
         """The task on ``dataset`` in a few words, where it is not the data set's own."""
-        return getattr(self, "tasks", {}).get(dataset, "")
+        return self.tasks.get(dataset, "")
 
     def prepare(self, split: Split) -> Split:
         """The split as this network's task sees it (identity except for ``toy``)."""
