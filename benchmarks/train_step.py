@@ -7,7 +7,7 @@
 One step is what ``cnnderive train`` does per batch: the network's forward pass (loss
 and outputs), its backward pass (every layer's generated backward) and an SGD-with-
 momentum update of the parameters, in float32. The networks are those of
-train/networks.py, built with seed 0, on MNIST images (the shipped subset).
+cnnderive/train/networks.py, built with seed 0, on MNIST images (the shipped subset).
 
 The reference is PyTorch eager on the CPU with the identical network (same layers,
 same initial parameters, same loss, torch.optim.SGD with momentum) when torch can be
@@ -16,7 +16,7 @@ imported, and otherwise a hand-vectorised NumPy implementation written for speed
 gradient for the input image). ``--numpy`` adds the NumPy reference beside torch.
 Both sides use two cores (``--threads``): torch.set_num_threads(2), and the generated
 network built with threads=2, which cuts each batch in two halves computed at once by
-this process and one worker process, BLAS at one thread each (train/parallel.py), as
+this process and one worker process, BLAS at one thread each (cnnderive/train/parallel.py), as
 ``cnnderive train`` does by default. The NumPy reference uses BLAS's two threads.
 Before timing, one step's loss and gradients of each reference are checked against
 the generated network's from the same parameters.
@@ -44,8 +44,8 @@ from _measure import OtherLoad, describe_environment, percent
 from numpy.lib.stride_tricks import as_strided
 from threadpoolctl import threadpool_limits
 
-from train.networks import build
-from train.optim import SGD
+from cnnderive.train.networks import build
+from cnnderive.train.optim import SGD
 
 try:  # torch is optional: a reference for this benchmark only, never a dependency
     import torch
@@ -62,7 +62,7 @@ LR, MOMENTUM = 0.01, 0.9
 def mnist_batch(n):
     """The first n training images of the shipped MNIST subset (random images if absent)."""
     try:
-        from train.data import load_dataset
+        from cnnderive.train.data import load_dataset
 
         split = load_dataset("mnist", allow_download=False, log=lambda _: None).train
         images = np.ascontiguousarray(split.images[:n], dtype=F32)
@@ -79,7 +79,7 @@ def mnist_batch(n):
 
 
 class GeneratedStep:
-    """One training step of a train/networks.py network with train/optim.py's SGD."""
+    """One training step of a cnnderive/train/networks.py network with cnnderive/train/optim.py's SGD."""
 
     name = "generated"
 

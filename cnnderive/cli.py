@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from codegen import cli as codegen_cli
     from derive import cli as derive_cli
-    from train import cli as train_cli
+    from cnnderive.train import cli as train_cli
 
     derive_cli.add_parsers(commands)
     codegen_cli.add_parsers(commands)

@@ -1,4 +1,4 @@
-"""Tests for train/data.py. None of them reaches the internet: downloads go to a local server."""
+"""Tests for cnnderive/train/data.py. None of them reaches the internet: downloads go to a local server."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import data
-from train.data import DataError, load_dataset, read_idx
+from cnnderive.train import data
+from cnnderive.train.data import DataError, load_dataset, read_idx
 
 SHIPPED = Path(data.__file__).resolve().parent / "_data" / "mnist-5k"
 IMAGES, LABELS = data.TRAIN_FILES

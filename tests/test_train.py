@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from train import checkpoint as ckpt
-from train import networks, optim
-from train.data import DataBundle, Split, load_dataset
-from train.loop import (
+from cnnderive.train import checkpoint as ckpt
+from cnnderive.train import networks, optim
+from cnnderive.train.data import DataBundle, Split, load_dataset
+from cnnderive.train.loop import (
     RECIPES,
     Recipe,
     TrainingDiverged,
@@ -21,8 +21,8 @@ from train.loop import (
     shift_images,
     train,
 )
-from train.networks import NETWORKS, build, split_batch, toy_images
-from train.parallel import WorkerFailed
+from cnnderive.train.networks import NETWORKS, build, split_batch, toy_images
+from cnnderive.train.parallel import WorkerFailed
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +53,13 @@ def test_training_code_never_imports_sympy_or_the_generators(tmp_path):
     code = (
         "import sys\n"
         "import numpy as np\n"
-        "import train.cli, train.loop, train.networks, train.optim, train.plots, "
-        "train.checkpoint, train.data\n"
-        "net = train.networks.build('lenet')\n"
-        "opt = train.optim.build('adam', net.params, lr=1e-3)\n"
+        "import cnnderive.train.cli, cnnderive.train.loop, cnnderive.train.networks, cnnderive.train.optim, cnnderive.train.plots, "
+        "cnnderive.train.checkpoint, cnnderive.train.data\n"
+        "net = cnnderive.train.networks.build('lenet')\n"
+        "opt = cnnderive.train.optim.build('adam', net.params, lr=1e-3)\n"
         "loss, out, grads = net.loss_and_gradients(np.zeros((2, 28, 28, 1), np.float32), np.array([1, 2]))\n"
         "opt.step(net.params, grads)\n"
-        f"train.loop.write_plots(__import__('pathlib').Path({str(tmp_path)!r}), net, "
+        f"cnnderive.train.loop.write_plots(__import__('pathlib').Path({str(tmp_path)!r}), net, "
         "[{'epoch': 1, 'loss': loss, 'train_accuracy': 0.5, 'val_accuracy': 0.5, "
         "'test_accuracy': None}], 't')\n"
         "import tqdm\n"
@@ -302,7 +302,7 @@ def test_workers_stop_when_the_network_is_dropped_or_its_process_is_killed(tmp_p
 
     script = (
         "import os, signal, numpy as np\n"
-        "from train.networks import build\n"
+        "from cnnderive.train.networks import build\n"
         "net = build('toy', threads=2)\n"
         "net.forward(np.zeros((4, 6, 6, 1), np.float32), np.array([0, 1, 0, 1]))\n"
         "print(net._workers.processes[0].pid, flush=True)\n"
@@ -505,7 +505,7 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_every_network_has_a_default_recipe_and_an_alternative_optimiser():
-    from train.loop import ALTERNATIVE_OPTIMIZERS
+    from cnnderive.train.loop import ALTERNATIVE_OPTIMIZERS
 
     for name in NETWORKS:
         recipe = RECIPES[name]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnnderive.cli import main
-from train import checkpoint as ckpt
+from cnnderive.train import checkpoint as ckpt
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +143,7 @@ def test_a_worker_process_that_dies_stops_the_run_with_exit_1(capsys, monkeypatc
     pass; the parent must report it, not hang, and keep the epoch-0 checkpoint."""
     import os
 
-    from train.networks import Network
+    from cnnderive.train.networks import Network
 
     parent = os.getpid()
     own_backward = Network._own_backward
@@ -368,7 +368,7 @@ def test_a_full_disk_while_saving_exits_1_and_keeps_the_last_checkpoint(
     def no_room(path, write):
         raise OSError(28, "No space left on device", str(path))
 
-    for module in ("train.checkpoint", "train.loop", "train.plots"):
+    for module in ("cnnderive.train.checkpoint", "cnnderive.train.loop", "cnnderive.train.plots"):
         monkeypatch.setattr(f"{module}.replace_atomically", no_room)
     code, out, err = run(capsys, *args, "--epochs", "2", "--resume")
     assert code == 1 and "Traceback" not in err
@@ -397,11 +397,11 @@ def test_evaluate_warns_when_the_validation_images_come_from_other_data(tiny_run
 
 def test_resuming_a_finished_run_needs_no_writable_folder(capsys, tmp_path, monkeypatch):
     """A finished run on a read-only disk: --resume has nothing to do, and says so."""
-    import train.cli
+    import cnnderive.train.cli
 
     args = (*TRAIN, "--net", "toy", "--limit", "200", "--epochs", "1", "--out", "done")
     assert run(capsys, *args)[0] == 0
-    monkeypatch.setattr(train.cli, "folder_problem", lambda folder: "read-only file system")
+    monkeypatch.setattr(cnnderive.train.cli, "folder_problem", lambda folder: "read-only file system")
     code, out, err = run(capsys, *args, "--resume")
     assert code == 0 and "nothing to do" in out, err
     assert_usage_error(capsys, *args[:-4], "--epochs", "2", "--out", "done", "--resume",

@@ -13,7 +13,7 @@ Where the data comes from, in this order:
    ``dataset-fashion-mnist`` package).
 4. A download of the four standard files into ``<cache>/<name>/`` from the public mirrors
    in :data:`MIRRORS`, each file checked against its published md5 (:data:`MD5`).
-5. MNIST only: the 5,000-image subset shipped in ``train/_data/mnist-5k`` (a log line says so).
+5. MNIST only: the 5,000-image subset shipped in ``cnnderive/train/_data/mnist-5k`` (a log line says so).
 
 A folder counts as holding the dataset when it has both training files
 (``train-images-idx3-ubyte.gz`` and ``train-labels-idx1-ubyte.gz``, or the same names
