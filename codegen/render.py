@@ -29,6 +29,8 @@ from derive.treelatex import operand_latex, tree_latex
 from derive.verify import LayerResult, verify_layers, verify_stable_forms
 
 TEMPLATES = Path(__file__).parent / "templates"
+# The hand-written NumPy primitives that every generated layer module calls.
+KERNELS = Path(__file__).parent / "kernels.py"
 # The keyword argument through which a caller lends a layer function a dict of kept arrays.
 WORKSPACE = "workspace"
 WORKSPACE_TEXT = (
@@ -425,10 +427,9 @@ def render(
             header=header, docstring=docstring, functions=functions, uses_numpy=uses_numpy
         )
         files[f"{module}.py"] = ruff_format(source, f"{module}.py")
-    kernels = env.get_template("_kernels.py.jinja").render(
-        header=HEADER.format(sources="codegen/templates/_kernels.py.jinja")
-    )
-    files["_kernels.py"] = ruff_format(kernels, "_kernels.py")
+    # The runtime library is hand-written, not generated: it is copied as it is, and its own
+    # first lines say so.
+    files["_kernels.py"] = KERNELS.read_text(encoding="utf-8")
     init = env.get_template("__init__.py.jinja").render(
         header=HEADER.format(sources="codegen/templates/__init__.py.jinja"), modules=sorted(modules)
     )

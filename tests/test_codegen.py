@@ -67,6 +67,12 @@ def test_rendered_file_set(rendered):
     assert sorted(rendered) == sorted([f"{m}.py" for m in modules] + ["_kernels.py", "__init__.py"])
 
 
+def test_the_runtime_library_is_copied_byte_for_byte(rendered):
+    source = (REPOSITORY / "codegen" / "kernels.py").read_bytes()
+    assert rendered["_kernels.py"].encode("utf-8") == source
+    assert committed_files()["_kernels.py"] == source
+
+
 def test_regenerating_a_deleted_directory_restores_it_byte_for_byte(
     rendered, tmp_path, monkeypatch
 ):
@@ -156,8 +162,12 @@ def test_every_generated_file_has_the_header_and_no_timestamp_or_version(rendere
         assert files
         for name, content in files.items():
             first = content.splitlines()[0]
-            assert first.startswith(HEADER_PREFIX), f"{source} {name}: first line {first!r}"
-            assert "DO NOT EDIT." in first, f"{source} {name}"
+            if name == "_kernels.py":  # hand-written, copied: its header says so instead
+                assert first.startswith("# Hand-written runtime library of cnnderive")
+                assert "edit codegen/kernels.py, not the copy" in content.split('"""')[0]
+            else:
+                assert first.startswith(HEADER_PREFIX), f"{source} {name}: first line {first!r}"
+                assert "DO NOT EDIT." in first, f"{source} {name}"
             for package, version in versions.items():
                 assert version not in content, f"{source} {name} mentions the {package} version"
             for pattern in VERSION_PATTERNS:

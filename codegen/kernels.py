@@ -1,4 +1,5 @@
-{{ header }}
+# Hand-written runtime library of cnnderive, kept in codegen/kernels.py. `cnnderive generate`
+# copies it byte for byte into generated/_kernels.py: edit codegen/kernels.py, not the copy.
 """NumPy implementations of the closed-form primitives of ``derive.ir``.
 
 Each function here is the NumPy reading of the primitive of the same name; the
@@ -64,7 +65,9 @@ def check_integers(where, **values):
 def check_upstream(where, name, gradient, shape):
     if not isinstance(gradient, np.ndarray) or gradient.shape != tuple(shape):
         got = gradient.shape if isinstance(gradient, np.ndarray) else type(gradient).__name__
-        raise ValueError(f"{where}: {name} must have the forward output's shape {tuple(shape)}, got {got}")
+        raise ValueError(
+            f"{where}: {name} must have the forward output's shape {tuple(shape)}, got {got}"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -406,11 +409,15 @@ def _correlate_weights_banded(a, g, dtype):
     item = dtype.itemsize
     columns = min(_band_columns(c_out), gw)
     chunking = list(_band_chunks(gw, columns))
-    sums = {span: np.zeros(((span + kw - 1) * kh, span * c_out), dtype=dtype) for _, span, _ in chunking}
+    sums = {
+        span: np.zeros(((span + kw - 1) * kh, span * c_out), dtype=dtype) for _, span, _ in chunking
+    }
     block = _block_size(n, gh * w * kh * item)
     patch_buffer = _scratch("patches", block * gh * w * kh, dtype)
     product_buffer = _scratch(
-        "correlate_weights.products", (gw // columns + 1) * (columns + kw - 1) * kh * columns * c_out, dtype
+        "correlate_weights.products",
+        (gw // columns + 1) * (columns + kw - 1) * kh * columns * c_out,
+        dtype,
     )
     for start, stop in _blocks(n, block):
         m = stop - start
@@ -430,7 +437,9 @@ def _correlate_weights_banded(a, g, dtype):
                 (span * c_out * item, gradient.strides[0], item),
                 writeable=False,
             )
-            products = product_buffer[: chunks * depth * span * c_out].reshape(chunks, depth, span * c_out)
+            products = product_buffer[: chunks * depth * span * c_out].reshape(
+                chunks, depth, span * c_out
+            )
             np.matmul(left, right, out=products)
             sums[span] += products.sum(axis=0)
     out = np.zeros((kh, kw, c_out), dtype=dtype)
@@ -471,7 +480,9 @@ def correlate(a, kernel, stride=1, *, workspace=None, key=""):
             m = stop - start
             patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, out_h, out_w)
             np.copyto(patches, view[:, :, start:stop])
-            np.matmul(patches.reshape(taps, m * rows).T, weights, out=flat[start * rows : stop * rows])
+            np.matmul(
+                patches.reshape(taps, m * rows).T, weights, out=flat[start * rows : stop * rows]
+            )
     else:
         # Rows (n, i, j), columns (u, v, c): each copied run is a window row, KW*C long.
         flat = out.reshape(n * rows, c_out)
@@ -479,7 +490,9 @@ def correlate(a, kernel, stride=1, *, workspace=None, key=""):
             m = stop - start
             patches = patch_buffer[: m * rows * taps].reshape(m, out_h, out_w, kh, kw, c_in)
             _copy_window_rows(a[start:stop], kh, kw, stride, patches)
-            np.matmul(patches.reshape(m * rows, taps), weights, out=flat[start * rows : stop * rows])
+            np.matmul(
+                patches.reshape(m * rows, taps), weights, out=flat[start * rows : stop * rows]
+            )
     return out
 
 
@@ -568,7 +581,9 @@ def full_convolve(g, kernel, *, workspace=None, key=""):
         if g_pixels is None:
             np.copyto(gradient, g[start:stop].transpose(1, 2, 0, 3))
         else:
-            np.copyto(gradient.view(g_pixels.dtype)[..., 0], g_pixels[start:stop].transpose(1, 2, 0))
+            np.copyto(
+                gradient.view(g_pixels.dtype)[..., 0], g_pixels[start:stop].transpose(1, 2, 0)
+            )
         length = rows * m
         columns = column_buffer[: taps * c_in * length].reshape(taps * c_in, gh, width * m)
         # The product never writes the widening entries, and no other kernel uses this
@@ -614,7 +629,9 @@ def full_convolve(g, kernel, *, workspace=None, key=""):
 
 def _position(a, u, v, stride, out_h, out_w):
     """View a[n, stride*i+u, stride*j+v, c] for i < out_h, j < out_w."""
-    return a[:, u : u + stride * (out_h - 1) + 1 : stride, v : v + stride * (out_w - 1) + 1 : stride, :]
+    return a[
+        :, u : u + stride * (out_h - 1) + 1 : stride, v : v + stride * (out_w - 1) + 1 : stride, :
+    ]
 
 
 def _index_dtype(size):
@@ -898,7 +915,11 @@ def sum_leading(a, count):
     # loss of a few microseconds on small arrays).  Only for the types BLAS computes:
     # NumPy's own product (float16, longdouble) would round each of the k sums.
     joined = 1
-    if columns < _SUM_NARROW and rows * columns >= _SUM_MIN_SIZE and a.dtype in (np.float32, np.float64):
+    if (
+        columns < _SUM_NARROW
+        and rows * columns >= _SUM_MIN_SIZE
+        and a.dtype in (np.float32, np.float64)
+    ):
         joined = math.gcd(rows, 1 << max(0, (_SUM_ROW_LENGTH // max(1, columns)).bit_length() - 1))
     flat = a.reshape(rows // joined, joined * columns)
     partial = np.ones(rows // joined, dtype=a.dtype) @ flat
