@@ -10,6 +10,14 @@ NumPy fancy indexing on integer index grids: each index symbol owns one axis.
 (SymPy's own ``convert_indexed_to_array`` turns shifted indices such as
 ``s*i + u`` into a wrong array expression, and ``Sum.doit`` per element is far too
 slow at the seed network's size, hence this small evaluator.)
+
+The extent of each free index comes from the definition too (``extents``): an index runs
+over the values at which every element the definition reads exists, as in a valid-mode
+convolution.  The output shape is thus part of what the proof checks: the forward tree
+must produce exactly that many elements.
+
+This module shares no helper with ``derive.symbolic``, the interpreter of the closed
+forms that the expansion is compared with: a bug in one cannot hide the same bug in the other.
 """
 
 from __future__ import annotations
@@ -19,7 +27,25 @@ from typing import Mapping, Sequence
 import numpy as np
 import sympy
 
-from derive.symbolic import add_reduce, total
+from derive.multilinear import Polynomial
+
+
+def _sum(items) -> object:
+    """The sum of ``items`` (SymPy expressions, or polynomials at the seed size)."""
+    items = list(items)
+    if any(isinstance(item, Polynomial) for item in items):
+        return Polynomial.total(items)
+    return sympy.Add(*items)
+
+
+def _sum_trailing_axes(array: np.ndarray, count: int) -> np.ndarray:
+    """Sum an object array over its last ``count`` axes, one sum per remaining element."""
+    kept = array.shape[: array.ndim - count]
+    flat = array.reshape(kept + (-1,))
+    out = np.empty(kept, dtype=object)
+    for index in np.ndindex(*kept):
+        out[index] = _sum(flat[index])
+    return out
 
 
 class _Context:
@@ -85,9 +111,7 @@ def _evaluate(expr: sympy.Expr, ctx: _Context, arrays: Mapping[str, np.ndarray])
         for k, (_, _, count) in enumerate(limits):
             shape[len(ctx.axes) + k] = count
         body = np.broadcast_to(body, shape)
-        summed_axes = tuple(range(len(ctx.axes), len(inner.axes)))
-        out = add_reduce(body, summed_axes)
-        return out.reshape(out.shape + (1,) * 0)
+        return _sum_trailing_axes(body, len(limits))
     if expr.is_Number or (expr.is_Atom and not expr.is_Symbol):
         out = np.empty(ctx.ones(), dtype=object)
         out.fill(expr)
@@ -98,7 +122,7 @@ def _evaluate(expr: sympy.Expr, ctx: _Context, arrays: Mapping[str, np.ndarray])
         terms = [np.broadcast_to(t, shape) for t in terms]
         out = np.empty(shape, dtype=object)
         for index in np.ndindex(*shape):
-            out[index] = total(t[index] for t in terms)
+            out[index] = _sum(t[index] for t in terms)
         return out
     if expr.is_Mul:
         out = _evaluate(expr.args[0], ctx, arrays)
@@ -121,6 +145,60 @@ def _evaluate(expr: sympy.Expr, ctx: _Context, arrays: Mapping[str, np.ndarray])
     for index in np.ndindex(*out.shape):
         out[index] = expr.xreplace({atom: value[index] for atom, value in zip(atoms, values)})
     return out
+
+
+def _reads(expr: sympy.Expr, limits=()):
+    """(Indexed element, the Sum limits around it) for every element ``expr`` reads."""
+    if isinstance(expr, sympy.Indexed):
+        yield expr, limits
+        return
+    if isinstance(expr, sympy.Sum):
+        yield from _reads(expr.function, limits + tuple(expr.limits))
+        return
+    for arg in expr.args:
+        yield from _reads(arg, limits)
+
+
+def _all_inside(reads, ctx_axes, arrays) -> bool:
+    for element, limits in reads:
+        axes = ctx_axes + [(s, int(low), int(high) - int(low) + 1) for s, low, high in limits]
+        ctx = _Context(axes)
+        shape = np.shape(arrays[str(element.base.label)])
+        if len(element.indices) != len(shape):
+            raise ValueError(f"{element} has {len(element.indices)} indices, its array {len(shape)} axes")
+        for axis, index in enumerate(element.indices):
+            grid = _integer_grid(index, ctx)
+            if grid.size and (grid.min() < 0 or grid.max() >= shape[axis]):
+                return False
+    return True
+
+
+def extents(
+    expr: sympy.Expr,
+    indices: Sequence[sympy.Symbol],
+    arrays: Mapping[str, np.ndarray],
+    sizes: Mapping[sympy.Symbol, int],
+) -> tuple[int, ...]:
+    """How many values (0, 1, ...) each free index of ``expr`` takes: all those at which
+    every element that ``expr`` reads exists in ``arrays``, the other free indices at 0
+    (indices are affine with non-negative steps, so the first value that reads outside an
+    array ends the range)."""
+    expr = expr.xreplace({s: sympy.Integer(v) for s, v in sizes.items()})
+    reads = list(_reads(expr))
+    most = max([int(np.size(a)) for a in arrays.values()] + [0]) + 1
+    found = []
+    for symbol in indices:
+        relevant = [(e, limits) for e, limits in reads if symbol in e.free_symbols]
+        if not relevant:
+            raise ValueError(f"index {symbol} reads no array, so the definition gives it no range")
+        others = [(s, 0, 1) for s in indices if s != symbol]
+        count = 0
+        while count <= most and _all_inside(relevant, [(symbol, count, 1)] + others, arrays):
+            count += 1
+        if count > most:
+            raise ValueError(f"index {symbol} is not bounded by the arrays it reads")
+        found.append(count)
+    return tuple(found)
 
 
 def expand(

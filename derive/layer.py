@@ -76,8 +76,9 @@ class Definition:
     latex_lines: tuple[str, ...]
 
     def expand(
-        self, inputs: Mapping[str, np.ndarray], sizes: Mapping[sympy.Symbol, int], shape
+        self, inputs: Mapping[str, np.ndarray], sizes: Mapping[sympy.Symbol, int]
     ) -> np.ndarray:
+        """One expression per output element, over the definition's own index ranges."""
         raise NotImplementedError
 
 
@@ -99,21 +100,23 @@ class IndexDefinition(Definition):
     def latex_lines(self) -> tuple[str, ...]:
         return (sympy.latex(sympy.Eq(self.lhs, self.rhs, evaluate=False)),) + self.auxiliary
 
-    def expand(self, inputs, sizes, shape):
-        indices = list(zip(self.indices, shape))
-        return indexform.expand(self.rhs, indices, self.arrays(inputs, sizes), sizes)
+    def expand(self, inputs, sizes):
+        arrays = self.arrays(inputs, sizes)
+        shape = indexform.extents(self.rhs, self.indices, arrays, sizes)
+        return indexform.expand(self.rhs, list(zip(self.indices, shape)), arrays, sizes)
 
 
 @dataclass
 class CustomDefinition(Definition):
     """A definition that ``IndexDefinition`` cannot express (the first-maximum selection
-    of max pooling): a LaTeX statement and the code that builds its elements."""
+    of max pooling): a LaTeX statement and the code that builds its elements, output
+    shape included."""
 
     latex_lines: tuple[str, ...]
-    build: Callable[[Mapping[str, np.ndarray], Mapping[sympy.Symbol, int], tuple], np.ndarray]
+    build: Callable[[Mapping[str, np.ndarray], Mapping[sympy.Symbol, int]], np.ndarray]
 
-    def expand(self, inputs, sizes, shape):
-        return self.build(inputs, sizes, shape)
+    def expand(self, inputs, sizes):
+        return self.build(inputs, sizes)
 
 
 Configuration = Mapping[sympy.Symbol, int]

@@ -57,7 +57,6 @@ from derive.layer import (
     Requirement,
     RuntimeParam,
 )
-from derive.symbolic import first_maximum, object_zeros
 
 # Index symbols of the definitions (0-based, like the code).
 n, i, j, k, c, o, u, v, d, e = sympy.symbols("n i j k c o u v d e", integer=True, nonnegative=True)
@@ -86,9 +85,16 @@ _OW = Dim("out_width", "dout", 2, "W'")
 _X, _Xp, _Wt, _B, _Z = (IndexedBase(s) for s in ("X", r"\tilde{X}", "W", "b", "Z"))
 
 
-def _pad_object(a, rows, cols):
-    out = object_zeros((a.shape[0], a.shape[1] + 2 * rows, a.shape[2] + 2 * cols, a.shape[3]))
-    out[:, rows : rows + a.shape[1], cols : cols + a.shape[2], :] = a
+def _zero_padded(a, padding):
+    """X~ of the definition, element by element: X~[n,h,w,c] = X[n,h-p,w-p,c] where that
+    element exists, else 0.  (Written here, not borrowed from derive.symbolic, whose Pad
+    this definition is the check of.)"""
+    n_, h_, w_, c_ = a.shape
+    out = np.empty((n_, h_ + 2 * padding, w_ + 2 * padding, c_), dtype=object)
+    for index in np.ndindex(*out.shape):
+        batch, row, column, channel = index
+        inside = padding <= row < h_ + padding and padding <= column < w_ + padding
+        out[index] = a[batch, row - padding, column - padding, channel] if inside else sympy.S.Zero
     return out
 
 
@@ -135,7 +141,7 @@ conv2d = Layer(
         ),
         indices=(n, i, j, o),
         arrays=lambda a, sizes: {
-            r"\tilde{X}": _pad_object(a["x"], sizes[PADDING], sizes[PADDING]),
+            r"\tilde{X}": _zero_padded(a["x"], sizes[PADDING]),
             "W": a["w"],
             "b": a["b"],
         },
@@ -340,7 +346,10 @@ class first_max_indicator(sympy.Function):
     @classmethod
     def eval(cls, position, *values):
         if all(value.is_number for value in values):
-            return sympy.S.One if int(position) == first_maximum(values) else sympy.S.Zero
+            # The first maximum: the first position holding the largest value.  Written
+            # here, not borrowed from derive.symbolic, whose WindowArgmax this checks.
+            first = list(values).index(max(values))
+            return sympy.S.One if int(position) == first else sympy.S.Zero
         return None
 
     def fdiff(self, argindex=1):
@@ -350,10 +359,13 @@ class first_max_indicator(sympy.Function):
         return r"\mathbf{1}^{\mathrm{first\,max}}_{%s}" % printer._print(self.args[0])
 
 
-def _first_max_definition(inputs, sizes, shape):
-    """P = sum over the window of element * indicator(element is the first maximum)."""
+def _first_max_definition(inputs, sizes):
+    """P = sum over the window of element * indicator(element is the first maximum), for
+    every window that lies inside the input."""
     a = inputs["x"]
     size, stride = sizes[SIZE], sizes[STRIDE]
+    n_, h_, w_, c_ = a.shape
+    shape = (n_, (h_ - size) // stride + 1, (w_ - size) // stride + 1, c_)
     out = np.empty(shape, dtype=object)
     for index in np.ndindex(*shape):
         m_, i_, j_, c_ = index

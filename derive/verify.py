@@ -79,8 +79,8 @@ def first_difference(
     closed = np.asarray(closed, dtype=object)
     if derived.shape != closed.shape:
         raise VerificationError(
-            f"{layer.name} {name} on [{config_text}]: the closed form has shape {closed.shape}, "
-            f"the derived gradient {derived.shape}"
+            f"{layer.name} {name} on [{config_text}]: the tree gives shape {closed.shape}, "
+            f"the definition (and SymPy's derivative of it) {derived.shape}"
         )
     for index in np.ndindex(*derived.shape):
         if not is_zero(derived[index] - closed[index]):
@@ -202,15 +202,22 @@ def prove(layer: Layer, config: Configuration, method: str = "diff", rng_seed: i
 
     evaluator = Evaluator(tree_inputs, sizes)
     for name, node in layer.forward:
-        evaluator.env[name] = evaluator(node)
+        try:
+            evaluator.env[name] = evaluator(node)
+        except (ValueError, IndexError) as error:  # e.g. operands whose shapes do not fit
+            raise VerificationError(
+                f"{layer.name} forward ({name}) on [{text}]: the tree cannot be evaluated: {error}"
+            ) from error
     out = np.asarray(evaluator.env[layer.output], dtype=object)
 
-    defined = layer.definition.expand(inputs, sizes, out.shape)
+    # Expanded over the definition's own index ranges: the tree's output shape is checked
+    # against them, not assumed.
+    defined = layer.definition.expand(inputs, sizes)
     first_difference("forward", substituted(defined, substitution), out, layer, text)
 
     upstream = None
     if layer.kind != "loss":
-        upstream = symbol_array("delta", out.shape, polynomial, real=True)
+        upstream = symbol_array("delta", defined.shape, polynomial, real=True)
         evaluator.env[layer.upstream] = upstream
     wrt = {item.name: inputs[item.name] for item in layer.inputs if item.differentiable}
     derived = chain_rule(defined, upstream, wrt, method=method)
