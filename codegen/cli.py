@@ -26,6 +26,7 @@ def add_parsers(commands) -> None:
 
 
 def run_generate(args) -> int:
+    from codegen.conformance import KernelConformanceError
     from codegen.render import DEFAULT_OUTPUT, UnverifiedError, generate
 
     output = args.output or DEFAULT_OUTPUT
@@ -35,7 +36,7 @@ def run_generate(args) -> int:
     try:
         with proof_progress() as progress:
             diffs = generate(output=output, check=args.check, progress=progress)
-    except UnverifiedError as error:
+    except (UnverifiedError, KernelConformanceError) as error:
         print(f"cnnderive generate: {error}", file=sys.stderr)
         return 1
     except OSError as error:

@@ -19,6 +19,7 @@ import jinja2
 import sympy
 
 from cnnderive.files import replace_atomically
+from codegen.conformance import require_conformance
 from codegen.emit import Emitter, dims_in
 from codegen.printer import integer_code
 from derive import ir
@@ -383,6 +384,10 @@ def ruff_format(source: str, filename: str) -> str:
 
 
 def verified_results(layers: list[Layer], progress=None) -> dict[str, LayerResult]:
+    """The proofs of ``layers``, after the runtime library's conformance to derive's
+    definitions of the primitives (codegen.conformance): a proof covers the code that runs
+    only if the kernels it calls compute those primitives."""
+    require_conformance(KERNELS)
     results = {r.name: r for r in verify_layers(layers, progress=progress)}
     stable = verify_stable_forms()
     failures = [r for r in [*results.values(), stable] if not r.ok]

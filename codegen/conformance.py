@@ -1,0 +1,729 @@
+"""Conformance of the runtime library: every kernel against derive's definition of its primitive.
+
+The proof (derive.verify) shows that each closed-form tree equals the chain-rule
+derivative when the tree's primitives mean what derive/symbolic.py says they mean.
+The code that runs calls the NumPy kernels of codegen/kernels.py instead; this module
+checks that each of them computes what the SymPy interpreter computes for the same
+primitive, on the same numbers:
+
+* random float64 inputs (compared to within rounding) and tie-heavy small integers
+  (compared exactly: sums of small integers are exact in any order, and the tie rule
+  of window_argmax must pick the very same position);
+* every code path of every kernel, each forced explicitly: the kernels' thresholds are
+  set on a private copy of the module (``Check.settings``), and the check fails unless
+  the path it names was taken (``Check.taken``) or avoided (``Check.avoided``);
+* strides 1 to 3, a workspace kept between calls and filled with garbage in between
+  (a kept array must be overwritten, not trusted).
+
+``cnnderive generate`` runs every check before it writes anything and refuses to emit
+code over a kernel that disagrees (``KernelConformanceError``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import itertools
+import math
+import types
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import sympy
+
+from codegen.emit import KERNELS, WORKSPACE_KERNELS
+from derive import ir
+from derive.symbolic import Evaluator
+
+KERNELS_SOURCE = Path(__file__).parent / "kernels.py"
+
+# A large number for a threshold that must never be reached.
+_NEVER = 1 << 60
+
+
+class KernelConformanceError(RuntimeError):
+    """A kernel of the runtime library disagrees with derive's definition of its primitive."""
+
+
+@dataclass
+class Check:
+    """One call of one kernel, compared with the SymPy interpreter of ``node``.
+
+    ``node`` is the primitive over ``Operand`` leaves named like the kernel's array
+    parameters; ``arrays`` holds their numbers.  ``settings`` are module attributes of
+    the kernels set for this check (thresholds, or a block size), ``taken`` the module
+    functions the call must reach and ``avoided`` those it must not."""
+
+    label: str
+    node: ir.Node
+    arrays: dict[str, np.ndarray]
+    settings: dict[str, object] = field(default_factory=dict)
+    taken: tuple[str, ...] = ()
+    avoided: tuple[str, ...] = ()
+    exact: bool = False
+
+
+def load_kernels(source: Path = KERNELS_SOURCE, name: str = "kernels_under_test"):
+    """A private copy of the kernels module: its thresholds can be set without touching
+    the module that the generated layers import."""
+    spec = importlib.util.spec_from_file_location(name, source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------
+# The reference: derive's SymPy interpreter on numbers
+# ---------------------------------------------------------------------------
+
+
+def _as_objects(array: np.ndarray, prefix: str) -> np.ndarray:
+    """Python numbers for the interpreter; a NaN becomes a symbol of its own, so that the
+    reference tells which outputs it reaches."""
+    out = np.empty(array.shape, dtype=object)
+    for index in np.ndindex(*array.shape):
+        value = array[index]
+        if np.issubdtype(array.dtype, np.integer):
+            out[index] = int(value)
+        elif np.isnan(value):
+            out[index] = sympy.Symbol(f"{prefix}_nan_{'_'.join(map(str, index))}")
+        elif float(value).is_integer():
+            out[index] = int(value)
+        else:
+            out[index] = float(value)
+    return out
+
+
+def reference(node: ir.Node, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The interpreter's value of ``node``: float64, NaN where a NaN input reaches."""
+    env = {
+        name: (array if np.issubdtype(array.dtype, np.integer) else _as_objects(array, name))
+        for name, array in arrays.items()
+    }
+    value = np.asarray(Evaluator(env, {})(node))
+    if value.dtype != object:
+        return value
+    out = np.empty(value.shape, dtype=np.float64)
+    for index in np.ndindex(*value.shape):
+        element = sympy.sympify(value[index])
+        out[index] = np.nan if element.free_symbols else float(element)
+    return out
+
+
+def _window_argmax_reference(a: np.ndarray, size: int, stride: int) -> np.ndarray:
+    """Windows holding a NaN: the first NaN (NaN counts as the maximum, as in np.argmax);
+    every other window: the interpreter's first maximum."""
+    node = ir.WindowArgmax(ir.Operand("a"), size, stride)
+    finite = np.where(np.isnan(a), 0.0, a)
+    out = reference(node, {"a": finite}).astype(np.int64)
+    windows = np.lib.stride_tricks.sliding_window_view(a, (size, size), axis=(1, 2))
+    windows = windows[:, ::stride, ::stride].reshape(out.shape + (size * size,))
+    for index in np.ndindex(*out.shape):
+        nans = np.flatnonzero(np.isnan(windows[index]))
+        if nans.size:
+            out[index] = nans[0]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Running one check
+# ---------------------------------------------------------------------------
+
+
+class _Watch:
+    """Counts the calls of some module functions of a kernels copy, and the images per
+    block of the blocked loops."""
+
+    def __init__(self, module, names):
+        self.module, self.calls, self.originals = module, {}, {}
+        self.block_sizes: list[int] = []
+        for name in names:
+            if name == "math.gcd":
+                original_math = module.math
+                self.originals[name] = original_math
+                self.calls[name] = 0
+
+                def gcd(*args, _math=original_math):
+                    self.calls["math.gcd"] += 1
+                    return _math.gcd(*args)
+
+                module.math = types.SimpleNamespace(**{**vars(math), "gcd": gcd})
+                continue
+            if not hasattr(module, name):
+                raise KernelConformanceError(
+                    f"codegen/kernels.py has no {name}: a fast path was renamed or removed; "
+                    "update the checks in codegen/conformance.py to force and watch the new one"
+                )
+            original = getattr(module, name)
+            self.originals[name] = original
+            self.calls[name] = 0
+            setattr(module, name, self._counting(name, original))
+
+    def _counting(self, name, original):
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            result = original(*args, **kwargs)
+            if name == "_blocks":
+                result = list(result)
+                self.block_sizes += [stop - start for start, stop in result]
+            return result
+
+        return counted
+
+    def restore(self):
+        for name, original in self.originals.items():
+            setattr(self.module, name.split(".")[0], original)
+
+
+def kernel_name(node: ir.Node) -> str:
+    """The kernel the emitter calls for ``node`` (a Sum over leading axes: sum_leading)."""
+    return "sum_leading" if isinstance(node, ir.Sum) else KERNELS[type(node)]
+
+
+def _kernel_arguments(node: ir.Node, arrays: dict[str, np.ndarray]) -> dict[str, object]:
+    """Keyword arguments of the kernel call, named after the node's fields (as emitted).
+    The arrays are copies, so that a kernel that writes into its input shows."""
+    if isinstance(node, ir.Sum):
+        return {"a": arrays[node.a.name].copy(order="K"), "count": len(node.axes)}
+    arguments = {}
+    for item in fields(node):
+        value = getattr(node, item.name)
+        if isinstance(value, ir.Operand):
+            arguments[item.name] = arrays[value.name].copy(order="K")
+        else:
+            arguments[item.name] = int(value)
+    return arguments
+
+
+def _spoil(workspace: dict) -> None:
+    """Garbage in every kept array, so that a kernel that trusts old contents shows."""
+    for kept in workspace.values():
+        if isinstance(kept, np.ndarray) and kept.size:
+            if kept.dtype.kind == "f":
+                kept.fill(np.nan)
+            elif kept.dtype.kind in "iu":
+                kept.fill(7)
+            elif kept.dtype.kind == "b":
+                kept.fill(True)
+
+
+def _difference(got, expected, exact: bool) -> str | None:
+    """None if ``got`` matches ``expected`` (NaN where expected is NaN), else what differs."""
+    got = np.asarray(got)
+    if got.shape != expected.shape:
+        return f"shape {got.shape}, the definition gives {expected.shape}"
+    got64 = got.astype(np.float64) if got.dtype.kind in "fiu" else got
+    if expected.dtype.kind in "iu" or exact:
+        bad = ~((got64 == expected) | (np.isnan(got64) & np.isnan(expected)))
+    else:
+        scale = 1.0 + np.abs(np.nan_to_num(expected))
+        close = np.abs(got64 - expected) <= 1e-11 * scale
+        bad = ~(close | (np.isnan(got64) & np.isnan(expected)))
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        return (
+            f"element {list(index)} is {got64[index].item()!r}, the definition gives "
+            f"{expected[index].item()!r} ({int(bad.sum())} of {bad.size} elements differ)"
+        )
+    return None
+
+
+def _run(module, check: Check, expected: np.ndarray) -> list[str]:
+    """Failures of one check: without a workspace, then twice with one (spoiled between)."""
+    kernel = kernel_name(check.node)
+    function = getattr(module, kernel)
+    problems = []
+    modes = ["no workspace"]
+    if kernel in WORKSPACE_KERNELS:
+        modes += ["workspace", "kept workspace"]
+    workspace: dict = {}
+    for mode in modes:
+        arguments = _kernel_arguments(check.node, check.arrays)
+        watch = _Watch(module, set(check.taken) | set(check.avoided))
+        try:
+            if mode == "no workspace":
+                got = function(**arguments)
+            else:
+                if mode == "kept workspace":
+                    _spoil(workspace)
+                got = function(**arguments, workspace=workspace, key="check")
+            got = np.array(got)  # a copy: a kept result is overwritten by the next call
+        except Exception as error:  # a kernel that raises disagrees with the definition
+            problems.append(f"{check.label} ({mode}): raised {type(error).__name__}: {error}")
+            continue
+        finally:
+            watch.restore()
+        difference = _difference(got, expected, check.exact)
+        if difference:
+            problems.append(f"{check.label} ({mode}): {difference}")
+        for name, array in check.arrays.items():
+            given = arguments.get(name)
+            if isinstance(given, np.ndarray) and not np.array_equal(
+                given, array, equal_nan=array.dtype.kind == "f"
+            ):
+                problems.append(f"{check.label} ({mode}): wrote into its argument {name}")
+        problems += [f"{check.label} ({mode}): {p}" for p in _path_problems(check, watch)]
+    return problems
+
+
+def _path_problems(check: Check, watch: _Watch) -> list[str]:
+    """Whether the call took the paths the check forces, and avoided the others."""
+    problems = []
+    for name in check.taken:
+        if name == "_blocks" and "one-image blocks" in check.label:
+            if len(watch.block_sizes) < 2 or max(watch.block_sizes) != 1:
+                problems.append(f"not computed in one-image blocks ({watch.block_sizes})")
+        elif name == "_blocks" and "blocks of two" in check.label:
+            if sorted(set(watch.block_sizes)) != [1, 2]:
+                problems.append(f"not computed in blocks of 2 and 1 ({watch.block_sizes})")
+        elif not watch.calls.get(name):
+            problems.append(f"the path through {name} was not taken")
+    for name in check.avoided:
+        if watch.calls.get(name):
+            problems.append(f"took {name}, which it must avoid")
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------
+
+BANDED = {"_BANDED_MIN_TAPS": 1}
+# Narrow chunks: whole chunks of 3 (or 2) output columns and a shorter rest.
+BANDED_NARROW = {"_BANDED_MIN_TAPS": 1, "_BAND_MIN_WIDTH": 3}
+IM2COL = {"_BANDED_MIN_TAPS": _NEVER}
+ONE_IMAGE_BLOCKS = {"_BLOCK_BYTES": 1}
+
+
+def _blocks_of_two(n, bytes_per_image):
+    return 2
+
+
+BLOCKS_OF_TWO = {"_block_size": _blocks_of_two}
+
+
+def _values(rng, shape, kind, dtype=np.float64):
+    if kind == "ties":
+        return rng.integers(-2, 3, size=shape).astype(dtype)
+    return rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
+
+
+def _with_nan(rng, array):
+    out = array.copy()
+    flat = out.reshape(-1)
+    flat[rng.integers(0, flat.size)] = np.nan
+    return out
+
+
+def _convolution_checks(rng) -> list[Check]:
+    checks = []
+    a, k, g = ir.Operand("a"), ir.Operand("kernel"), ir.Operand("g")
+    paths = [
+        ("shipped thresholds", {}, (), ()),
+        ("banded", BANDED, ("_correlate_banded",), ()),
+        ("banded, narrow chunks", BANDED_NARROW, ("_correlate_banded",), ()),
+        ("im2col", IM2COL, (), ("_correlate_banded",)),
+        ("im2col, one-image blocks", {**IM2COL, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
+        ("banded, one-image blocks", {**BANDED, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
+        ("im2col, blocks of two", {**IM2COL, **BLOCKS_OF_TWO}, ("_blocks",), ()),
+    ]
+    for (kh, kw), stride, c_in, kind in itertools.product(
+        [(1, 1), (2, 2), (3, 2), (3, 3)], (1, 2, 3), (1, 2), ("random", "ties")
+    ):
+        n, h, w, c_out = 3, 7, 8, 2
+        arrays = {
+            "a": _values(rng, (n, h, w, c_in), kind),
+            "kernel": _values(rng, (kh, kw, c_in, c_out), kind),
+        }
+        for name, settings, taken, avoided in paths:
+            banded = c_in == 1 and stride == 1
+            if "banded" in name and not banded:
+                taken, avoided = (
+                    (t for t in taken if t != "_correlate_banded"),
+                    ("_correlate_banded",),
+                )
+            if c_in > 1 and "im2col" in name:
+                taken = tuple(taken) + ("_copy_window_rows",)
+            checks.append(
+                Check(
+                    f"correlate {kh}x{kw}x{c_in}x{c_out} stride {stride}, {kind} values, {name}",
+                    ir.Correlate(a, k, stride),
+                    arrays,
+                    settings,
+                    tuple(taken),
+                    tuple(avoided),
+                    exact=kind == "ties",
+                )
+            )
+    # NaN: the banded product would spread it through the band's zeros; im2col must be taken.
+    for c_in in (1, 2):
+        arrays = {
+            "a": _with_nan(rng, _values(rng, (2, 6, 7, c_in), "random")),
+            "kernel": _values(rng, (3, 3, c_in, 2), "random"),
+        }
+        checks.append(
+            Check(
+                f"correlate 3x3x{c_in}x2 with a NaN input (fallback from banded)",
+                ir.Correlate(a, k, 1),
+                arrays,
+                BANDED,
+                avoided=("_correlate_banded",),
+            )
+        )
+    # Mixed dtypes and a non-contiguous input: the element-wise patch copy.
+    arrays = {
+        "a": _values(rng, (2, 6, 7, 3), "ties", np.float32),
+        "kernel": _values(rng, (2, 3, 3, 2), "ties"),
+    }
+    checks.append(
+        Check(
+            "correlate float32 input, float64 kernel",
+            ir.Correlate(a, k, 2),
+            arrays,
+            IM2COL,
+            exact=True,
+        )
+    )
+    strided = _values(rng, (2, 7, 6, 3), "random").transpose(0, 2, 1, 3)
+    checks.append(
+        Check(
+            "correlate non-contiguous input",
+            ir.Correlate(a, k, 1),
+            {"a": strided, "kernel": _values(rng, (2, 2, 3, 2), "random")},
+            IM2COL,
+        )
+    )
+
+    # correlate_weights: images and gradient maps at stride 1 (the IR dilates first).
+    weight_paths = [
+        ("shipped thresholds", {}, (), ()),
+        ("banded", BANDED, ("_correlate_weights_banded",), ()),
+        ("banded, narrow chunks", BANDED_NARROW, ("_correlate_weights_banded",), ()),
+        ("im2col", IM2COL, (), ("_correlate_weights_banded",)),
+        ("im2col, one-image blocks", {**IM2COL, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
+        ("banded, one-image blocks", {**BANDED, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
+        ("im2col, blocks of two", {**IM2COL, **BLOCKS_OF_TWO}, ("_blocks",), ()),
+    ]
+    for (gh, gw), c_in, kind in itertools.product(
+        [(1, 1), (3, 4), (5, 6)], (1, 2), ("random", "ties")
+    ):
+        n, h, w, c_out = 3, 7, 8, 2
+        arrays = {
+            "a": _values(rng, (n, h, w, c_in), kind),
+            "g": _values(rng, (n, gh, gw, c_out), kind),
+        }
+        for name, settings, taken, avoided in weight_paths:
+            if "banded" in name and c_in != 1:
+                taken, avoided = (), ("_correlate_weights_banded",)
+            checks.append(
+                Check(
+                    f"correlate_weights {h}x{w}x{c_in} with {gh}x{gw}x{c_out}, {kind} values, {name}",
+                    ir.CorrelateWeights(a, g),
+                    arrays,
+                    settings,
+                    tuple(taken),
+                    tuple(avoided),
+                    exact=kind == "ties",
+                )
+            )
+    for nan_in in ("a", "g"):
+        arrays = {
+            "a": _values(rng, (2, 6, 7, 1), "random"),
+            "g": _values(rng, (2, 3, 3, 2), "random"),
+        }
+        arrays[nan_in] = _with_nan(rng, arrays[nan_in])
+        checks.append(
+            Check(
+                f"correlate_weights with a NaN in {nan_in} (fallback from banded)",
+                ir.CorrelateWeights(a, g),
+                arrays,
+                BANDED,
+                avoided=("_correlate_weights_banded",),
+            )
+        )
+
+    # full_convolve: blocks, and its zeros kept between calls of the same layout.
+    convolve_paths = [
+        ("shipped thresholds", {}, ()),
+        ("one-image blocks", ONE_IMAGE_BLOCKS, ("_blocks",)),
+        ("blocks of two", BLOCKS_OF_TWO, ("_blocks",)),
+    ]
+    for (kh, kw), (gh, gw), c_in, kind in itertools.product(
+        [(1, 1), (2, 3), (3, 3)], [(1, 1), (4, 3), (3, 4)], (1, 3), ("random", "ties")
+    ):
+        arrays = {
+            "g": _values(rng, (3, gh, gw, 2), kind),
+            "kernel": _values(rng, (kh, kw, c_in, 2), kind),
+        }
+        for name, settings, taken in convolve_paths:
+            checks.append(
+                Check(
+                    f"full_convolve {gh}x{gw}x2 with {kh}x{kw}x{c_in}x2, {kind} values, {name}",
+                    ir.FullConvolve(g, k),
+                    arrays,
+                    settings,
+                    taken,
+                    exact=kind == "ties",
+                )
+            )
+    arrays = {
+        "g": _values(rng, (2, 3, 4, 2), "ties", np.float32),
+        "kernel": _values(rng, (2, 2, 2, 2), "ties"),
+    }
+    checks.append(
+        Check(
+            "full_convolve float32 gradient, float64 kernel",
+            ir.FullConvolve(g, k),
+            arrays,
+            exact=True,
+        )
+    )
+    return checks
+
+
+def _window_checks(rng) -> list[Check]:
+    checks = []
+    a, g = ir.Operand("a"), ir.Operand("g")
+    for (h, w), size, stride, kind in itertools.product(
+        [(5, 5), (6, 7)], (1, 2, 3), (1, 2, 3), ("random", "ties")
+    ):
+        x = _values(rng, (2, h, w, 2), kind)
+        out_h, out_w = (h - size) // stride + 1, (w - size) // stride + 1
+        exact = kind == "ties"
+        label = f"{h}x{w} size {size} stride {stride}, {kind} values"
+        checks.append(
+            Check(f"window_sum {label}", ir.WindowSum(a, size, stride), {"a": x}, exact=exact)
+        )
+        checks.append(Check(f"window_argmax {label}", ir.WindowArgmax(a, size, stride), {"a": x}))
+        index = rng.integers(0, size * size, size=(2, out_h, out_w, 2))
+        checks.append(
+            Check(
+                f"gather_windows {label}",
+                ir.GatherWindows(a, ir.Operand("index"), size, stride),
+                {"a": x, "index": index},
+                exact=True,
+            )
+        )
+        gradient = _values(rng, (2, out_h, out_w, 2), kind)
+        route = "_window_offsets" if stride >= size else "_masks"
+        checks.append(
+            Check(
+                f"route_to_argmax {label} ({'windows apart' if stride >= size else 'overlapping windows'})",
+                ir.RouteToArgmax(g, ir.Operand("index"), size, stride, h, w),
+                {"g": gradient, "index": index},
+                taken=(route,),
+                exact=exact,
+            )
+        )
+        checks.append(
+            Check(
+                f"scatter_windows {label}",
+                ir.ScatterWindows(g, size, stride, h, w),
+                {"g": gradient},
+                exact=exact,
+            )
+        )
+        if size * size > 1:
+            # Inside the first window of a random image and channel: some window must hold it.
+            nan_input = x.copy()
+            nan_input[
+                rng.integers(0, 2), rng.integers(0, size), rng.integers(0, size), rng.integers(0, 2)
+            ] = np.nan
+            checks.append(
+                Check(
+                    f"window_argmax {label} with a NaN (fallback)",
+                    ir.WindowArgmax(a, size, stride),
+                    {"a": nan_input},
+                    taken=("sliding_window_view",),
+                )
+            )
+    # Without an unsigned type of its width (long double), route_to_argmax selects by
+    # boolean masks instead of bits.
+    if _bits_missing(np.longdouble):
+        index = rng.integers(0, 4, size=(2, 3, 3, 2))
+        checks.append(
+            Check(
+                "route_to_argmax long double, overlapping windows",
+                ir.RouteToArgmax(g, ir.Operand("index"), 2, 1, 4, 4),
+                {"g": _values(rng, (2, 3, 3, 2), "ties", np.longdouble), "index": index},
+                exact=True,
+            )
+        )
+    for size, kind in itertools.product((1, 2, 3), ("random", "ties")):
+        checks.append(
+            Check(
+                f"upsample size {size}, {kind} values",
+                ir.Upsample(a, size),
+                {"a": _values(rng, (2, 3, 4, 3), kind)},
+                exact=True,
+            )
+        )
+    return checks
+
+
+def _bits_missing(dtype) -> bool:
+    try:
+        np.dtype(f"u{np.dtype(dtype).itemsize}")
+        return False
+    except TypeError:
+        return True
+
+
+def _shape_checks(rng) -> list[Check]:
+    checks = []
+    a, k = ir.Operand("a"), ir.Operand("kernel")
+    for rows, cols in [(0, 0), (1, 0), (0, 2), (2, 1)]:
+        checks.append(
+            Check(
+                f"pad rows {rows} cols {cols}",
+                ir.Pad(a, rows, cols),
+                {"a": _values(rng, (2, 3, 4, 2), "random")},
+                exact=True,
+            )
+        )
+    for top, left, height, width in [(0, 0, 3, 4), (1, 1, 2, 2), (0, 0, 5, 6), (2, 1, 3, 5)]:
+        checks.append(
+            Check(
+                f"crop at {top},{left} size {height}x{width}",
+                ir.Crop(a, top, left, height, width),
+                {"a": _values(rng, (2, 4, 5, 2), "random")},
+                exact=True,
+            )
+        )
+    for stride in (1, 2, 3):
+        checks.append(
+            Check(
+                f"dilate stride {stride}",
+                ir.Dilate(a, stride),
+                {"a": _values(rng, (2, 3, 4, 2), "random")},
+                exact=True,
+            )
+        )
+    checks.append(
+        Check("rot180", ir.Rot180(k), {"kernel": _values(rng, (3, 2, 2, 3), "random")}, exact=True)
+    )
+    z = ir.Operand("z")
+    for shape, scale in [((3, 5), 1.0), ((2, 3, 4), 1.0), ((3, 4), 700.0)]:
+        values = {"z": rng.uniform(-1.0, 1.0, size=shape) * scale}
+        checks.append(Check(f"softmax {shape} scale {scale}", ir.Softmax(z), values))
+        checks.append(Check(f"logsumexp {shape} scale {scale}", ir.LogSumExp(z), values))
+    return checks
+
+
+def _sum_checks(rng) -> list[Check]:
+    """sum_leading, which the emitter calls for a Sum over leading axes."""
+    checks = []
+    a = ir.Operand("a")
+    for shape, count, kind, dtype in [
+        ((4, 8, 8, 3), 3, "ties", np.float64),
+        ((4, 8, 8, 3), 3, "random", np.float64),
+        ((6, 5, 7, 2), 3, "ties", np.float32),
+        ((16, 5), 1, "random", np.float64),
+        ((3, 4, 2, 6), 2, "ties", np.float64),
+    ]:
+        array = _values(rng, shape, kind, dtype)
+        for name, settings, taken in [
+            ("rows joined", {"_SUM_MIN_SIZE": 1}, ("math.gcd",)),
+            ("rows as they are", {"_SUM_MIN_SIZE": _NEVER}, ()),
+        ]:
+            label = f"sum_leading {shape} over {count} axes, {kind} {np.dtype(dtype).name}, {name}"
+            node = ir.Sum(a, tuple(range(count)))
+            checks.append(Check(label, node, {"a": array}, settings, taken, exact=kind == "ties"))
+    if _bits_missing(np.longdouble):  # no BLAS for long double: never joined
+        array = _values(rng, (4, 8, 8, 3), "ties", np.longdouble)
+        node = ir.Sum(a, (0, 1, 2))
+        checks.append(
+            Check("sum_leading long double", node, {"a": array}, {"_SUM_MIN_SIZE": 1}, exact=True)
+        )
+    return checks
+
+
+def _elementwise_problems(module, rng) -> list[str]:
+    """with_vector and with_scalar against the plain NumPy call they stand for."""
+    problems = []
+    image = rng.uniform(-1.0, 1.0, size=(3, 6, 5, 4))
+    vector = rng.uniform(-1.0, 1.0, size=4)
+    for ufunc in (np.add, np.subtract, np.multiply, np.divide):
+        for x, y in ((image, vector), (vector, image)):
+            out = np.empty(image.shape)
+            got = module.with_vector(ufunc, x, y, out)
+            if not np.array_equal(got, ufunc(x, y)):
+                problems.append(f"with_vector({ufunc.__name__}) differs from {ufunc.__name__}")
+    for ufunc in (np.maximum, np.minimum):
+        for x, y in ((image, 0.0), (0.0, image)):
+            out = np.empty(image.shape)
+            got = module.with_scalar(ufunc, x, y, out)
+            if not np.array_equal(got, ufunc(x, y)):
+                problems.append(f"with_scalar({ufunc.__name__}) differs from {ufunc.__name__}")
+    return problems
+
+
+def all_checks(seed: int = 0) -> list[Check]:
+    rng = np.random.default_rng(seed)
+    return _convolution_checks(rng) + _window_checks(rng) + _shape_checks(rng) + _sum_checks(rng)
+
+
+@functools.lru_cache(maxsize=2)
+def _checks_with_references(seed: int) -> tuple[tuple[Check, np.ndarray], ...]:
+    """Every check with the interpreter's value, computed once per process: the values
+    depend on the inputs only, not on the kernels under test."""
+    prepared, references = [], {}
+    for check in all_checks(seed):
+        key = id(check.arrays), check.node
+        if key not in references:
+            if isinstance(check.node, ir.WindowArgmax):
+                references[key] = _window_argmax_reference(
+                    check.arrays["a"], int(check.node.size), int(check.node.stride)
+                )
+            else:
+                references[key] = reference(check.node, check.arrays)
+        prepared.append((check, references[key]))
+    return tuple(prepared)
+
+
+def check_kernels(source: Path = KERNELS_SOURCE, seed: int = 0) -> tuple[int, list[str]]:
+    """(number of checks run, failures): every kernel of ``source`` against the SymPy
+    interpreter of its primitive, every forced path, with and without a workspace."""
+    cache: dict = {}
+    failures: list[str] = []
+    prepared = _checks_with_references(seed)
+    for check, expected in prepared:
+        module = _module_for_source(source, check.settings, cache)
+        failures += _run(module, check, expected)
+    rng = np.random.default_rng(seed)
+    for settings in (
+        {"_SCALAR_ROW_MIN_SIZE": 0, "_SCALAR_ROW_MIN_LENGTH": 0},
+        {"_SCALAR_ROW_MIN_SIZE": _NEVER},
+    ):
+        failures += _elementwise_problems(_module_for_source(source, settings, cache), rng)
+    return len(prepared) + 2, failures
+
+
+def _module_for_source(source: Path, settings: dict, cache: dict):
+    key = (str(source),) + tuple(sorted((name, repr(value)) for name, value in settings.items()))
+    if key not in cache:
+        module = load_kernels(source, name=f"kernels_under_test_{len(cache)}")
+        for name, value in settings.items():
+            if not hasattr(module, name):
+                raise KernelConformanceError(
+                    f"{source.name} has no {name}: a fast path's switch was renamed or "
+                    "removed; update the checks in codegen/conformance.py to force the new one"
+                )
+            setattr(module, name, value)
+        cache[key] = module
+    return cache[key]
+
+
+def require_conformance(source: Path = KERNELS_SOURCE) -> int:
+    """Run every check; raise KernelConformanceError naming the first failures.  Returns
+    the number of checks."""
+    count, failures = check_kernels(source)
+    if failures:
+        shown = "\n".join(f"  {line}" for line in failures[:10])
+        more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
+        raise KernelConformanceError(
+            f"{len(failures)} kernel check(s) of {source.name} disagree with derive's definitions "
+            f"of the primitives, so nothing was generated:\n{shown}{more}"
+        )
+    return count

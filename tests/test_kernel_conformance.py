@@ -1,0 +1,112 @@
+"""The runtime library (codegen/kernels.py) conforms to derive's definitions of the
+primitives on every forced path (codegen/conformance.py), and the check refuses kernels
+with the bugs that the proofs of the trees alone cannot see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from codegen import render
+from codegen.conformance import (
+    KERNELS_SOURCE,
+    KernelConformanceError,
+    all_checks,
+    check_kernels,
+    kernel_name,
+    require_conformance,
+)
+from codegen.emit import KERNELS
+
+
+def test_every_kernel_agrees_with_the_definitions_on_every_path():
+    count, failures = check_kernels()
+    assert failures == []
+    assert count > 500
+
+
+def test_every_kernel_the_emitter_calls_is_checked():
+    checked = {kernel_name(check.node) for check in all_checks()}
+    assert checked == set(KERNELS.values()) | {"sum_leading"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "banded",
+        "banded, narrow chunks",
+        "im2col",
+        "one-image blocks",
+        "blocks of two",
+        "NaN",
+        "overlapping windows",
+        "windows apart",
+        "stride 3",
+    ],
+)
+def test_every_fast_path_is_forced_somewhere(path):
+    assert any(path in check.label for check in all_checks())
+
+
+# (what the bug is, the exact text in codegen/kernels.py, the text it becomes)
+MUTATIONS = [
+    (
+        "kernel rows flipped in the banded correlation",
+        "band[jj : jj + kw, :, jj, :] = kernel.transpose(1, 0, 2)",
+        "band[jj : jj + kw, :, jj, :] = kernel[::-1].transpose(1, 0, 2)",
+    ),
+    (
+        "a column shift in dilate",
+        "out[:, ::stride, ::stride, :] = a",
+        "out[:, ::stride, ::stride, :] = np.roll(a, 1, axis=2)",
+    ),
+    (
+        "window_argmax letting the last maximum win a tie",
+        "        np.less(candidate, top, out=below)\n"
+        "        index += 1\n"
+        "        np.multiply(index, below, out=index)",
+        "        np.less_equal(candidate, top, out=below)\n"
+        "        np.logical_and(below, candidate != top, out=below)\n"
+        "        index += 1\n"
+        "        np.multiply(index, below | (candidate == top), out=index)",
+    ),
+    (
+        "an off-by-one in full_convolve's shifted additions for even gradient widths",
+        "offset = ((kh - 1 - u) * width + (kw - 1 - v)) * m",
+        "offset = ((kh - 1 - u) * width + (kw - 1 - v) + (gw % 2 == 0)) * m",
+    ),
+    (
+        "the banded correlation kept for an input with a NaN",
+        "if c_in == 1 and stride == 1 and kh * kw >= _BANDED_MIN_TAPS and np.isfinite(a).all():",
+        "if c_in == 1 and stride == 1 and kh * kw >= _BANDED_MIN_TAPS:",
+    ),
+    (
+        "sum_leading's joined rows summed wrongly",
+        "partial = partial.reshape(joined, columns).sum(axis=0)",
+        "partial = partial.reshape(joined, columns)[1:].sum(axis=0)",
+    ),
+]
+
+
+def _mutated(tmp_path: Path, old: str, new: str) -> Path:
+    source = KERNELS_SOURCE.read_text(encoding="utf-8")
+    assert source.count(old) == 1, f"the mutation's anchor is gone from kernels.py: {old!r}"
+    path = tmp_path / "kernels.py"
+    path.write_text(source.replace(old, new), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("bug, old, new", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_a_kernel_with_a_bug_is_refused(tmp_path, bug, old, new):
+    with pytest.raises(KernelConformanceError, match="nothing was generated"):
+        require_conformance(_mutated(tmp_path, old, new))
+
+
+def test_generate_writes_nothing_over_a_kernel_that_disagrees(tmp_path, monkeypatch):
+    bug, old, new = MUTATIONS[0]
+    monkeypatch.setattr(render, "KERNELS", _mutated(tmp_path, old, new))
+    output = tmp_path / "generated"
+    with pytest.raises(KernelConformanceError):
+        render.generate(output=output)
+    assert not output.exists()
