@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import itertools
 import math
 import types
@@ -715,9 +716,36 @@ def _module_for_source(source: Path, settings: dict, cache: dict):
     return cache[key]
 
 
+def signature_problems(module) -> list[str]:
+    """The emitter passes a kernel its arrays and integers as keywords named after the IR
+    node's fields (and sum_leading ``a`` and ``count``): each kernel must take exactly
+    those, and ``workspace`` and ``key`` where the emitter passes them."""
+    expected = {name: [f.name for f in fields(node)] for node, name in KERNELS.items()}
+    expected["sum_leading"] = ["a", "count"]
+    problems = []
+    for kernel, names in sorted(expected.items()):
+        function = getattr(module, kernel, None)
+        if function is None:
+            problems.append(f"{kernel}: missing from the runtime library")
+            continue
+        parameters = inspect.signature(function).parameters
+        wanted = set(names) | ({"workspace", "key"} if kernel in WORKSPACE_KERNELS else set())
+        if set(parameters) != wanted:
+            problems.append(
+                f"{kernel} takes ({', '.join(parameters)}); the emitter passes {', '.join(sorted(wanted))}"
+            )
+    return problems
+
+
 def require_conformance(source: Path = KERNELS_SOURCE) -> int:
     """Run every check; raise KernelConformanceError naming the first failures.  Returns
     the number of checks."""
+    problems = signature_problems(load_kernels(source))
+    if problems:
+        raise KernelConformanceError(
+            "the runtime library's signatures do not fit the calls the emitter writes, so "
+            "nothing was generated:\n" + "\n".join(f"  {line}" for line in problems)
+        )
     count, failures = check_kernels(source)
     if failures:
         shown = "\n".join(f"  {line}" for line in failures[:10])

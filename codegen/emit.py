@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 import sympy
 
 from codegen.printer import array_code, integer_code
+from codegen.translation import check_printed, check_statements
 from codegen.ufuncs import UfuncLowering
 from derive import ir
 
@@ -147,6 +148,7 @@ class Emitter:
                     arrays, self.workspace, f"{self.function}.{target}", self.vectors
                 )
                 statements = lowering.lower(expr, target)
+                check_statements(statements, target, expr)
                 self.emit_statements(statements, lowering.expected_errors)
                 return target
         outer, self.expected_errors = self.expected_errors, {}
@@ -197,13 +199,15 @@ class Emitter:
     def expression(self, node: ir.Node) -> str:
         if isinstance(node, ir.Pointwise):
             expr, _ = self.pointwise_arguments(node)
-            return array_code(expr, self.expected_errors)
+            code = array_code(expr, self.expected_errors)
+            check_printed(code, expr)
+            return code
         if isinstance(node, ir.Sum):
             inner = self.operand_code(node.a)
             if not node.axes:
                 return f"{inner}.sum()"
             if not node.keepdims and node.axes == tuple(range(len(node.axes))):
-                return f"{KERNEL_MODULE}.sum_leading({self.code(node.a)}, {len(node.axes)})"
+                return f"{KERNEL_MODULE}.sum_leading(a={self.code(node.a)}, count={len(node.axes)})"
             keep = ", keepdims=True" if node.keepdims else ""
             axes = node.axes[0] if len(node.axes) == 1 else node.axes
             return f"{inner}.sum(axis={axes}{keep})"
@@ -217,6 +221,9 @@ class Emitter:
         if isinstance(node, ir.ReshapeLike):
             return f"{self.operand_code(node.a)}.reshape({self.operand_code(node.like)}.shape)"
         if type(node) in KERNELS:
+            # Keyword arguments named after the node's fields: the kernel's parameters
+            # carry the same names (codegen.conformance checks the signatures), so no
+            # argument can land in another's place.
             arguments = []
             for f in fields(node):
                 value = getattr(node, f.name)
@@ -224,11 +231,12 @@ class Emitter:
                     if self.workspace is not None and isinstance(value, ir.Pointwise):
                         # Its own statement, lowered into a kept array (see statement()),
                         # rather than an expression that makes a new array on every call.
-                        arguments.append(self.bind(value, self.base_name(value)))
+                        code = self.bind(value, self.base_name(value))
                     else:
-                        arguments.append(self.code(value))
+                        code = self.code(value)
                 else:
-                    arguments.append(integer_code(value))
+                    code = integer_code(value)
+                arguments.append(f"{f.name}={code}")
             kernel = KERNELS[type(node)]
             if self.workspace is not None and kernel in WORKSPACE_KERNELS:
                 number = len(self.kernel_keys) + 1

@@ -22,9 +22,11 @@ _SIGMOID_REASON = (
 SIGMOID_EXPECTED_ERRORS = {"over": _SIGMOID_REASON, "under": _SIGMOID_REASON}
 
 
-def sigmoid_form(expr: sympy.Expr) -> sympy.Expr:
-    """The form of sigmoid(x) that derive.functions.STABLE_FORMS states and proves."""
-    return STABLE_FORMS["sigmoid"][1].xreplace({STABLE_FORM_SYMBOL: expr.args[0]})
+def stable_form(expr: sympy.Expr) -> sympy.Expr:
+    """``expr`` (a call of a named function of derive.functions, such as sigmoid(x)) in the
+    stable form that derive.functions.STABLE_FORMS states and derive.verify proves: what
+    is emitted is read from there, not written again here."""
+    return STABLE_FORMS[type(expr).__name__][1].xreplace({STABLE_FORM_SYMBOL: expr.args[0]})
 
 
 class ArrayExpressionPrinter(NumPyPrinter):
@@ -83,13 +85,14 @@ class ArrayExpressionPrinter(NumPyPrinter):
         return text
 
     def _print_sigmoid(self, expr):
-        # The form derive.functions.STABLE_FORMS states and proves, with u = the argument.
         self.expected_errors.update(SIGMOID_EXPECTED_ERRORS)
-        return f"({self._print(sigmoid_form(expr))})"
+        return f"({self._print(stable_form(expr))})"
 
     def _print_softplus(self, expr):
-        # Stable form: logaddexp(0, u) = max(u, 0) + log1p(exp(-|u|)).
-        return f"np.logaddexp(0.0, {self._print(expr.args[0])})"
+        return self._print(stable_form(expr))
+
+    def _print_logaddexp(self, expr):
+        return f"np.logaddexp({self._print(expr.args[0])}, {self._print(expr.args[1])})"
 
     def _print_Pow(self, expr, rational=False):
         # 1 / x rather than SymPy's x ** (-1.0): np.power is several times slower.

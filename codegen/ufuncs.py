@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import sympy
 
-from codegen.printer import SIGMOID_EXPECTED_ERRORS, ArrayExpressionPrinter, sigmoid_form
-from derive.functions import sigmoid, softplus
+from codegen.printer import SIGMOID_EXPECTED_ERRORS, ArrayExpressionPrinter, stable_form
+from derive.functions import logaddexp, sigmoid, softplus
 
 # One-argument SymPy functions and their NumPy ufuncs.
 UNARY = {sympy.exp: "np.exp", sympy.log: "np.log", sympy.tanh: "np.tanh", sympy.Abs: "np.abs"}
@@ -119,10 +119,13 @@ class UfuncLowering:
             return self.power(expr, dest)
         if isinstance(expr, sigmoid):
             self.expected_errors.update(SIGMOID_EXPECTED_ERRORS)
-            return self.compute(sigmoid_form(expr), dest)
+            return self.compute(stable_form(expr), dest)
         if isinstance(expr, softplus):
-            argument = self.operand(expr.args[0], dest, busy=False)
-            self.emit(f"np.logaddexp(0.0, {argument}, out={dest})")
+            return self.compute(stable_form(expr), dest)
+        if isinstance(expr, logaddexp):
+            first = self.operand(expr.args[0], dest, busy=False)
+            second = self.operand(expr.args[1], dest, busy=first == dest)
+            self.emit(f"np.logaddexp({first}, {second}, out={dest})")
             return dest
         if expr.func in UNARY:
             argument = self.operand(expr.args[0], dest, busy=False)

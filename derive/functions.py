@@ -43,20 +43,34 @@ class softplus(sympy.Function):
         return text if exp is None else r"%s^{%s}" % (text, exp)
 
 
+class logaddexp(sympy.Function):
+    """``log(exp(a) + exp(b))``, named because NumPy evaluates it without overflow
+    (``np.logaddexp`` computes ``max(a, b) + log1p(exp(-|a - b|)))``)."""
+
+    def _eval_rewrite_as_exp(self, a, b, **kwargs):
+        return sympy.log(sympy.exp(a) + sympy.exp(b))
+
+    def _eval_rewrite_as_log(self, a, b, **kwargs):
+        return sympy.log(sympy.exp(a) + sympy.exp(b))
+
+
 _u = sympy.Symbol("u", real=True)
 
-# name -> (textbook form, stable form that the NumPy printer emits), both in terms of _u.
+# name -> (textbook form, stable form), both in terms of _u.  The NumPy printer and the
+# ufunc lowering emit the stable form itself, read from here (codegen.printer.stable_form).
 # sigmoid: the textbook form is already stable in IEEE arithmetic.  exp(-u) overflows to
 # inf for u < -88 (float32) and underflows to 0 for u > 104, and 1 / (1 + inf) = 0 and
 # 1 / (1 + 0) = 1 are sigmoid's limits, so the generated code ignores those two errors for
 # that statement.  There is no cancellation, so small values keep their relative accuracy
 # (sigmoid(-20) = 2.1e-9 to float precision, where (1 + tanh(u/2)) / 2 gives 0), and one
 # exp is about twice as fast as NumPy's float32 tanh.
-# softplus: NumPy's logaddexp(0, u) evaluates max(u, 0) + log1p(exp(-|u|)).
+# softplus: logaddexp(0, u), which NumPy evaluates as max(u, 0) + log1p(exp(-|u|)); that
+# evaluation is the third entry, proven equal too.
 STABLE_FORMS = {
     "sigmoid": (1 / (1 + sympy.exp(-_u)), 1 / (1 + sympy.exp(-_u))),
-    "softplus": (
-        sympy.log(1 + sympy.exp(_u)),
+    "softplus": (sympy.log(1 + sympy.exp(_u)), logaddexp(0, _u)),
+    "logaddexp(0, u)": (
+        logaddexp(0, _u),
         sympy.log(1 + sympy.exp(-sympy.Abs(_u))) + sympy.Max(_u, 0),
     ),
 }

@@ -211,7 +211,7 @@ def softmax_forward(z, *, workspace=None):
     Returns (out, cache); pass cache to softmax_backward.
     """
     _k.check_arrays("activations.softmax_forward", {"z": (z, None)})
-    out = _k.softmax(z)
+    out = _k.softmax(z=z)
     cache = {"out": out, "out_shape": out.shape}
     return out, cache
 

@@ -46,7 +46,9 @@ def forward(x, *, size=2, stride=None, workspace=None):
         raise ValueError(
             f"avgpool2d.forward: pool window {size}x{size} does not fit the input {in_height}x{in_width}; use size at most {min(in_height, in_width)}"
         )
-    window_sum = _k.window_sum(x, size, stride, workspace=workspace, key="forward.window_sum1")
+    window_sum = _k.window_sum(
+        a=x, size=size, stride=stride, workspace=workspace, key="forward.window_sum1"
+    )
     out = _k.buffer(workspace, "forward.out", window_sum.shape, window_sum.dtype)
     np.divide(window_sum, (size**2), out=out)
     cache = {"x": x, "size": size, "stride": stride, "out_shape": out.shape}
@@ -91,21 +93,23 @@ def backward(dout, cache, *, workspace=None):
         dout_elementwise = _k.buffer(workspace, "backward.dout_elementwise", dout.shape, dout.dtype)
         np.divide(dout, (size**2), out=dout_elementwise)
         dx = _k.crop(
-            _k.upsample(dout_elementwise, size, workspace=workspace, key="backward.upsample1"),
-            0,
-            0,
-            in_height,
-            in_width,
+            a=_k.upsample(
+                a=dout_elementwise, size=size, workspace=workspace, key="backward.upsample1"
+            ),
+            top=0,
+            left=0,
+            height=in_height,
+            width=in_width,
         )
     else:
         dout_elementwise = _k.buffer(workspace, "backward.dout_elementwise", dout.shape, dout.dtype)
         np.divide(dout, (size**2), out=dout_elementwise)
         dx = _k.scatter_windows(
-            dout_elementwise,
-            size,
-            stride,
-            in_height,
-            in_width,
+            g=dout_elementwise,
+            size=size,
+            stride=stride,
+            height=in_height,
+            width=in_width,
             workspace=workspace,
             key="backward.scatter_windows2",
         )

@@ -60,8 +60,10 @@ def forward(x, w, b, *, stride=1, padding=0, workspace=None):
         raise ValueError(
             f"conv2d.forward: kernel {kernel_height}x{kernel_width} is larger than the padded input {in_height + 2 * padding}x{in_width + 2 * padding}; use a kernel of at most that size or more padding"
         )
-    x_padded = _k.pad(x, padding, padding, workspace=workspace, key="forward.pad1")
-    z = _k.correlate(x_padded, w, stride, workspace=workspace, key="forward.correlate2")
+    x_padded = _k.pad(a=x, rows=padding, cols=padding, workspace=workspace, key="forward.pad1")
+    z = _k.correlate(
+        a=x_padded, kernel=w, stride=stride, workspace=workspace, key="forward.correlate2"
+    )
     out = _k.buffer(
         workspace, "forward.out", np.broadcast_shapes(b.shape, z.shape), np.result_type(b, z)
     )
@@ -126,27 +128,30 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     out_height = dout.shape[1]
     kernel_width = w.shape[1]
     out_width = dout.shape[2]
-    dout_dilated = _k.dilate(dout, stride, workspace=workspace, key="backward.dilate1")
+    dout_dilated = _k.dilate(a=dout, stride=stride, workspace=workspace, key="backward.dilate1")
     dw = _k.correlate_weights(
-        _k.crop(
-            x_padded,
-            0,
-            0,
-            kernel_height + stride * (out_height - 1),
-            kernel_width + stride * (out_width - 1),
+        a=_k.crop(
+            a=x_padded,
+            top=0,
+            left=0,
+            height=kernel_height + stride * (out_height - 1),
+            width=kernel_width + stride * (out_width - 1),
         ),
-        dout_dilated,
+        g=dout_dilated,
     )
-    db = _k.sum_leading(dout, 3)
+    db = _k.sum_leading(a=dout, count=3)
     if input_gradient:
         dx = _k.crop(
-            _k.full_convolve(
-                dout_dilated, _k.rot180(w), workspace=workspace, key="backward.full_convolve2"
+            a=_k.full_convolve(
+                g=dout_dilated,
+                kernel=_k.rot180(kernel=w),
+                workspace=workspace,
+                key="backward.full_convolve2",
             ),
-            padding,
-            padding,
-            in_height,
-            in_width,
+            top=padding,
+            left=padding,
+            height=in_height,
+            width=in_width,
         )
     else:
         dx = None

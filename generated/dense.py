@@ -78,7 +78,7 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     w = cache["w"]
     _k.check_upstream("dense.backward", "dout", dout, cache["out_shape"])
     dw = x.T @ dout
-    db = _k.sum_leading(dout, 1)
+    db = _k.sum_leading(a=dout, count=1)
     if input_gradient:
         dx = dout @ w.T
     else:

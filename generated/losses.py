@@ -108,7 +108,7 @@ def bce_with_logits_forward(logits, targets, *, workspace=None):
         {"logits": (logits, ("batch", "classes")), "targets": (targets, ("batch", "classes"))},
     )
     batch = targets.shape[0]
-    total = (-logits * targets + np.logaddexp(0.0, logits)).sum()
+    total = (-logits * targets + np.logaddexp(0, logits)).sum()
     loss = _k.buffer(workspace, "bce_with_logits_forward.loss", total.shape, total.dtype)
     np.divide(total, batch, out=loss)
     cache = {"logits": logits, "targets": targets}
@@ -180,7 +180,7 @@ def softmax_cross_entropy_forward(logits, targets, *, workspace=None):
         {"logits": (logits, ("batch", "classes")), "targets": (targets, ("batch", "classes"))},
     )
     batch = targets.shape[0]
-    row_logsumexp = _k.logsumexp(logits)
+    row_logsumexp = _k.logsumexp(z=logits)
     total = (targets * (-logits + row_logsumexp)).sum()
     loss = _k.buffer(workspace, "softmax_cross_entropy_forward.loss", total.shape, total.dtype)
     np.divide(total, batch, out=loss)
@@ -211,7 +211,7 @@ def softmax_cross_entropy_backward(cache, *, workspace=None):
     logits = cache["logits"]
     targets = cache["targets"]
     batch = targets.shape[0]
-    softmax = _k.softmax(logits)
+    softmax = _k.softmax(z=logits)
     target_sum = targets.sum(axis=-1, keepdims=True)
     dlogits = _k.buffer(
         workspace,

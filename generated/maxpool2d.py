@@ -47,9 +47,16 @@ def forward(x, *, size=2, stride=None, workspace=None):
         raise ValueError(
             f"maxpool2d.forward: pool window {size}x{size} does not fit the input {in_height}x{in_width}; use size at most {min(in_height, in_width)}"
         )
-    argmax = _k.window_argmax(x, size, stride, workspace=workspace, key="forward.window_argmax1")
+    argmax = _k.window_argmax(
+        a=x, size=size, stride=stride, workspace=workspace, key="forward.window_argmax1"
+    )
     out = _k.gather_windows(
-        x, argmax, size, stride, workspace=workspace, key="forward.gather_windows2"
+        a=x,
+        index=argmax,
+        size=size,
+        stride=stride,
+        workspace=workspace,
+        key="forward.gather_windows2",
     )
     cache = {"x": x, "argmax": argmax, "size": size, "stride": stride, "out_shape": out.shape}
     return out, cache
@@ -92,12 +99,12 @@ def backward(dout, cache, *, workspace=None):
     in_height = x.shape[1]
     in_width = x.shape[2]
     dx = _k.route_to_argmax(
-        dout,
-        argmax,
-        size,
-        stride,
-        in_height,
-        in_width,
+        g=dout,
+        index=argmax,
+        size=size,
+        stride=stride,
+        height=in_height,
+        width=in_width,
         workspace=workspace,
         key="backward.route_to_argmax1",
     )

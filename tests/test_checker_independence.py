@@ -33,9 +33,7 @@ def test_the_definition_side_imports_nothing_from_the_interpreter(module):
 
 def test_an_interpreter_that_drops_the_last_output_row_is_refused(monkeypatch):
     correct = Evaluator.eval_Correlate
-    monkeypatch.setattr(
-        Evaluator, "eval_Correlate", lambda self, node: correct(self, node)[:, :-1]
-    )
+    monkeypatch.setattr(Evaluator, "eval_Correlate", lambda self, node: correct(self, node)[:, :-1])
     conv2d = LAYERS["conv2d"]
     with pytest.raises(VerificationError, match="shape"):
         prove(conv2d, conv2d.example)

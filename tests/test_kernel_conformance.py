@@ -15,7 +15,9 @@ from codegen.conformance import (
     all_checks,
     check_kernels,
     kernel_name,
+    load_kernels,
     require_conformance,
+    signature_problems,
 )
 from codegen.emit import KERNELS
 
@@ -110,3 +112,18 @@ def test_generate_writes_nothing_over_a_kernel_that_disagrees(tmp_path, monkeypa
     with pytest.raises(KernelConformanceError):
         render.generate(output=output)
     assert not output.exists()
+
+
+def test_the_kernels_take_the_keywords_the_emitter_passes(tmp_path):
+    assert signature_problems(load_kernels()) == []
+    renamed = _mutated(
+        tmp_path, "def crop(a, top, left, height, width):", "def crop(a, left, top, height, width):"
+    )
+    assert signature_problems(load_kernels(renamed)) == []  # same names, any order: keywords
+    renamed = _mutated(
+        tmp_path, "def crop(a, top, left, height, width):", "def crop(a, top, left, rows, width):"
+    )
+    (problem,) = signature_problems(load_kernels(renamed))
+    assert problem.startswith("crop takes (a, top, left, rows, width)")
+    with pytest.raises(KernelConformanceError, match="signatures"):
+        require_conformance(renamed)
