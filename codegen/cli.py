@@ -28,6 +28,7 @@ def add_parsers(commands) -> None:
 def run_generate(args) -> int:
     from codegen.conformance import KernelConformanceError
     from codegen.render import DEFAULT_OUTPUT, UnverifiedError, generate
+    from codegen.translation import TranslationError
 
     output = args.output or DEFAULT_OUTPUT
     problem = None if args.check else folder_problem(output)
@@ -36,7 +37,7 @@ def run_generate(args) -> int:
     try:
         with proof_progress() as progress:
             diffs = generate(output=output, check=args.check, progress=progress)
-    except (UnverifiedError, KernelConformanceError) as error:
+    except (UnverifiedError, KernelConformanceError, TranslationError) as error:
         print(f"cnnderive generate: {error}", file=sys.stderr)
         return 1
     except OSError as error:
