@@ -26,6 +26,7 @@ from derive import ir
 from derive.layer import Layer
 from derive.layers import LAYERS
 from derive.report import inline_math_to_text
+from derive.rewrites import SwapResult, parameter_names, verify_swaps
 from derive.treelatex import operand_latex, tree_latex
 from derive.verify import LayerResult, verify_layers, verify_stable_forms
 
@@ -383,6 +384,40 @@ def ruff_format(source: str, filename: str) -> str:
     return completed.stdout
 
 
+def verified_swaps() -> list[SwapResult]:
+    """The proofs of the layer reorderings (derive.rewrites); raise if one fails."""
+    results = verify_swaps()
+    failures = [r for r in results if not r.ok]
+    if failures:
+        raise UnverifiedError(
+            "derive/ could not prove these reorderings, so nothing was generated:\n"
+            + "\n".join(f"  {r.swap.name}: {r.error}" for r in failures)
+        )
+    return results
+
+
+def rewrites_module(env: jinja2.Environment, results: list[SwapResult]) -> str:
+    swaps = []
+    for result in results:
+        first, second = result.swap.first, result.swap.second
+        values = ", ".join(repr(tuple(v)) for v in result.proven)
+        swaps.append(
+            {
+                "name": result.swap.name,
+                "configurations": result.configurations,
+                "first": f"{first.module}.{first.forward_function}",
+                "second": f"{second.module}.{second.forward_function}",
+                "parameters": repr(parameter_names(result.swap)),
+                "values": "{" + values + "}",
+            }
+        )
+    source = env.get_template("rewrites.py.jinja").render(
+        header=HEADER.format(sources="derive/rewrites.py and codegen/templates/rewrites.py.jinja"),
+        swaps=swaps,
+    )
+    return ruff_format(source, "rewrites.py")
+
+
 def verified_results(layers: list[Layer], progress=None) -> dict[str, LayerResult]:
     """The proofs of ``layers``, after the runtime library's conformance to derive's
     definitions of the primitives (codegen.conformance): a proof covers the code that runs
@@ -435,6 +470,7 @@ def render(
     # The runtime library is hand-written, not generated: it is copied as it is, and its own
     # first lines say so.
     files["_kernels.py"] = KERNELS.read_text(encoding="utf-8")
+    files["rewrites.py"] = rewrites_module(env, verified_swaps())
     init = env.get_template("__init__.py.jinja").render(
         header=HEADER.format(sources="codegen/templates/__init__.py.jinja"), modules=sorted(modules)
     )

@@ -163,6 +163,7 @@ def run_derive(args) -> int:
 
 def run_verify(args) -> int:
     from derive.layers import LAYERS
+    from derive.rewrites import as_row, verify_swaps
     from derive.verify import verify_layers, verify_stable_forms
 
     names = args.layer or list(LAYERS)
@@ -180,6 +181,7 @@ def run_verify(args) -> int:
         results = verify_layers(layers, seed_size=args.seed_size, progress=progress)
     if not args.seed_size and not args.layer:
         results.append(verify_stable_forms())
+        results += [as_row(result) for result in verify_swaps()]
     elapsed = time.perf_counter() - start
     ok = all(result.ok for result in results)
     if args.json:

@@ -64,7 +64,9 @@ def test_rendered_files_equal_committed_generated_directory(rendered):
 
 def test_rendered_file_set(rendered):
     modules = sorted({layer.module for layer in LAYERS.values()})
-    assert sorted(rendered) == sorted([f"{m}.py" for m in modules] + ["_kernels.py", "__init__.py"])
+    assert sorted(rendered) == sorted(
+        [f"{m}.py" for m in modules] + ["_kernels.py", "__init__.py", "rewrites.py"]
+    )
 
 
 def test_the_runtime_library_is_copied_byte_for_byte(rendered):

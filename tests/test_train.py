@@ -145,7 +145,7 @@ def test_relu_after_max_pool_gives_the_losses_and_gradients_of_the_definition_or
     """The networks run each max pool before the ReLU that precedes it in their definition.
     Reference: the same network in definition order; the values must be equal, not close."""
     reordered = build(name, seed=4, dtype=dtype)
-    monkeypatch.setattr(networks, "relu_after_max_pools", list)
+    monkeypatch.setattr(networks, "apply_proven_swaps", list)
     in_definition_order = build(name, seed=4, dtype=dtype)
 
     def forwards(net):

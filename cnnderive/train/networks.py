@@ -22,8 +22,8 @@ rounding.
 
 The layers are listed below, and in each network's ``_layers``, in the order of their
 definition. Where a ReLU is followed by a max pool, the network runs the pool first
-(:func:`relu_after_max_pools`): the same outputs and gradients, with the ReLU on a
-quarter of the values.
+(:func:`apply_proven_swaps`, a reordering proven in derive/rewrites.py): the same
+outputs and gradients, with the ReLU on a quarter of the values.
 
 Networks:
 
@@ -64,7 +64,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from generated import activations, avgpool2d, conv2d, dense, flatten, losses, maxpool2d
+from generated import activations, avgpool2d, conv2d, dense, flatten, losses, maxpool2d, rewrites
 
 from .data import Split
 from .parallel import PartWorkers, one_blas_thread, parallel_supported
@@ -76,7 +76,7 @@ __all__ = [
     "SeedNet",
     "ToyNet",
     "build",
-    "relu_after_max_pools",
+    "apply_proven_swaps",
     "split_batch",
     "toy_images",
 ]
@@ -134,15 +134,19 @@ def _dense(weight: str, bias: str):
 
 
 class _Stateless:
-    """A layer without parameters: a generated ``forward(x) -> (out, cache)`` and ``backward``."""
+    """A layer without parameters: a generated ``forward(x) -> (out, cache)`` and ``backward``.
 
-    def __init__(self, forward: Callable, backward: Callable):
-        self._forward, self._backward = forward, backward
+    ``keywords`` go to the forward (a pool's size and stride, say)."""
+
+    def __init__(self, forward: Callable, backward: Callable, **keywords):
+        self._forward, self._backward, self.keywords = forward, backward, keywords
         self.cache = None
         self.workspace = {}
 
     def forward(self, x, params, keep=True):
-        out, self.cache = self._forward(x, workspace=self.workspace if keep else None)
+        out, self.cache = self._forward(
+            x, **self.keywords, workspace=self.workspace if keep else None
+        )
         return out
 
     def backward(self, dout, grads):
@@ -157,49 +161,49 @@ def _relu():
     return _Stateless(activations.relu_forward, activations.relu_backward)
 
 
-def _avgpool():
-    return _Stateless(avgpool2d.forward, avgpool2d.backward)
+def _avgpool(size: int = 2, stride: int | None = None):
+    stride = size if stride is None else stride
+    return _Stateless(avgpool2d.forward, avgpool2d.backward, size=size, stride=stride)
 
 
-def _maxpool():
-    return _Stateless(maxpool2d.forward, maxpool2d.backward)
+def _maxpool(size: int = 2, stride: int | None = None):
+    stride = size if stride is None else stride
+    return _Stateless(maxpool2d.forward, maxpool2d.backward, size=size, stride=stride)
 
 
 def _flatten():
     return _Stateless(flatten.forward, flatten.backward)
 
 
-def _is_relu(layer) -> bool:
-    return getattr(layer, "_forward", None) is activations.relu_forward
+def _forward_name(layer) -> str | None:
+    """``module.function`` of the generated forward that a layer without parameters calls."""
+    forward = getattr(layer, "_forward", None)
+    if forward is None:
+        return None
+    return f"{forward.__module__.rsplit('.', 1)[-1]}.{forward.__name__}"
 
 
-def _is_max_pool(layer) -> bool:
-    return getattr(layer, "_forward", None) is maxpool2d.forward
+def apply_proven_swaps(layers: list) -> list:
+    """``layers`` with each pair of consecutive layers that derive/ proved may run in the
+    other order, at these parameter values (``generated/rewrites.py``), swapped.
 
-
-def relu_after_max_pools(layers: list) -> list:
-    """``layers`` with each ReLU that is followed by a max pool moved to after that pool.
-
-    The two orders are the same function with the same gradient, so this only saves work:
-    after a 2x2 pool, the ReLU and its backward see a quarter of the values (measured:
-    a LeNet training step about 9 % faster).
-
-    - Outputs: a max picks one of its window's values and ReLU is non-decreasing, so the
-      largest of the ReLU'd values is the ReLU of the largest value.
-    - Gradients: a window whose largest value is positive routes its gradient to the same
-      first maximum in both orders (ReLU keeps the order of positive values) and passes it
-      through ReLU's slope 1; a window whose largest value is not positive gets zero
-      gradient in both orders (ReLU's slope there is 0). This holds for finite upstream
-      gradients: an infinite one turns into NaN (inf * 0) in both orders, though not at
-      the same input element.
-
-    tests/test_train.py checks, for every network, that both orders give equal losses and
-    gradients, with windows that tie and windows that are all negative.
+    Today that is a ReLU followed by a max pool, which runs the pool first: the ReLU and
+    its backward then see a quarter of the values after a 2x2 pool (measured: a LeNet
+    training step about 9 % faster).  The proof (derive/rewrites.py) runs both orders
+    through the layers' proven trees on integer inputs full of ties, zeros and negative
+    values, for every pool size and stride it lists, and finds the same outputs and
+    input gradients.  A pair or parameter value it does not list stays as defined.
     """
     layers = list(layers)
     for index in range(len(layers) - 1):
-        if _is_relu(layers[index]) and _is_max_pool(layers[index + 1]):
-            layers[index], layers[index + 1] = layers[index + 1], layers[index]
+        first, second = layers[index], layers[index + 1]
+        proof = rewrites.SWAPS.get((_forward_name(first), _forward_name(second)))
+        if proof is None:
+            continue
+        names, proven = proof
+        keywords = {**first.keywords, **second.keywords}
+        if set(keywords) == set(names) and tuple(keywords[n] for n in names) in proven:
+            layers[index], layers[index + 1] = second, first
     return layers
 
 
@@ -223,8 +227,8 @@ class Network:
     Subclasses set ``name``, ``num_classes``, ``first_conv`` (the name of the first
     convolution's kernel, for plotting), make the parameters in :meth:`_build`, return
     a fresh list of layers from :meth:`_layers` (in the order of the network's
-    definition; :func:`relu_after_max_pools` then moves each ReLU that precedes a max
-    pool to after it, which computes the same) and choose the loss in
+    definition; :func:`apply_proven_swaps` then moves each ReLU that precedes a max
+    pool to after it, a reordering derive/ proved) and choose the loss in
     :meth:`_loss_forward` / :meth:`_loss_backward`.
     """
 
@@ -260,7 +264,7 @@ class Network:
         raise NotImplementedError
 
     def _new_layers(self) -> list:
-        layers = relu_after_max_pools(self._layers())
+        layers = apply_proven_swaps(self._layers())
         # The images need no gradient: the first layer's generated backward skips dx.
         if hasattr(layers[0], "input_gradient"):
             layers[0].input_gradient = False
