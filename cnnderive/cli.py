@@ -7,33 +7,10 @@ Each subcommand's module is imported only when that subcommand runs, so that
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
-
-class UsageError(Exception):
-    """A problem with the user's input: printed as one clear line, exit code 2."""
-
-
-@contextlib.contextmanager
-def proof_progress():
-    """A ``progress(done, total)`` callback for derive.verify.verify_layers that shows a
-    progress bar on a terminal's stderr (the proofs take 15 s or more), and nothing
-    elsewhere."""
-    from tqdm import tqdm
-
-    bar = tqdm(desc="proving", unit=" configurations", file=sys.stderr, disable=None, leave=False)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
-        yield progress
-    finally:
-        bar.close()
+from cnnderive_common.commandline import UsageError
 
 
 def _version() -> str:
@@ -54,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cnnderive {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from cnnderive.train import cli as train_cli
     from codegen import cli as codegen_cli
     from derive import cli as derive_cli
-    from cnnderive.train import cli as train_cli
 
     derive_cli.add_parsers(commands)
     codegen_cli.add_parsers(commands)
@@ -89,8 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as `python -m cnnderive.cli`, this file is the module __main__, and its
-    # UsageError would not be the one the subcommands raise: use the package's module.
-    from cnnderive.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cnnderive.cli import UsageError, proof_progress
-from cnnderive.files import folder_problem
+from cnnderive_common.commandline import UsageError, proof_progress
+from cnnderive_common.files import folder_problem
 
 
 def add_parsers(commands) -> None:

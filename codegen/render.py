@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 import sympy
 
-from cnnderive.files import replace_atomically
+from cnnderive_common.files import replace_atomically
 from codegen.conformance import require_conformance
 from codegen.emit import Emitter, dims_in
 from codegen.printer import integer_code

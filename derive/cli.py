@@ -94,7 +94,7 @@ def add_parsers(commands) -> None:
 
 
 def _usage_error(message: str):
-    from cnnderive.cli import UsageError
+    from cnnderive_common.commandline import UsageError
 
     return UsageError(message)
 
@@ -175,7 +175,7 @@ def run_verify(args) -> int:
                 "none of the chosen layers has a seed-size configuration (conv2d and dense do)"
             )
     start = time.perf_counter()
-    from cnnderive.cli import proof_progress
+    from cnnderive_common.commandline import proof_progress
 
     with proof_progress() as progress:
         results = verify_layers(layers, seed_size=args.seed_size, progress=progress)

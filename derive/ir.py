@@ -126,10 +126,6 @@ class Pointwise(Node):
     expr: sympy.Expr
     arguments: tuple[tuple[sympy.Symbol, Node], ...]
 
-    @property
-    def bindings(self) -> dict[sympy.Symbol, Node]:
-        return dict(self.arguments)
-
     def integer_arguments(self) -> Iterator[sympy.Expr]:
         yield from (s for s in self.expr.free_symbols if isinstance(s, (Param, Dim)))
 

@@ -5,7 +5,7 @@ configurations on which the closed forms are proven."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
@@ -146,7 +146,6 @@ class Layer:
     )
     seed_size: Configuration | None = None
     upstream: str = "dout"  # name of the upstream-gradient argument of backward
-    dims: tuple[Dim, ...] = field(default=())
 
     # -- names ---------------------------------------------------------------
     @property
@@ -157,27 +156,8 @@ class Layer:
     def backward_function(self) -> str:
         return f"{self.prefix}backward"
 
-    def input(self, name: str) -> Input:
-        for item in self.inputs:
-            if item.name == name:
-                return item
-        raise KeyError(name)
-
-    @property
-    def input_dims(self) -> list[Dim]:
-        """Every Dim that an input defines (its own axis), in argument order."""
-        found = []
-        for item in self.inputs:
-            for axis, dim in enumerate(item.axes):
-                if dim.operand == item.name and dim.axis == axis and dim not in found:
-                    found.append(dim)
-        return found
-
     def shapes(self, config: Configuration) -> dict[str, tuple[int, ...]]:
         return {item.name: tuple(config[d] for d in item.axes) for item in self.inputs}
-
-    def param_values(self, config: Configuration) -> dict[Param, int]:
-        return {p.symbol: config[p.symbol] for p in self.params}
 
     def describe(self, config: Configuration) -> str:
         parts = [

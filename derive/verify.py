@@ -18,7 +18,6 @@ integer inputs full of ties.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import signal
@@ -271,9 +270,6 @@ class LayerResult:
     error: str = ""
     # gradient -> case name -> size or parameter name -> [smallest, largest] value proven
     ranges: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # The layers of the running ``verify_layers`` call.  Worker processes are forked, so they

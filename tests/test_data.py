@@ -570,3 +570,18 @@ def test_missing_test_files_are_tried_again_once_a_day(tmp_path):
         when = time.time() - age
         os.utime(marker, (when, when))
         assert data._test_files_due(cache) is due, age
+
+
+def test_the_shipped_subset_is_checked_against_its_md5(tmp_path, monkeypatch):
+    """A damaged copy of the shipped subset is refused with the file and the way out."""
+    copy = tmp_path / "mnist-5k"
+    copy.mkdir()
+    for name in data.TRAIN_FILES:
+        (copy / name).write_bytes((data.SUBSET_DIR / name).read_bytes())
+    monkeypatch.setattr(data, "SUBSET_DIR", copy)
+    assert len(data._load_subset().train.labels) == 4500
+    damaged = bytearray((copy / data.TRAIN_FILES[1]).read_bytes())
+    damaged[-1] ^= 1
+    (copy / data.TRAIN_FILES[1]).write_bytes(bytes(damaged))
+    with pytest.raises(data.DataError, match="damaged.*reinstall cnnderive"):
+        data._load_subset()

@@ -359,7 +359,7 @@ def test_a_full_disk_while_saving_exits_1_and_keeps_the_last_checkpoint(
     capsys, tmp_path, monkeypatch
 ):
     """Reference: the checkpoint of epoch 1, byte for byte, after a save in epoch 2 fails."""
-    import cnnderive.files
+    import cnnderive_common.files
 
     args = (*TRAIN, "--net", "toy", "--limit", "1000", "--out", "full")
     assert run(capsys, *args, "--epochs", "1")[0] == 0
@@ -374,7 +374,7 @@ def test_a_full_disk_while_saving_exits_1_and_keeps_the_last_checkpoint(
     assert code == 1 and "Traceback" not in err
     assert "No space left on device" in err and "--resume" in err
     assert (tmp_path / "full" / "checkpoint.npz").read_bytes() == before
-    assert cnnderive.files.replace_atomically is not no_room
+    assert cnnderive_common.files.replace_atomically is not no_room
 
 
 def test_evaluate_warns_when_the_validation_images_come_from_other_data(tiny_run, capsys, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnderive.files import replace_atomically
+from cnnderive_common.files import replace_atomically
 
 __all__ = ["CHECKPOINT_NAME", "Checkpoint", "CheckpointError", "load", "save"]
 

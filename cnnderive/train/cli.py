@@ -26,8 +26,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cnnderive.cli import UsageError
-from cnnderive.files import folder_problem
+from cnnderive_common.commandline import UsageError
+from cnnderive_common.files import folder_problem
 
 from .data import DATASETS, DataError, load_dataset
 from .networks import NETWORKS

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnderive.files import replace_atomically
+from cnnderive_common.files import replace_atomically
 
 __all__ = ["DataBundle", "DataError", "Split", "first_of_each_class", "load_dataset", "read_idx"]
 
@@ -528,6 +528,22 @@ def _bundle(
     )
 
 
+def _check_subset(directory: Path) -> None:
+    """The shipped subset's files must be the ones shipped: their md5 against SUBSET_MD5."""
+    for name, expected in SUBSET_MD5.items():
+        path = directory / name
+        if not path.is_file():
+            raise DataError(
+                f"the MNIST subset shipped with cnnderive lacks {path}; reinstall cnnderive"
+            )
+        digest = hashlib.md5(path.read_bytes()).hexdigest()
+        if digest != expected:
+            raise DataError(
+                f"the MNIST subset shipped with cnnderive is damaged: {path} has md5 {digest}, "
+                f"not {expected}; reinstall cnnderive"
+            )
+
+
 def _load_subset() -> DataBundle:
     pair = _find_pair(SUBSET_DIR, TRAIN_FILES)
     if pair is None:
@@ -535,6 +551,7 @@ def _load_subset() -> DataBundle:
             f"the MNIST subset shipped with cnnderive is missing from {SUBSET_DIR}; "
             "reinstall cnnderive"
         )
+    _check_subset(SUBSET_DIR)
     return _bundle(
         "mnist-5k", "the 5,000-image MNIST subset shipped with cnnderive", SUBSET_DIR, pair
     )

@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from cnnderive.files import replace_atomically
+from cnnderive_common.files import replace_atomically
 
 from . import checkpoint as ckpt
 from . import optim

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnderive.files import replace_atomically
+from cnnderive_common.files import replace_atomically
 
 __all__ = ["plot_curves", "plot_filters"]
 
