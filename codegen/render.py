@@ -25,6 +25,7 @@ from codegen.printer import integer_code
 from derive import ir
 from derive.layer import Layer
 from derive.layers import LAYERS
+from derive.network_sizes import jobs as network_jobs
 from derive.report import inline_math_to_text
 from derive.rewrites import SwapResult, parameter_names, verify_swaps
 from derive.treelatex import operand_latex, tree_latex
@@ -127,6 +128,17 @@ def forward_docstring(layer: Layer) -> str:
     return "\n".join(lines)
 
 
+def network_sizes_text(name: str) -> str:
+    """The configurations of layer ``name`` that derive.network_sizes proves, as text."""
+    layer = LAYERS.get(name)
+    parts = []
+    for networks, job_layer, sizes in network_jobs():
+        if job_layer == name and layer is not None:
+            text = ", ".join(f"{key} {value}" for key, value in sizes.items())
+            parts.append(f"{text} ({networks})")
+    return "; ".join(parts)
+
+
 def backward_docstring(layer: Layer, result: LayerResult) -> str:
     names = _latex_names(layer)
     wrt = ", ".join(g.wrt for g in layer.gradients)
@@ -163,9 +175,11 @@ def backward_docstring(layer: Layer, result: LayerResult) -> str:
             label = f"{gradient.name} ({case.name})" if case.name else gradient.name
             text = f"{label}: proven on {count} configurations: {_ranges_text(result.ranges[gradient.name][case.name])}."
             lines += _wrap(text)
-    if layer.seed_size:
+    sizes = network_sizes_text(layer.name)
+    if sizes:
         lines += _wrap(
-            "`cnnderive verify --seed-size` also proves them at the seed network's size."
+            "`cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) "
+            f"proves them at the sizes the shipped networks use: {sizes}."
         )
     for note in layer.notes:
         lines += [""] + _wrap(inline_math_to_text(note))

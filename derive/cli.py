@@ -88,6 +88,12 @@ def add_parsers(commands) -> None:
         "seed network's size instead",
     )
     verify.add_argument(
+        "--network-sizes",
+        action="store_true",
+        help="instead, prove every layer configuration of the shipped networks (seed, toy, "
+        "lenet) at its real size (about two minutes; CI runs it)",
+    )
+    verify.add_argument(
         "--layer", action="append", metavar="NAME", help="only this layer (repeatable)"
     )
     verify.set_defaults(run=run_verify)
@@ -168,6 +174,8 @@ def run_verify(args) -> int:
 
     names = args.layer or list(LAYERS)
     layers = [_layer(name) for name in names]
+    if args.network_sizes and (args.seed_size or args.layer):
+        raise _usage_error("--network-sizes proves the networks' layers: use it alone")
     if args.seed_size:
         layers = [layer for layer in layers if layer.seed_size]
         if not layers:
@@ -178,8 +186,13 @@ def run_verify(args) -> int:
     from cnnderive_common.commandline import proof_progress
 
     with proof_progress() as progress:
-        results = verify_layers(layers, seed_size=args.seed_size, progress=progress)
-    if not args.seed_size and not args.layer:
+        if args.network_sizes:
+            from derive.network_sizes import verify_network_sizes
+
+            results = verify_network_sizes(progress=progress)
+        else:
+            results = verify_layers(layers, seed_size=args.seed_size, progress=progress)
+    if not args.seed_size and not args.layer and not args.network_sizes:
         results.append(verify_stable_forms())
         results += [as_row(result) for result in verify_swaps()]
     elapsed = time.perf_counter() - start
@@ -189,6 +202,7 @@ def run_verify(args) -> int:
             "ok": ok,
             "seconds": round(elapsed, 3),
             "seed_size": args.seed_size,
+            "network_sizes": args.network_sizes,
             "layers": [
                 {
                     "layer": r.name,
@@ -215,7 +229,13 @@ def run_verify(args) -> int:
         for r in results:
             if not r.ok:
                 print(f"\n{r.name}: {r.error}")
-        what = "seed-size proofs" if args.seed_size else "sweep"
+        what = (
+            "seed-size proofs"
+            if args.seed_size
+            else "proofs at the networks' sizes"
+            if args.network_sizes
+            else "sweep"
+        )
         print(
             f"\n{'all closed forms proven' if ok else 'SOME PROOFS FAILED'}; {what} took {elapsed:.1f} s wall time"
         )

@@ -81,12 +81,40 @@ def first_difference(
             f"{layer.name} {name} on [{config_text}]: the tree gives shape {closed.shape}, "
             f"the definition (and SymPy's derivative of it) {derived.shape}"
         )
+    known_zero: set = set()
     for index in np.ndindex(*derived.shape):
-        if not is_zero(derived[index] - closed[index]):
+        if not _is_zero_remembered(derived[index] - closed[index], known_zero):
             raise VerificationError(
                 f"{layer.name} {name} on [{config_text}]: first differing element {list(index)}: "
                 f"derived {_readable(derived[index])}, closed form {_readable(closed[index])}"
             )
+
+
+def _renamed(expr: sympy.Expr) -> tuple[sympy.Expr, dict]:
+    """``expr`` with its symbols renamed to canonical ones (with the same assumptions),
+    and the renaming.  Expressions that differ only in their symbols' names, like the
+    elements of an elementwise layer (z_{0,1} where another has z_{0,2}), mostly rename to
+    the same expression.  Renaming symbols one to one commutes with differentiation and
+    keeps zero zero, so a derivative or a proof of zero of the renamed expression serves
+    all of them (at the networks' sizes, thousands)."""
+    symbols = sorted(expr.free_symbols, key=lambda s: (s.name.split("_")[0], s.name))
+    renaming = {s: sympy.Symbol(f"_canonical{n}", **s.assumptions0) for n, s in enumerate(symbols)}
+    return expr.xreplace(renaming), renaming
+
+
+def _is_zero_remembered(difference, known_zero: set) -> bool:
+    """is_zero, remembering the differences found zero up to a renaming of their symbols
+    (see _renamed)."""
+    if isinstance(difference, Polynomial):
+        return difference == 0
+    difference = sympy.sympify(difference)
+    canonical, _ = _renamed(difference)
+    if canonical in known_zero:
+        return True
+    if is_zero(difference):
+        known_zero.add(canonical)
+        return True
+    return False
 
 
 def _readable(value):
@@ -134,13 +162,19 @@ def chain_rule(
         for name, array in wrt.items():
             for index in np.ndindex(*array.shape):
                 position[array[index]] = (name, index)
+        derivatives: dict = {}  # see _renamed
         for out_index in np.ndindex(*outputs.shape):
             expr = sympy.sympify(outputs[out_index])
             weight = sympy.S.One if upstream is None else upstream[out_index]
+            canonical, renaming = _renamed(expr)
+            back = {new: old for old, new in renaming.items()}
             for symbol in expr.free_symbols:
                 if symbol in position:
                     name, index = position[symbol]
-                    terms[name][index].append(weight * expr.diff(symbol))
+                    key = canonical, renaming[symbol]
+                    if key not in derivatives:
+                        derivatives[key] = canonical.diff(renaming[symbol])
+                    terms[name][index].append(weight * derivatives[key].xreplace(back))
     gradients = {}
     for name, array in wrt.items():
         out = np.empty(array.shape, dtype=object)

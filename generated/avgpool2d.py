@@ -69,6 +69,9 @@ def backward(dout, cache, *, workspace=None):
     configurations: batch 1-2, channels 1-2, in_height 2-5, in_width 2-5, size 1-3, stride 1-3.
     dx (scatter-add of each δ/k^2 to every position of its window (any stride)): proven on 168
     configurations: batch 1-2, channels 1-2, in_height 2-5, in_width 2-5, size 1-3, stride 1-3.
+    `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
+    the sizes the shipped networks use: batch 2, channels 20, in_height 20, in_width 20, size 2,
+    stride 2 (seed).
 
     With stride = size the windows tile the input, every input element lies in at most one
     window, and the scatter-add is the Kronecker product with a k-by-k block of ones.

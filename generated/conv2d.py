@@ -99,7 +99,14 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     db (sum of the gradient over batch and positions): proven on 384 configurations: batch 1-2,
     in_channels 1-2, in_height 3-4, in_width 3-4, kernel_height 1-3, kernel_width 1-3,
     out_channels 1-2, padding 0-1, stride 1-2.
-    `cnnderive verify --seed-size` also proves them at the seed network's size.
+    `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
+    the sizes the shipped networks use: batch 1, in_channels 1, in_height 6, in_width 6,
+    kernel_height 3, kernel_width 3, out_channels 1, padding 0, stride 1 (toy); batch 1,
+    in_channels 1, in_height 28, in_width 28, kernel_height 5, kernel_width 5, out_channels 6,
+    padding 2, stride 1 (lenet); batch 1, in_channels 1, in_height 28, in_width 28,
+    kernel_height 9, kernel_width 9, out_channels 20, padding 0, stride 1 (seed); batch 1,
+    in_channels 6, in_height 14, in_width 14, kernel_height 5, kernel_width 5, out_channels 16,
+    padding 0, stride 1 (lenet).
 
     Indices are 0-based. 'correlate' slides the kernel without flipping it, as deep-learning
     frameworks do; 'full_convolve' is the same product over the gradient padded by K - 1 on

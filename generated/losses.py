@@ -123,6 +123,8 @@ def bce_with_logits_backward(cache, *, workspace=None):
         dlogits = \frac{- Y + \sigma\left(Z\right)}{m}
 
     dlogits: proven on 4 configurations: batch 1-2, classes 1-3.
+    `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
+    the sizes the shipped networks use: batch 2, classes 1 (toy); batch 2, classes 10 (seed).
 
     The code evaluates softplus(z) - y z, equal to the textbook form and finite for any logit
     (softplus(z) = logaddexp(0, z)).
@@ -196,6 +198,8 @@ def softmax_cross_entropy_backward(cache, *, workspace=None):
         dlogits = \frac{- Y + \left(\operatorname{softmax}\left(Z\right)\right) \left(\textstyle\sum_{\text{axes } -1} Y\right)}{m}
 
     dlogits: proven on 4 configurations: batch 1-2, classes 1-3.
+    `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
+    the sizes the shipped networks use: batch 2, classes 10 (lenet).
 
     The closed form holds for any targets; for one-hot or probability targets (each row sums to
     1) it is (A - Y)/m.

@@ -73,6 +73,10 @@ def backward(dout, cache, *, workspace=None):
 
     dx (argmax routing: each δ goes to the first maximum of its window): proven on 168
     configurations: batch 1-2, channels 1-2, in_height 2-5, in_width 2-5, size 1-3, stride 1-3.
+    `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
+    the sizes the shipped networks use: batch 2, channels 1, in_height 4, in_width 4, size 2,
+    stride 2 (toy); batch 2, channels 6, in_height 28, in_width 28, size 2, stride 2 (lenet);
+    batch 2, channels 16, in_height 10, in_width 10, size 2, stride 2 (lenet).
 
     Tie rule: the gradient of a window goes to its first maximum in row-major order (as PyTorch
     does). Where a window's maximum is unique, the maximum is differentiable and this is its
