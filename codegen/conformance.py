@@ -751,7 +751,8 @@ def require_conformance(source: Path = KERNELS_SOURCE) -> int:
         shown = "\n".join(f"  {line}" for line in failures[:10])
         more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
         raise KernelConformanceError(
-            f"{len(failures)} kernel check(s) of {source.name} disagree with derive's definitions "
-            f"of the primitives, so nothing was generated:\n{shown}{more}"
+            f"in {len(failures)} check(s), the runtime library ({source.name}) and derive's "
+            "reading of the primitives (derive/symbolic.py) disagree, so nothing was "
+            f"generated:\n{shown}{more}"
         )
     return count

@@ -65,16 +65,21 @@ MUTATIONS = [
     ),
     (
         "window_argmax letting the last maximum win a tie",
+        "    for candidate in positions[-2::-1]:\n"
         "        np.less(candidate, top, out=below)\n"
         "        index += 1\n"
         "        np.multiply(index, below, out=index)",
-        "        np.less_equal(candidate, top, out=below)\n"
-        "        np.logical_and(below, candidate != top, out=below)\n"
-        "        index += 1\n"
-        "        np.multiply(index, below | (candidate == top), out=index)",
+        "    for position, candidate in enumerate(positions):\n"
+        "        np.equal(candidate, top, out=below)\n"
+        "        np.copyto(index, position, where=below)",
     ),
     (
-        "an off-by-one in full_convolve's shifted additions for even gradient widths",
+        "an off-by-one in full_convolve for odd gradient widths (a gradient dilated by stride 2)",
+        "offset = ((kh - 1 - u) * width + (kw - 1 - v)) * m",
+        "offset = ((kh - 1 - u) * width + (kw - 1 - v) + (gw % 2 == 1)) * m",
+    ),
+    (
+        "an off-by-one in full_convolve for even gradient widths",
         "offset = ((kh - 1 - u) * width + (kw - 1 - v)) * m",
         "offset = ((kh - 1 - u) * width + (kw - 1 - v) + (gw % 2 == 0)) * m",
     ),
