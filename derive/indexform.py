@@ -165,7 +165,9 @@ def _all_inside(reads, ctx_axes, arrays) -> bool:
         ctx = _Context(axes)
         shape = np.shape(arrays[str(element.base.label)])
         if len(element.indices) != len(shape):
-            raise ValueError(f"{element} has {len(element.indices)} indices, its array {len(shape)} axes")
+            raise ValueError(
+                f"{element} has {len(element.indices)} indices, its array {len(shape)} axes"
+            )
         for axis, index in enumerate(element.indices):
             grid = _integer_grid(index, ctx)
             if grid.size and (grid.min() < 0 or grid.max() >= shape[axis]):
