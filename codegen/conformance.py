@@ -357,6 +357,31 @@ def _convolution_checks(rng) -> list[Check]:
                     exact=kind == "ties",
                 )
             )
+    # LeNet's first kernel shape under the shipped thresholds: the banded paths as they run.
+    for kind in ("random", "ties"):
+        arrays = {
+            "a": _values(rng, (2, 9, 10, 1), kind),
+            "kernel": _values(rng, (5, 5, 1, 6), kind),
+        }
+        checks.append(
+            Check(
+                f"correlate 5x5x1x6, {kind} values, shipped thresholds (banded)",
+                ir.Correlate(a, k, 1),
+                arrays,
+                taken=("_correlate_banded",),
+                exact=kind == "ties",
+            )
+        )
+        arrays = {"a": _values(rng, (2, 9, 10, 1), kind), "g": _values(rng, (2, 5, 6, 6), kind)}
+        checks.append(
+            Check(
+                f"correlate_weights 9x10x1 with 5x6x6, {kind} values, shipped thresholds (banded)",
+                ir.CorrelateWeights(a, g),
+                arrays,
+                taken=("_correlate_weights_banded",),
+                exact=kind == "ties",
+            )
+        )
     # NaN: the banded product would spread it through the band's zeros; im2col must be taken.
     for c_in in (1, 2):
         arrays = {
