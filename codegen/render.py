@@ -134,7 +134,7 @@ def network_sizes_text(name: str) -> str:
     parts = []
     for networks, job_layer, sizes in network_jobs():
         if job_layer == name and layer is not None:
-            text = ", ".join(f"{key} {value}" for key, value in sizes.items())
+            text = ", ".join(f"{key} {value:,}" for key, value in sizes.items())
             parts.append(f"{text} ({networks})")
     return "; ".join(parts)
 

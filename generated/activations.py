@@ -54,7 +54,7 @@ def sigmoid_backward(da, cache, *, workspace=None):
     dz: proven on 3 configurations: batch 1-2, features 1-3.
     `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
     the sizes the shipped networks use: batch 2, features 1 (toy); batch 2, features 10 (seed);
-    batch 2, features 8000 (seed).
+    batch 2, features 8,000 (seed).
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
     this layer. Results, the cache and work arrays are then written into arrays kept in it and
@@ -116,7 +116,7 @@ def relu_backward(da, cache, *, workspace=None):
     dz: proven on 3 configurations: batch 1-2, features 1-3.
     `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
     the sizes the shipped networks use: batch 2, features 4 (toy); batch 2, features 84 (lenet);
-    batch 2, features 120 (lenet); batch 2, features 400 (lenet); batch 2, features 1176
+    batch 2, features 120 (lenet); batch 2, features 400 (lenet); batch 2, features 1,176
     (lenet).
 
     ReLU has no derivative at Z = 0; the gradient uses 0 there (a subgradient, any value in [0,

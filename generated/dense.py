@@ -69,7 +69,7 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
     the sizes the shipped networks use: batch 2, in_features 4, out_features 1 (toy); batch 2,
     in_features 84, out_features 10 (lenet); batch 2, in_features 120, out_features 84 (lenet);
-    batch 2, in_features 400, out_features 120 (lenet); batch 2, in_features 2000, out_features
+    batch 2, in_features 400, out_features 120 (lenet); batch 2, in_features 2,000, out_features
     10 (seed).
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
