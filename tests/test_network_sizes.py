@@ -86,3 +86,24 @@ def test_every_configuration_a_network_runs_is_proven_at_its_size(network, monke
 
 def test_each_configuration_is_proven_once():
     assert len(jobs()) == len({(layer, tuple(sorted(s.items()))) for _, layer, s in jobs()})
+
+
+def test_the_proofs_at_network_sizes_run_and_report_per_layer(monkeypatch):
+    """A cheap part of the list (the full run takes minutes and runs in CI)."""
+    from derive import network_sizes
+
+    cheap = [job for job in jobs() if job[1] in ("dense", "relu") and "toy" in job[0]]
+    assert len(cheap) == 2
+    monkeypatch.setattr(network_sizes, "jobs", lambda: cheap)
+    rows = network_sizes.verify_network_sizes(workers=1)
+    assert [(row.name, row.ok, len(row.configurations)) for row in rows] == [
+        ("dense", True, 1),
+        ("relu", True, 1),
+    ]
+
+
+def test_network_sizes_is_used_alone(capsys):
+    from cnnderive.cli import main
+
+    assert main(["verify", "--network-sizes", "--layer", "relu"]) == 2
+    assert "--network-sizes" in capsys.readouterr().err
