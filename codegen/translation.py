@@ -205,15 +205,29 @@ def _namespace(expr: sympy.Expr) -> dict:
     return names
 
 
+def _unreadable(code: str, error: Exception) -> TranslationError:
+    return TranslationError(
+        f"the emitted code cannot be read back to check it ({type(error).__name__}: {error}):\n"
+        f"{code}\nso nothing was generated; teach codegen/translation.py's stand-in for "
+        "NumPy the function it uses"
+    )
+
+
 def read_printed(code: str, expr: sympy.Expr) -> sympy.Expr:
     """The expression that the printed NumPy expression ``code`` computes."""
-    return _expr(eval(code, _namespace(expr)))  # noqa: S307 - code the printer just wrote
+    try:
+        return _expr(eval(code, _namespace(expr)))  # noqa: S307 - code the printer just wrote
+    except (AttributeError, NameError, TypeError, ValueError) as error:
+        raise _unreadable(code, error) from error
 
 
 def read_statements(lines: list[str], target: str, expr: sympy.Expr) -> sympy.Expr:
     """The expression that the statements ``lines`` leave in ``target``."""
     names = _namespace(expr)
-    exec("\n".join(lines), names)  # noqa: S102 - code the lowering just wrote
+    try:
+        exec("\n".join(lines), names)  # noqa: S102 - code the lowering just wrote
+    except (AttributeError, NameError, TypeError, ValueError) as error:
+        raise _unreadable("\n".join(lines), error) from error
     return _expr(names[target])
 
 

@@ -153,3 +153,8 @@ def test_masks_and_named_functions_are_compared_numerically_when_needed():
         translation.read_printed("np.maximum(z, 0) + np.log(1 + np.exp(np.abs(z)))", z),
         softplus(z),
     )
+
+
+def test_code_the_checker_cannot_read_is_refused_with_the_way_out():
+    with pytest.raises(TranslationError, match="teach codegen/translation.py"):
+        check_printed("np.cbrt(z)", z)
