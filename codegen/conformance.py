@@ -766,10 +766,15 @@ def require_conformance(source: Path = KERNELS_SOURCE) -> int:
     """Run every check; raise KernelConformanceError naming the first failures.  Returns
     the number of checks."""
     problems = signature_problems(load_kernels(source))
+    checked = {kernel_name(check.node) for check in all_checks()}
+    problems += [
+        f"{kernel}: no conformance check; add its checks to codegen/conformance.py"
+        for kernel in sorted(set(KERNELS.values()) | {"sum_leading"} - checked)
+    ]
     if problems:
         raise KernelConformanceError(
-            "the runtime library's signatures do not fit the calls the emitter writes, so "
-            "nothing was generated:\n" + "\n".join(f"  {line}" for line in problems)
+            "the runtime library does not fit the calls the emitter writes, or is not "
+            "checked, so nothing was generated:\n" + "\n".join(f"  {line}" for line in problems)
         )
     count, failures = check_kernels(source)
     if failures:

@@ -4,10 +4,12 @@ with the bugs that the proofs of the trees alone cannot see."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from codegen import emit as emit_module
 from codegen import render
 from codegen.conformance import (
     KERNELS_SOURCE,
@@ -20,6 +22,7 @@ from codegen.conformance import (
     signature_problems,
 )
 from codegen.emit import KERNELS
+from derive import ir
 
 
 def test_every_kernel_agrees_with_the_definitions_on_every_path():
@@ -130,5 +133,16 @@ def test_the_kernels_take_the_keywords_the_emitter_passes(tmp_path):
     )
     (problem,) = signature_problems(load_kernels(renamed))
     assert problem.startswith("crop takes (a, top, left, rows, width)")
-    with pytest.raises(KernelConformanceError, match="signatures"):
+    with pytest.raises(KernelConformanceError, match="does not fit the calls"):
         require_conformance(renamed)
+
+
+@dataclasses.dataclass(frozen=True)
+class NewPrimitive(ir.Node):
+    a: ir.Node
+
+
+def test_a_kernel_without_checks_is_refused(monkeypatch):
+    monkeypatch.setitem(emit_module.KERNELS, NewPrimitive, "rot180_twice")
+    with pytest.raises(KernelConformanceError, match="rot180_twice: no conformance check"):
+        require_conformance()
