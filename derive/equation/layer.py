@@ -276,15 +276,18 @@ def _example(model: Model, configs):
 
 
 def _case_name(tree) -> str:
+    """What the generic closed form does, in words, for the derivation and the docstrings."""
     from derive import ir
 
-    names = {
-        ir.ScatterContract: "generic: the adjoint of each read, one strided block per kernel offset",
-        ir.RouteView: "generic: each δ routed to the first maximum of its window",
-        ir.CropAxes: "generic: the adjoint of each read of the padded array, cropped by the padding",
-        ir.Pointwise: "generic: the sum of the adjoints of every read",
-    }
-    return names.get(type(tree), "generic")
+    if isinstance(tree, ir.CropAxes):
+        return "the adjoint of every read of the padded array, cropped by the padding"
+    if isinstance(tree, ir.Pointwise):
+        return "the sum of the adjoints of every read of the array"
+    if isinstance(tree, ir.RouteView):
+        return "each δ routed to the first maximum of its window"
+    if isinstance(tree, ir.ScatterContract) and any(len(axis) > 1 for axis in tree.write.axes):
+        return "the adjoint of the read: each kernel offset's share added as one strided block"
+    return "the adjoint of the read: a contraction over the indices the array does not use"
 
 
 def layer_from_equation(name: str, text: str) -> Layer:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sympy
 
-from derive.equation.model import Model, affine_expr
+from derive.equation.model import Model, affine_expr, index_symbol
 from derive.equation.syntax import Element, Reduction
 
 
@@ -54,14 +54,21 @@ def solve_axis(affine, position: sympy.Symbol, output_indices) -> tuple[str, str
         return None
     target = candidates[0]
     coefficient = affine.coefficient(target)
-    symbol = sympy.Symbol(target, integer=True)
-    rest = affine_expr(affine) - coefficient * symbol
+    symbol = index_symbol(target)
+    rest = sympy.expand(affine_expr(affine) - coefficient * symbol)
     numerator = position - rest
-    solution = rf"{target} = {_latex(numerator / coefficient)}"
+    quotient = (
+        numerator
+        if coefficient == 1
+        else sympy.Mul(numerator, sympy.Pow(coefficient, -1), evaluate=False)
+    )
+    solution = rf"{target} = {_latex(quotient)}"
     conditions = []
     if coefficient != 1:
-        conditions.append(rf"{_latex(position)} \equiv {_latex(rest)} \pmod{{{coefficient}}}")
-    conditions.append(rf"0 \le {target} < {target.upper()}")
+        conditions.append(rf"{_latex(numerator)} \text{{ a multiple of }} {coefficient}")
+    conditions.append(
+        rf"0 \le {target} < {target.upper()}\ \text{{(the length of the output axis {target})}}"
+    )
     return solution, r",\ ".join(conditions)
 
 
@@ -89,9 +96,11 @@ def chain_rule_lines(model: Model) -> tuple[str, ...]:
             if reduction is not None and reduction.kind == "max"
             else rf"\frac{{\partial {out}_{{{out_indices}}}}}{{\partial {name}_{{{read_text}}}}}"
         )
+        reads_of_array = sum(1 for r in model.reads if r.element.array == element.array)
+        share = r"\text{(this read's share) }" if reads_of_array > 1 else ""
         lines.append(
-            rf"\frac{{\partial L}}{{\partial {name}_{{{','.join(_latex(p) for p in positions)}}}}}"
-            rf" \mathrel{{+}}= \sum_{{{','.join(scope)}\,:\ {equations}}} \delta_{{{out_indices}}}\,{factor}"
+            rf"{share}\frac{{\partial L}}{{\partial {name}_{{{','.join(_latex(p) for p in positions)}}}}}"
+            rf" = \sum_{{{','.join(scope)}\,:\ {equations}}} \delta_{{{out_indices}}}\,{factor}"
         )
         solved = [
             solve_axis(a, p, model.output_indices) for a, p in zip(element.indices, positions)
@@ -99,7 +108,7 @@ def chain_rule_lines(model: Model) -> tuple[str, ...]:
         for item in solved:
             if item is not None:
                 solution, conditions = item
-                lines.append(rf"\text{{solving: }} {solution} \quad \text{{for }} {conditions}")
+                lines.append(rf"\text{{solved: }} {solution} \quad \text{{when }} {conditions}")
     return tuple(lines)
 
 
@@ -108,7 +117,7 @@ def notes(model: Model) -> tuple[str, ...]:
         "Each line above is the chain rule in scatter form: every output element that read an "
         "array element adds its share to that element's gradient. Solving each index equation "
         "for an output index turns it into a gather form: the kernel offsets stay free, and a "
-        "coefficient $c \\ne 1$ restricts the position to one residue class modulo $c$.",
+        "coefficient $c$ other than 1 restricts the position to one residue class modulo $c$.",
         "The generated code runs the gather form one kernel offset at a time: with the offsets "
         "fixed, the positions that receive a contribution form one strided block of the "
         "gradient (start: the offset, step: the coefficient), on which the solved index runs "
