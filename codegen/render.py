@@ -500,6 +500,18 @@ def write_atomically(path: Path, content: str) -> None:
     replace_atomically(path, lambda stream: stream.write(content.encode("utf-8")))
 
 
+def write_package(output: Path, files: dict[str, str]) -> None:
+    """Write ``files`` into ``output`` (made if missing), each atomically; generated files
+    there that ``files`` no longer holds are removed, other files are left alone."""
+    output.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        path = output / name
+        if not path.exists() or path.read_text(encoding="utf-8") != content:
+            write_atomically(path, content)
+    for stale in sorted(_generated_before(output) - set(files)):
+        (output / stale).unlink()
+
+
 def _generated_before(output: Path) -> set[str]:
     """Names of the ``*.py`` files in ``output`` that start with the generated-file header.
 

@@ -57,12 +57,10 @@ def solve_axis(affine, position: sympy.Symbol, output_indices) -> tuple[str, str
     symbol = index_symbol(target)
     rest = sympy.expand(affine_expr(affine) - coefficient * symbol)
     numerator = position - rest
-    quotient = (
-        numerator
-        if coefficient == 1
-        else sympy.Mul(numerator, sympy.Pow(coefficient, -1), evaluate=False)
-    )
-    solution = rf"{target} = {_latex(quotient)}"
+    quotient = _latex(numerator)
+    if coefficient != 1:
+        quotient = rf"\frac{{{quotient}}}{{{coefficient}}}"
+    solution = rf"{target} = {quotient}"
     conditions = []
     if coefficient != 1:
         conditions.append(rf"{_latex(numerator)} \text{{ a multiple of }} {coefficient}")
