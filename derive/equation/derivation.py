@@ -26,7 +26,8 @@ import sympy
 
 from derive import ir
 from derive.equation.model import Model
-from derive.equation.syntax import Affine, Call, Element, Node, Number, Reduction
+from derive.equation.named import name_reduction
+from derive.equation.syntax import Affine, Element, Node, Number, Reduction
 from derive.functions import sigmoid
 
 UPSTREAM = "dout"
@@ -61,104 +62,160 @@ def _identity_map(indices: tuple[str, ...]) -> ir.IndexMap:
 @dataclass
 class Lowered:
     forward: list[tuple[str, ir.Node]]
-    gradients: list[tuple[str, str, ir.Node]]  # (gradient name, array, tree)
+    gradients: list[tuple[str, str, tuple[ir.Case, ...]]]  # (gradient name, array, cases)
+    named: list[str]  # the rules that named a reduction, for the derivation
+
+
+@dataclass
+class _Contribution:
+    """One read's share of an array's gradient: its cases, and whether they are in the
+    padded array's coordinates (cropped before they are added up)."""
+
+    cases: tuple[ir.Case, ...]
+    padded: bool
 
 
 class Lowering:
-    """Builds the forward bindings and the gradient trees of one equation."""
+    """Builds the forward bindings and the gradient trees of one equation.
 
-    def __init__(self, model: Model):
+    With ``named`` (the default), reductions that a rule of ``derive.equation.named``
+    recognises get that rule's primitives; otherwise, and always with ``named=False``,
+    the generic index-space primitives."""
+
+    def __init__(self, model: Model, named: bool = True):
         self.model = model
+        self.named = named
         self.out = model.output_indices
-        self.placeholders: dict[int, sympy.Symbol] = {}  # id(syntax node) -> symbol
-        self.values: dict[sympy.Symbol, ir.Node] = {}  # placeholder -> forward value
         self.forward: list[tuple[str, ir.Node]] = []
-        self.sources: dict[str, ir.Node] = {}
-        self.element_of: dict[sympy.Symbol, Element] = {}
-        # reduction placeholder -> (syntax node, scope, body expression, forward binding)
+        self.taken: set[str] = set(model.arrays) | {UPSTREAM, "out"}
+        self.padded_sources: dict[str, ir.Operand] = {}
+        self.values: dict[sympy.Symbol, ir.Node] = {}  # placeholder -> forward value
+        self.element_of: dict[sympy.Symbol, tuple[Element, tuple[str, ...]]] = {}
+        # reduction placeholder -> (syntax node, scope, body expression, named form or None)
         self.reduction_info: dict[sympy.Symbol, tuple] = {}
-        for name, info in model.arrays.items():
-            if info.padding and any(w != 0 for w in info.padding):
-                padded = f"{name}_padded"
-                self.forward.append((padded, ir.ZeroPad(ir.Operand(name), tuple(info.padding))))
-                self.sources[name] = ir.Operand(padded)
-            else:
-                self.sources[name] = ir.Operand(name)
+        self.rules: list[str] = []
+        self.symbol_names: set[str] = {UPSTREAM}
+        self.binding_of: dict[sympy.Symbol, str] = {}  # reduction placeholder -> forward name
 
-    # -- helpers -----------------------------------------------------------------
+    # -- names and sources ---------------------------------------------------------
+    def unique(self, base: str) -> str:
+        name, number = base, 2
+        while name in self.taken:
+            name, number = f"{base}{number}", number + 1
+        self.taken.add(name)
+        return name
+
+    def placeholder(self, base: str) -> sympy.Symbol:
+        """A fresh symbol for a value in the SymPy form of the equation (its own names:
+        the emitter makes variable names unique)."""
+        name, number = base, 2
+        while name in self.symbol_names:
+            name, number = f"{base}{number}", number + 1
+        self.symbol_names.add(name)
+        return sympy.Symbol(name, real=True)
+
+    def padded(self, element: Element) -> bool:
+        return bool(element.padding) and any(w != 0 for w in element.padding)
+
+    def source(self, element: Element) -> ir.Node:
+        """The array a read indexes: the input, or its zero-padded copy (made once)."""
+        if not self.padded(element):
+            return ir.Operand(element.array)
+        if element.array not in self.padded_sources:
+            name = self.unique(f"{element.array}_padded")
+            self.forward.append(
+                (name, ir.ZeroPad(ir.Operand(element.array), tuple(element.padding)))
+            )
+            self.padded_sources[element.array] = ir.Operand(name)
+        return self.padded_sources[element.array]
+
     def extents(self, indices) -> tuple[sympy.Expr, ...]:
         return tuple(self.model.extents[i] for i in indices)
 
-    def source_shape(self, array: str) -> tuple[sympy.Expr, ...]:
-        info = self.model.arrays[array]
+    def source_shape(self, element: Element) -> tuple[sympy.Expr, ...]:
+        info = self.model.arrays[element.array]
         return tuple(info.padded_extent(axis) for axis in range(info.rank))
 
-    def view(self, element: Element, indices: tuple[str, ...]) -> ir.IndexView:
-        return ir.IndexView(
-            self.sources[element.array], index_map(element.indices), indices, self.extents(indices)
+    # -- reads -------------------------------------------------------------------
+    def trailing(self, element: Element, scope) -> bool:
+        """Whether the read is the array itself lined up with the last axes of ``scope``
+        (``b[o]`` in ``Z[n,i,j,o]``): NumPy's broadcasting then reads it as it is."""
+        names = [a.standalone() for a in element.indices]
+        return (
+            self.named
+            and not self.padded(element)
+            and None not in names
+            and tuple(names) == tuple(scope[len(scope) - len(names) :])
         )
 
-    @staticmethod
-    def used(element: Element, scope: tuple[str, ...]) -> tuple[str, ...]:
+    def view(self, element: Element, indices: tuple[str, ...]) -> ir.Node:
+        return ir.IndexView(
+            self.source(element), index_map(element.indices), indices, self.extents(indices)
+        )
+
+    def minimal_view(self, symbol: sympy.Symbol, scope) -> tuple[ir.Node, tuple[str, ...]]:
+        """The element's view over just the indices it uses, in the order of ``scope``."""
+        element, _ = self.element_of[symbol]
         names = {n for a in element.indices for n in a.indices}
-        return tuple(n for n in scope if n in names)
+        indices = tuple(n for n in scope if n in names)
+        return self.view(element, indices), indices
 
-    def placeholder(self, node: Node, label: str) -> sympy.Symbol:
-        symbol = sympy.Symbol(f"{label}{len(self.placeholders)}", real=True)
-        self.placeholders[id(node)] = symbol
-        return symbol
-
+    # -- the expression --------------------------------------------------------------
     def expression(self, node: Node, scope: tuple[str, ...]) -> sympy.Expr:
         """The SymPy form of ``node``, each element and reduction a placeholder symbol."""
         if isinstance(node, Number):
             return sympy.Rational(node.value)
         if isinstance(node, Element):
-            symbol = self.placeholder(node, node.array.lower() + "_")
-            self.values[symbol] = self.view(node, scope)
-            self.element_of[symbol] = node
+            symbol = self.placeholder(node.array.lower())
+            if self.trailing(node, scope):
+                self.values[symbol] = ir.Operand(node.array)
+            else:
+                self.values[symbol] = self.view(node, scope)
+            self.element_of[symbol] = (node, scope)
             return symbol
         if isinstance(node, Reduction):
             return self.reduction(node, scope)
-        assert isinstance(node, Call)
         args = [self.expression(a, scope) for a in node.arguments]
-        if node.function == "+":
-            return args[0] + args[1]
-        if node.function == "-":
-            return args[0] - args[1]
-        if node.function == "*":
-            return args[0] * args[1]
-        if node.function == "/":
-            return args[0] / args[1]
-        if node.function == "**":
-            return args[0] ** args[1]
-        if node.function == "neg":
-            return -args[0]
-        return FUNCTIONS[node.function](args[0])
+        operations = {
+            "+": lambda a, b: a + b,
+            "-": lambda a, b: a - b,
+            "*": lambda a, b: a * b,
+            "/": lambda a, b: a / b,
+            "**": lambda a, b: a**b,
+            "neg": lambda a: -a,
+        }
+        if node.function in operations:
+            return operations[node.function](*args)
+        return FUNCTIONS[node.function](*args)
 
-    # -- forward -----------------------------------------------------------------
     def reduction(self, node: Reduction, scope: tuple[str, ...]) -> sympy.Symbol:
         inner = scope + node.indices
-        number = len(self.forward)
-        name = f"{node.kind}{number}"
-        symbol = self.placeholder(node, node.kind + "_")
-        if node.kind == "max":
+        symbol = self.placeholder("z")
+        named = name_reduction(self.model, node, scope, self.unique) if self.named else None
+        body, position = None, None
+        if named is not None:
+            self.forward += named.bindings
+            value = named.value
+            self.rules.append(named.rule)
+        elif node.kind == "max":
             element = node.body
-            kept_extents = self.extents(scope + node.indices)
-            position = ir.ArgmaxView(
-                self.sources[element.array],
-                index_map(element.indices),
-                scope,
-                node.indices,
-                kept_extents,
+            position = self.unique(f"{symbol.name}_position")
+            read = index_map(element.indices)
+            self.forward.append(
+                (
+                    position,
+                    ir.ArgmaxView(
+                        self.source(element), read, scope, node.indices, self.extents(inner)
+                    ),
+                )
             )
-            self.forward.append((f"{name}_position", position))
             value = ir.TakeView(
-                self.sources[element.array],
-                ir.Operand(f"{name}_position"),
-                index_map(element.indices),
+                self.source(element),
+                ir.Operand(position),
+                read,
                 scope,
                 node.indices,
-                kept_extents,
+                self.extents(inner),
             )
         else:
             body = self.expression(node.body, inner)
@@ -171,13 +228,16 @@ class Lowering:
                     value = ir.pointwise(coefficient * sympy.Symbol("t"), t=value)
             else:
                 arguments = {str(s): self.values[s] for s in body.free_symbols}
-                axes = tuple(range(len(scope), len(inner)))
-                value = ir.Sum(ir.pointwise(body, **arguments), axes)
+                value = ir.Sum(
+                    ir.pointwise(body, **arguments), tuple(range(len(scope), len(inner)))
+                )
             if node.kind == "mean":
                 value = ir.pointwise(sympy.Symbol("t") / self.count(node), t=value)
-        self.forward.append((name, value))
-        self.values[symbol] = ir.Operand(name)
-        self.reduction_info[symbol] = (node, scope, body if node.kind != "max" else None, name)
+        binding = self.unique(symbol.name)
+        self.binding_of[symbol] = binding
+        self.forward.append((binding, value))
+        self.values[symbol] = ir.Operand(binding)
+        self.reduction_info[symbol] = (node, scope, body, named, position)
         return symbol
 
     def count(self, node: Reduction) -> sympy.Expr:
@@ -189,88 +249,104 @@ class Lowering:
         for factor in sympy.Mul.make_args(body):
             if factor.is_number:
                 coefficient *= factor
-            elif factor.is_Symbol and factor in self.values and factor not in factors:
+            elif factor in self.element_of and factor not in factors:
                 factors.append(factor)
             else:
                 return None
         return coefficient, factors
 
-    def minimal_view(self, symbol: sympy.Symbol, scope) -> tuple[ir.Node, tuple[str, ...]]:
-        """The element's view over just the indices it uses."""
-        node = self.element_of[symbol]
-        indices = self.used(node, scope)
-        return self.view(node, indices), indices
-
     def lower(self) -> Lowered:
         rhs = self.expression(self.model.equation.rhs, self.out)
-        if rhs in self.reduction_info and self.forward[-1][0] == self.values[rhs].name:
-            # The output is the reduction itself: bind it as "out" rather than copy it.
-            _, tree = self.forward.pop()
-            self.forward.append(("out", tree))
+        if rhs in self.reduction_info:
+            # The output is the reduction itself: its binding becomes "out".
+            number = next(
+                k for k, (name, _) in enumerate(self.forward) if name == self.binding_of[rhs]
+            )
+            self.forward[number] = ("out", self.forward[number][1])
             self.values[rhs] = ir.Operand("out")
-            node, scope, body, _ = self.reduction_info[rhs]
-            self.reduction_info[rhs] = (node, scope, body, "out")
         else:
+            self.inline_unneeded(rhs)
             arguments = {str(s): self.values[s] for s in rhs.free_symbols}
             self.forward.append(("out", ir.pointwise(rhs, **arguments)))
-        return Lowered(self.forward, self.backward(rhs))
+        return Lowered(self.forward, self.backward(rhs), self.rules)
+
+    def inline_unneeded(self, rhs: sympy.Expr) -> None:
+        """A reduction whose value no derivative of the output reads (``z`` in ``b + z``)
+        is computed inside the output's expression instead of kept for the backward pass."""
+        needed = set()
+        for symbol in rhs.free_symbols:
+            needed |= sympy.diff(rhs, symbol).free_symbols
+        for symbol in [s for s in rhs.free_symbols if s in self.reduction_info]:
+            if symbol in needed:
+                continue
+            binding = self.binding_of[symbol]
+            number = next(k for k, (name, _) in enumerate(self.forward) if name == binding)
+            _, tree = self.forward.pop(number)
+            self.values[symbol] = tree
 
     # -- backward ----------------------------------------------------------------
-    def backward(self, rhs: sympy.Expr) -> list[tuple[str, str, ir.Node]]:
-        contributions: dict[str, list[ir.Node]] = {name: [] for name in self.model.arrays}
+    def backward(self, rhs: sympy.Expr) -> list[tuple[str, str, tuple[ir.Case, ...]]]:
+        contributions: dict[str, list[_Contribution]] = {name: [] for name in self.model.arrays}
         upstream = ir.Operand(UPSTREAM)
-        delta = sympy.Symbol("delta", real=True)
+        delta = sympy.Symbol(UPSTREAM, real=True)
         for symbol in sorted(rhs.free_symbols, key=lambda s: s.name):
             derivative = sympy.diff(rhs, symbol)
             if derivative == 1:
                 g = upstream
             else:
                 arguments = {str(s): self.values[s] for s in derivative.free_symbols}
-                g = ir.pointwise(delta * derivative, delta=upstream, **arguments)
+                g = ir.pointwise(delta * derivative, **{UPSTREAM: upstream}, **arguments)
             if symbol in self.reduction_info:
                 self.reduction_backward(symbol, g, contributions)
             else:
-                element = self.element_of[symbol]
-                contributions[element.array].append(
-                    ir.ScatterContract(
-                        (g,),
-                        (self.out,),
-                        index_map(element.indices),
-                        self.out,
-                        self.extents(self.out),
-                        self.source_shape(element.array),
-                    )
-                )
+                element, scope = self.element_of[symbol]
+                contributions[element.array].append(self.read_adjoint(element, scope, g))
         gradients = []
         for array, parts in contributions.items():
-            info = self.model.arrays[array]
-            if not parts:
-                continue
-            total = parts[0]
-            if len(parts) > 1:
-                names = [f"part{k}" for k in range(len(parts))]
-                total = ir.pointwise(
-                    sympy.Add(*[sympy.Symbol(n) for n in names]), **dict(zip(names, parts))
-                )
-            if info.padding and any(w != 0 for w in info.padding):
-                total = ir.CropAxes(total, tuple(info.padding), tuple(info.dims))
-            gradients.append((f"d{array}", array, total))
+            if parts:
+                gradients.append((f"d{array}", array, self.total(array, parts)))
         return gradients
 
+    def read_adjoint(self, element: Element, scope, g: ir.Node) -> _Contribution:
+        """The gradient of a read outside any reduction, given the gradient ``g`` of its value."""
+        if self.trailing(element, scope):
+            leading = tuple(range(len(scope) - len(element.indices)))
+            tree = ir.Sum(g, leading) if leading else g
+            along = ", ".join(scope[: len(leading)])
+            name = f"sum of δ over {along}, the axes {element.array} is repeated along"
+            return _Contribution((ir.Case(tree, name=name if leading else "δ itself"),), False)
+        tree = ir.ScatterContract(
+            (g,),
+            (scope,),
+            index_map(element.indices),
+            scope,
+            self.extents(scope),
+            self.source_shape(element),
+        )
+        return _Contribution((ir.Case(tree, name=_generic_name(tree)),), self.padded(element))
+
     def reduction_backward(self, symbol, g: ir.Node, contributions) -> None:
-        node, scope, body, name = self.reduction_info[symbol]
+        node, scope, body, named, position = self.reduction_info[symbol]
         inner = scope + node.indices
+        if named is not None:
+            for array, cases in named.gradients(g).items():
+                contributions[array].append(_Contribution(cases, False))
+            return
         if node.kind == "max":
             element = node.body
+            tree = ir.RouteView(
+                g,
+                ir.Operand(position),
+                index_map(element.indices),
+                scope,
+                node.indices,
+                self.extents(inner),
+                self.source_shape(element),
+            )
             contributions[element.array].append(
-                ir.RouteView(
-                    g,
-                    ir.Operand(self.max_position(node)),
-                    index_map(element.indices),
-                    scope,
-                    node.indices,
-                    self.extents(inner),
-                    self.source_shape(element.array),
+                _Contribution(
+                    (ir.Case(tree, name="each δ routed to the first maximum of its window"),),
+                    self.padded(element),
                 )
             )
             return
@@ -278,7 +354,7 @@ class Lowering:
             g = ir.pointwise(sympy.Symbol("g") / self.count(node), g=g)
         factors = self.monomial(body)
         for element_symbol in sorted(body.free_symbols, key=lambda s: s.name):
-            element = self.element_of[element_symbol]
+            element, _ = self.element_of[element_symbol]
             if factors is not None:
                 coefficient, elements = factors
                 weighted = (
@@ -291,7 +367,7 @@ class Lowering:
                     index_map(element.indices),
                     inner,
                     self.extents(inner),
-                    self.source_shape(element.array),
+                    self.source_shape(element),
                 )
             else:
                 derivative = sympy.diff(body, element_symbol)
@@ -306,16 +382,46 @@ class Lowering:
                     index_map(element.indices),
                     inner,
                     self.extents(inner),
-                    self.source_shape(element.array),
+                    self.source_shape(element),
                 )
-            contributions[element.array].append(tree)
+            contributions[element.array].append(
+                _Contribution((ir.Case(tree, name=_generic_name(tree)),), self.padded(element))
+            )
 
-    def max_position(self, node) -> str:
-        for binding, tree in self.forward:
-            if isinstance(tree, ir.ArgmaxView) and tree.reduced == node.indices:
-                return binding
-        raise KeyError("max position")
+    def total(self, array: str, parts: list[_Contribution]) -> tuple[ir.Case, ...]:
+        """An array's gradient: its reads' shares, cropped where padded, added up."""
+        info = self.model.arrays[array]
+
+        def unpadded(tree, padded):
+            if not padded:
+                return tree
+            return ir.CropAxes(tree, tuple(info.padding), tuple(info.dims))
+
+        if len(parts) == 1:
+            part = parts[0]
+            if not part.padded:
+                return part.cases
+            (case,) = part.cases
+            cropped = unpadded(case.tree, True)
+            return (
+                ir.Case(
+                    cropped,
+                    name="the adjoint of every read of the padded array, cropped by the padding",
+                ),
+            )
+        # Several reads: each contributes its unconditional (last) case.
+        names = [f"part{k}" for k in range(len(parts))]
+        trees = [unpadded(part.cases[-1].tree, part.padded) for part in parts]
+        tree = ir.pointwise(sympy.Add(*[sympy.Symbol(n) for n in names]), **dict(zip(names, trees)))
+        return (ir.Case(tree, name="the sum of the adjoints of every read of the array"),)
 
 
-def lower(model: Model) -> Lowered:
-    return Lowering(model).lower()
+def _generic_name(tree) -> str:
+    """What a generic closed form does, in words, for the derivation and the docstrings."""
+    if isinstance(tree, ir.ScatterContract) and any(len(axis) > 1 for axis in tree.write.axes):
+        return "the adjoint of the read: each kernel offset's share added as one strided block"
+    return "the adjoint of the read: a contraction over the indices the array does not use"
+
+
+def lower(model: Model, named: bool = True) -> Lowered:
+    return Lowering(model, named).lower()

@@ -14,7 +14,6 @@ import sympy
 from derive.equation.derivation import FUNCTIONS, UPSTREAM, index_map, lower
 from derive.equation.model import Model, affine_expr, index_symbol, model_of
 from derive.equation.syntax import Call, Element, EquationError, Node, Number, Reduction
-from derive.ir import Case
 from derive.layer import Definition, Gradient, Input, Layer, Requirement
 
 
@@ -239,8 +238,7 @@ def layer_from_model(name: str, model: Model) -> Layer:
     configs = configurations(model)
     has_max = any(r.kind == "max" for r in model.reductions)
     gradients = tuple(
-        Gradient(gradient_name, array, (Case(tree, name=_case_name(tree)),))
-        for gradient_name, array, tree in lowered.gradients
+        Gradient(gradient_name, array, cases) for gradient_name, array, cases in lowered.gradients
     )
     from derive.equation.steps import chain_rule_lines, notes  # the derivation's text
 
@@ -275,21 +273,6 @@ def _example(model: Model, configs):
     return min(pool, key=lambda c: (_elements(model, c), sorted(c.values())))
 
 
-def _case_name(tree) -> str:
-    """What the generic closed form does, in words, for the derivation and the docstrings."""
-    from derive import ir
-
-    if isinstance(tree, ir.CropAxes):
-        return "the adjoint of every read of the padded array, cropped by the padding"
-    if isinstance(tree, ir.Pointwise):
-        return "the sum of the adjoints of every read of the array"
-    if isinstance(tree, ir.RouteView):
-        return "each δ routed to the first maximum of its window"
-    if isinstance(tree, ir.ScatterContract) and any(len(axis) > 1 for axis in tree.write.axes):
-        return "the adjoint of the read: each kernel offset's share added as one strided block"
-    return "the adjoint of the read: a contraction over the indices the array does not use"
-
-
 def layer_from_equation(name: str, text: str) -> Layer:
     """The layer that ``text`` defines, named ``name`` (a Python identifier)."""
     if not name.isidentifier() or name.startswith("_"):
@@ -299,4 +282,10 @@ def layer_from_equation(name: str, text: str) -> Layer:
     return layer_from_model(name, model_of(text))
 
 
-__all__ = ["layer_from_equation", "layer_from_model", "EquationDefinition", "index_map"]
+def derived_closed_forms(text: str, parameters, dims, order):
+    """The forward bindings and the gradients (in ``order`` of the arrays) that the
+    derivation finds for ``text``: how the catalogue's entries get their closed forms
+    from their definitions instead of writing them by hand."""
+    lowered = lower(model_of(text, parameters, dims))
+    by_array = {array: Gradient(name, array, cases) for name, array, cases in lowered.gradients}
+    return tuple(lowered.forward), tuple(by_array[array] for array in order if array in by_array)

@@ -130,7 +130,10 @@ def _indices_in(node: Node) -> set[str]:
     return set()
 
 
-def build_model(equation: Equation) -> Model:
+def build_model(equation: Equation, parameters=(), dims=None) -> Model:
+    """``dims`` may give an array's Dims (one per axis) instead of new ones: the catalogue
+    names its sizes itself."""
+    dims = dims or {}
     reads: list[Read] = []
     reductions: list[Reduction] = []
     _walk(equation.rhs, equation.output_indices, reads, reductions, equation)
@@ -229,7 +232,7 @@ def build_model(equation: Equation) -> Model:
         for name, bound in zip(reduction.indices, reduction.bounds):
             if bound is not None:
                 bounds[name] = bound
-                extents[name] = sympy.Integer(bound)
+                extents[name] = sympy.sympify(bound)
     defining: dict[str, tuple[Dim, sympy.Expr]] = {}
     for read in reads:
         element = read.element
@@ -245,7 +248,9 @@ def build_model(equation: Equation) -> Model:
             )
             name = affine.standalone()
             width = info.padding[axis] if info.padding else 0
-            if name is not None and width == 0 and name in defining and name not in bounds:
+            if element.array in dims:
+                dim = dims[element.array][axis]
+            elif name is not None and width == 0 and name in defining and name not in bounds:
                 dim = defining[name][0]
             info.dims.append(dim)
             if name is not None and name not in extents:
@@ -284,7 +289,7 @@ def build_model(equation: Equation) -> Model:
     while pending:
         progressed = False
         for name in list(pending):
-            limits = _valid_limits(name, reads, arrays, extents, equation)
+            limits = _valid_limits(name, reads, arrays, extents, equation, parameters)
             if limits is None:
                 continue
             extents[name] = limits
@@ -304,7 +309,7 @@ def build_model(equation: Equation) -> Model:
         info = arrays[element.array]
         for axis, (affine, span) in enumerate(zip(element.indices, element.index_spans)):
             low, high = _affine_limits(affine, extents)
-            if not _nonnegative(low):
+            if not _nonnegative(low, parameters):
                 raise _error(
                     equation,
                     f"index {str(affine)!r} of {element.array} is negative for some values "
@@ -338,8 +343,14 @@ def build_model(equation: Equation) -> Model:
     return Model(equation, arrays, extents, reads, reductions, requirements)
 
 
-def _nonnegative(expr) -> bool:
+def _nonnegative(expr, parameters=()) -> bool:
+    """Whether ``expr`` is at least 0 for all sizes; the catalogue's parameters (stride,
+    padding, window size) count as nonnegative, as their own checks require."""
     expr = sympy.sympify(expr)
+    if parameters:
+        expr = expr.xreplace(
+            {p: sympy.Symbol(p.name, integer=True, nonnegative=True) for p in parameters}
+        )
     return bool(expr.is_nonnegative) or (expr.is_number and expr >= 0)
 
 
@@ -356,7 +367,7 @@ def _affine_limits(affine: Affine, extents) -> tuple[sympy.Expr, sympy.Expr]:
     return low, high
 
 
-def _valid_limits(name, reads, arrays, extents, equation):
+def _valid_limits(name, reads, arrays, extents, equation, parameters=()):
     """The number of values of output index ``name`` for which every read stays inside,
     or None while an index it shares an axis with has no range yet."""
     limits = []
@@ -370,7 +381,7 @@ def _valid_limits(name, reads, arrays, extents, equation):
             others = Affine.of({k: c for k, c in affine.coefficients if k != name}, affine.constant)
             if any(k not in extents for k in others.indices):
                 return None
-            if not _nonnegative(coefficient) or coefficient == 0:
+            if not _nonnegative(coefficient, parameters) or coefficient == 0:
                 raise _error(
                     equation,
                     f"output index {name!r} has a negative coefficient in {str(affine)!r}; "
@@ -386,6 +397,8 @@ def _valid_limits(name, reads, arrays, extents, equation):
     return limits[0] if len(limits) == 1 else sympy.Min(*limits)
 
 
-def model_of(text: str, parameters=None) -> Model:
-    """Parse and check ``text``: its ``Model``, or an ``EquationError``."""
-    return build_model(parse(text, parameters))
+def model_of(text: str, parameters=None, dims=None) -> Model:
+    """Parse and check ``text``: its ``Model``, or an ``EquationError``.  ``parameters``
+    maps names to the integer symbols they stand for (see ``syntax.parse``)."""
+    parameters = dict(parameters or {})
+    return build_model(parse(text, parameters), tuple(parameters.values()), dims)

@@ -366,6 +366,14 @@ class _Parser:
                 )
             bound = None
             if self.take("<"):
+                parameter = self.token
+                if parameter.kind == "name" and parameter.text in self.parameters:
+                    self.take()  # a run-time parameter as the bound (catalogue only)
+                    indices.append(index.text)
+                    bounds.append(self.parameters[parameter.text])
+                    if not self.take(","):
+                        break
+                    continue
                 number = self.take(kind="number")
                 if number is None or not number.text.isdigit() or int(number.text) < 1:
                     raise self.error(
