@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import sympy
 
-from derive.equation.derivation import FUNCTIONS, UPSTREAM, index_map, lower
+from derive.equation.derivation import FUNCTIONS, UPSTREAM, lower
 from derive.equation.model import Model, affine_expr, index_symbol, model_of
 from derive.equation.syntax import Call, Element, EquationError, Node, Number, Reduction
 from derive.layer import Definition, Gradient, Input, Layer, Requirement
