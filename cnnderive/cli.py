@@ -56,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from codegen import cli as codegen_cli
     from derive import cli as derive_cli
+    from cnnderive.book import cli as book_cli
     from cnnderive.train import cli as train_cli
 
     derive_cli.add_parsers(commands)
     codegen_cli.add_parsers(commands)
     train_cli.add_parsers(commands)
+    book_cli.add_parsers(commands)
     return parser
 
 
