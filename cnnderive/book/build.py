@@ -375,8 +375,15 @@ def build(
     formulas.page = "index.html"
     index_latex = _index_latex(contexts)
     _write(out / "tex" / "index.tex", index_latex)
+    first, example = pipeline_example(contexts)
     pages[out / "index.html"] = env.get_template("index.html.jinja").render(
-        pages=contexts, runs=run_data, stable=stable, title="The derivation book", root=""
+        pages=contexts,
+        first=first,
+        example=example,
+        runs=run_data,
+        stable=stable,
+        title="The derivation book",
+        root="",
     )
 
     log("rendering the formulas with KaTeX")
@@ -391,6 +398,17 @@ def build(
         _write(path, text)
         book.pages.append(path)
     return book
+
+
+def pipeline_example(contexts: list[dict]) -> tuple[dict | None, dict | None]:
+    """(page, closed form) that the index's pipeline shows: the first layer's gradient
+    with respect to its weights (its second input) where it has one, the textbook case."""
+    if not contexts or not contexts[0]["forms"]:
+        return None, None
+    first = contexts[0]
+    forms = first["forms"]
+    by_weights = [form for form in forms if form["wrt"] != first["layer"].inputs[0].name]
+    return first, (by_weights or forms)[0]
 
 
 def _index_latex(contexts: list[dict]) -> str:
