@@ -50,14 +50,18 @@ def _function(tree: ast.Module, name: str) -> ast.FunctionDef:
     raise KeyError(f"no function {name} in the generated module")
 
 
-def _assigned(statement: ast.stmt) -> set[str]:
-    return {
-        target.id
-        for node in ast.walk(statement)
-        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign))
-        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
-        if isinstance(target, ast.Name)
-    }
+def _written(statement: ast.stmt) -> set[str]:
+    """Names that ``statement`` assigns or fills in place (NumPy's ``out=`` argument):
+    generated code often makes an array first and writes its values by a later call."""
+    names = set()
+    for node in ast.walk(statement):
+        if isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.keyword) and node.arg == "out":
+            names |= {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+    return names
 
 
 def _read(statement: ast.stmt) -> set[str]:
@@ -79,21 +83,21 @@ def _reads_cache(statement: ast.stmt) -> bool:
 
 
 def gradient_statements(source: str, function: str, gradient: str) -> str:
-    """The statements of ``function`` that compute ``gradient``: those that assign it and,
-    before them, those that assign what they read (transitively), in the function's
+    """The statements of ``function`` that compute ``gradient``: those that write it and,
+    before them, those that write what they read (transitively), in the function's
     order.  Reading the cache is left out: the page shows the whole function below."""
     body = _function(ast.parse(source), function).body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]  # the docstring
-    chosen = {index for index, s in enumerate(body) if gradient in _assigned(s)}
+    chosen = {index for index, s in enumerate(body) if gradient in _written(s)}
     if not chosen:
-        raise KeyError(f"{function} assigns no {gradient}")
+        raise KeyError(f"{function} computes no {gradient}")
     wanted = set().union(*(_read(body[index]) for index in chosen))
     for index in range(max(chosen) - 1, -1, -1):
         statement = body[index]
         if index in chosen or _reads_cache(statement):
             continue
-        if _assigned(statement) & wanted:
+        if _written(statement) & wanted:
             chosen.add(index)
             wanted |= _read(statement)
     lines = source.splitlines()
