@@ -48,6 +48,7 @@ class Book:
     math_errors: list[str] = field(default_factory=list)  # "page: KaTeX message (formula)"
     unproven: list[str] = field(default_factory=list)  # layers whose proof failed
     failed_checks: list[str] = field(default_factory=list)  # layers whose numeric check failed
+    formulas: dict[str, int] = field(default_factory=dict)  # page (relative path) -> formulas on it
 
     @property
     def ok(self) -> bool:
@@ -388,6 +389,8 @@ def build(
 
     log("rendering the formulas with KaTeX")
     book.math_errors = formulas.fill(pages, katex_path)
+    for _, _, page in formulas.items:
+        book.formulas[page] = book.formulas.get(page, 0) + 1
     katex.copy_assets(katex_path, out / ASSETS / "katex", _copy)
     _copy(TEMPLATES / "book.css", out / ASSETS / "book.css")
     _write(
