@@ -217,19 +217,23 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m cnnderive.book.browser",
         description="Screenshot a page of the book in headless Chromium (how docs/ is made).",
     )
-    parser.add_argument("page", type=Path, help="an HTML page of a built book")
+    parser.add_argument(
+        "page", help="an HTML page of a built book, optionally with #section to scroll to"
+    )
     parser.add_argument("png", type=Path, help="where to write the screenshot")
     parser.add_argument("--width", type=int, default=1280, help="window width in CSS pixels")
     parser.add_argument("--height", type=int, default=900, help="window height (full page: 0)")
     args = parser.parse_args(argv)
-    if not args.page.is_file():
-        print(f"{args.page} does not exist; build the book first (cnnderive book OUT)", file=sys.stderr)
+    page, _, section = args.page.partition("#")
+    if not Path(page).is_file():
+        print(f"{page} does not exist; build the book first (cnnderive book OUT)", file=sys.stderr)
         return 2
+    url = Path(page).resolve().as_uri() + (f"#{section}" if section else "")
     from cnnderive.files import replace_atomically
 
     try:
         with Browser() as browser:
-            browser.open(args.page.resolve().as_uri(), width=args.width, height=args.height or 900)
+            browser.open(url, width=args.width, height=args.height or 900)
             picture = browser.screenshot(full_page=args.height == 0)
     except BrowserError as error:
         print(f"screenshot: {error}", file=sys.stderr)
