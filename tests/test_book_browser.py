@@ -56,7 +56,7 @@ def visits(browser):
 
 def test_every_page_renders_its_formulas_without_katex_errors(visits):
     book, seen = visits
-    for path, requests, _, facts in seen:
+    for path, _, _, facts in seen:
         expected = book.formulas.get(path.relative_to(book.out).as_posix(), 0)
         assert facts["errors"] == 0, path
         assert facts["katex"] == expected, path

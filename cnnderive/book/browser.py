@@ -139,7 +139,9 @@ class Browser:
             self.events.append(self._message(deadline))
 
     # -- what the tests and the screenshot use ---------------------------------
-    def open(self, url: str, width: int = 1280, height: int = 900, mobile: bool = False) -> list[str]:
+    def open(
+        self, url: str, width: int = 1280, height: int = 900, mobile: bool = False
+    ) -> list[str]:
         """Load ``url`` in a window ``width`` CSS pixels wide, wait for it and its fonts;
         returns the URL of every request the page made."""
         self.send(
@@ -187,7 +189,13 @@ class Browser:
         if full_page:
             params["captureBeyondViewport"] = True
             size = self.send("Page.getLayoutMetrics", session=True)["cssContentSize"]
-            params["clip"] = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+            params["clip"] = {
+                "x": 0,
+                "y": 0,
+                "width": size["width"],
+                "height": size["height"],
+                "scale": 1,
+            }
         return base64.b64decode(self.send("Page.captureScreenshot", session=True, **params)["data"])
 
     def close(self) -> None:

@@ -85,7 +85,9 @@ class Formulas:
 
     def fill(self, pages: dict[Path, str], katex_folder: Path) -> list[str]:
         """Replace the placeholders in ``pages`` by KaTeX's HTML; returns KaTeX's errors."""
-        rendered = katex.render([(latex, display) for latex, display, _ in self.items], katex_folder)
+        rendered = katex.render(
+            [(latex, display) for latex, display, _ in self.items], katex_folder
+        )
         errors = [
             f"{page}: {result.error} (in {latex!r})"
             for (latex, _, page), result in zip(self.items, rendered)

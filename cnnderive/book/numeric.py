@@ -111,4 +111,3 @@ def check(layer: Layer, module: types.ModuleType, config: Configuration, seed: i
             GradientCheck(gradient.name, base.size, largest, error, error / max(1.0, largest))
         )
     return NumericCheck(layer.describe(config), drawn, objective, results)
-
