@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import jinja2
+import sympy
 from markupsafe import Markup
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
@@ -166,17 +167,11 @@ def closed_forms(layer: Layer) -> list[dict]:
         cases = []
         for case in gradient.cases:
             latex = f"{lhs} = {tree_latex(case.tree, names)}"
-            if str(case.condition) != "True":
-                latex += r"\qquad \text{when } " + _sympy_latex(case.condition)
+            if case.condition != sympy.true:
+                latex += r"\qquad \text{when } " + sympy.latex(case.condition)
             cases.append({"latex": latex, "name": case.name})
         out.append({"name": gradient.name, "wrt": gradient.wrt, "cases": cases})
     return out
-
-
-def _sympy_latex(expr) -> str:
-    import sympy
-
-    return sympy.latex(expr)
 
 
 def proof_record(layer: Layer, result: LayerResult) -> dict:

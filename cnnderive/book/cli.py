@@ -56,12 +56,6 @@ def run_book(args) -> int:
     problem = folder_problem(args.out)
     if problem is not None:
         raise UsageError(f"cannot write the book into {args.out}: {problem}")
-    for folder in args.runs:
-        if not (folder / "metrics.json").is_file():
-            raise UsageError(
-                f"{folder} has no metrics.json: it is not a training run folder "
-                "(`cnnderive train` makes one)"
-            )
     try:
         katex.find_katex(args.katex)
     except katex.KatexMissing as error:
