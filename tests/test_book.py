@@ -323,3 +323,14 @@ def test_importing_cnnderive_stays_light():
         check=True,
     )
     assert completed.stdout.strip() == "[]"
+
+
+def test_the_command_builds_the_layers_it_is_given(tmp_path, capsys):
+    built_book()  # skips where KaTeX is missing
+    out = tmp_path / "book"
+    assert main(["book", str(out), "--layer", "relu", "--layer", "dense"]) == 0
+    printed = capsys.readouterr().out
+    assert f"open {(out / 'index.html').resolve().as_uri()}" in printed
+    assert sorted(p.name for p in (out / "layers").iterdir()) == ["dense.html", "relu.html"]
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert 'href="layers/relu.html"' in index and "conv2d" not in index
