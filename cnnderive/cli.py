@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from codegen import cli as codegen_cli
     from derive import cli as derive_cli
+    from cnnderive.book import cli as book_cli
 
     derive_cli.add_parsers(commands)
     codegen_cli.add_parsers(commands)
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_unavailable_training(commands, error)
     else:
         train_cli.add_parsers(commands)
+    book_cli.add_parsers(commands)
     return parser
 
 
