@@ -98,7 +98,14 @@ def contract(subscripts, out_indices, *factors):
     letters = _letters(list(dict.fromkeys(itertools.chain(*lists, out))))
     spec = ",".join("".join(letters[n] for n in names) for names in lists)
     spec += "->" + "".join(letters[n] for n in out)
-    return np.einsum(spec, *factors, optimize=len(factors) > 2 or "greedy")
+    # An index kept in the output and present in every factor (the channel of a
+    # depthwise convolution) leaves no matrix product for BLAS: NumPy's own loop over the
+    # strided views is then faster than the copies a BLAS path makes.  Otherwise the
+    # contraction goes to BLAS (for a convolution, over the copied windows: im2col).
+    shared = set(out).intersection(*[set(names) for names in lists]) if len(lists) > 1 else set()
+    if shared:
+        return np.einsum(spec, *factors, optimize=False)
+    return np.einsum(spec, *factors, optimize="greedy")
 
 
 def _write_plan(axes, extents: dict[str, int]):
