@@ -309,12 +309,10 @@ class _NumpyTrees:
             return r["crop_axes"](
                 self(node.a), self.integers(node.starts), self.integers(node.extents)
             )
-        window = lambda n: (
-            n.read.text(),
-            " ".join(n.kept),
-            " ".join(n.reduced),
-            self.integers(n.extents),
-        )  # noqa: E731
+
+        def window(n):
+            return (n.read.text(), " ".join(n.kept), " ".join(n.reduced), self.integers(n.extents))
+
         if isinstance(node, ir.ArgmaxView):
             return r["argmax_view"](self(node.a), *window(node))
         if isinstance(node, ir.TakeView):
