@@ -50,9 +50,10 @@ def test_leaky_relu_from_its_equation(mylayers):
 def test_a_network_of_equation_layers_learns(mylayers):
     """conv (stride 2, padding 1) -> leaky ReLU -> overlapping max pool -> dense, softmax
     cross-entropy from generated/, SGD on 2,000 shipped MNIST images for three epochs."""
+    from mylayers import conv, dense, leaky_relu, pool
+
     from cnnderive.train.data import load_dataset
     from generated import losses
-    from mylayers import conv, dense, leaky_relu, pool
 
     data = load_dataset("mnist", allow_download=False, log=lambda line: None)
     rng = np.random.default_rng(0)

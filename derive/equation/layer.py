@@ -261,10 +261,24 @@ def layer_from_model(name: str, model: Model, named: bool = True) -> Layer:
         configurations=lambda: configs,
         example=configs[0] if len(configs) == 1 else _example(model, configs),
         chain_rule=chain_rule_lines(model),
-        notes=notes(model),
+        notes=notes(model, generic=_has_generic(gradients))
+        + tuple(
+            f"Named closed form: the reduction is {rule}. The trees above are that rule's "
+            "primitives, proven like any other closed form."
+            for rule in lowered.named
+        ),
         samples=_samples(model) if has_max else None,
         upstream=UPSTREAM,
         gradient_dict=True,
+    )
+
+
+def _has_generic(gradients) -> bool:
+    from derive import ir
+
+    generic = (ir.ScatterContract, ir.RouteView, ir.Contract)
+    return any(
+        isinstance(node, generic) for g in gradients for c in g.cases for node in c.tree.walk()
     )
 
 
