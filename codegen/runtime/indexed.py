@@ -95,6 +95,16 @@ def contract(subscripts, out_indices, *factors):
     """Einstein summation over named indices: ``subscripts`` holds one name list per factor."""
     lists = [_names(s) for s in subscripts]
     out = _names(out_indices)
+    # An index found in one factor only, and not kept, is summed out of that factor first
+    # (sum[m] of g[n,m] before it meets X[n,f]): einsum would otherwise multiply through
+    # all of n, m and f.
+    factors = list(factors)
+    for k, names in enumerate(lists):
+        others = set(out).union(*[set(other) for j, other in enumerate(lists) if j != k])
+        private = [axis for axis, name in enumerate(names) if name not in others]
+        if private and len(lists) > 1:
+            factors[k] = np.sum(factors[k], axis=tuple(private))
+            lists[k] = tuple(name for name in names if name in others)
     letters = _letters(list(dict.fromkeys(itertools.chain(*lists, out))))
     spec = ",".join("".join(letters[n] for n in names) for names in lists)
     spec += "->" + "".join(letters[n] for n in out)
