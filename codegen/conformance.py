@@ -2,7 +2,7 @@
 
 The proof (derive.verify) shows that each closed-form tree equals the chain-rule
 derivative when the tree's primitives mean what derive/symbolic.py says they mean.
-The code that runs calls the NumPy kernels of codegen/kernels.py instead; this module
+The code that runs calls the NumPy kernels of codegen/runtime/kernels.py instead; this module
 checks that each of them computes what the SymPy interpreter computes for the same
 primitive, on the same numbers:
 
@@ -37,7 +37,7 @@ from codegen.emit import KERNELS, WORKSPACE_KERNELS
 from derive import ir
 from derive.symbolic import Evaluator
 
-KERNELS_SOURCE = Path(__file__).parent / "kernels.py"
+KERNELS_SOURCE = Path(__file__).parent / "runtime" / "kernels.py"
 
 # A large number for a threshold that must never be reached.
 _NEVER = 1 << 60
@@ -153,7 +153,7 @@ class _Watch:
                 continue
             if not hasattr(module, name):
                 raise KernelConformanceError(
-                    f"codegen/kernels.py has no {name}: a fast path was renamed or removed; "
+                    f"codegen/runtime/kernels.py has no {name}: a fast path was renamed or removed; "
                     "update the checks in codegen/conformance.py to force and watch the new one"
                 )
             original = getattr(module, name)
@@ -769,7 +769,7 @@ def require_conformance(source: Path = KERNELS_SOURCE) -> int:
     checked = {kernel_name(check.node) for check in all_checks()}
     problems += [
         f"{kernel}: no conformance check; add its checks to codegen/conformance.py"
-        for kernel in sorted(set(KERNELS.values()) | {"sum_leading"} - checked)
+        for kernel in sorted((set(KERNELS.values()) | {"sum_leading"}) - checked)
     ]
     if problems:
         raise KernelConformanceError(

@@ -64,8 +64,8 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     1-3, out_features 1-3.
     dw (the transposed input times δ): proven on 27 configurations: batch 1-3, in_features 1-3,
     out_features 1-3.
-    db (sum of δ over the batch): proven on 27 configurations: batch 1-3, in_features 1-3,
-    out_features 1-3.
+    db (sum of δ over n, the axes b is repeated along): proven on 27 configurations: batch 1-3,
+    in_features 1-3, out_features 1-3.
     `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
     the sizes the shipped networks use: batch 2, in_features 4, out_features 1 (toy); batch 2,
     in_features 84, out_features 10 (lenet); batch 2, in_features 120, out_features 84 (lenet);

@@ -70,7 +70,7 @@ def test_rendered_file_set(rendered):
 
 
 def test_the_runtime_library_is_copied_byte_for_byte(rendered):
-    source = (REPOSITORY / "codegen" / "kernels.py").read_bytes()
+    source = (REPOSITORY / "codegen" / "runtime" / "kernels.py").read_bytes()
     assert rendered["_kernels.py"].encode("utf-8") == source
     assert committed_files()["_kernels.py"] == source
 
@@ -166,7 +166,7 @@ def test_every_generated_file_has_the_header_and_no_timestamp_or_version(rendere
             first = content.splitlines()[0]
             if name == "_kernels.py":  # hand-written, copied: its header says so instead
                 assert first.startswith("# Hand-written runtime library of cnnderive")
-                assert "edit codegen/kernels.py, not the copy" in content.split('"""')[0]
+                assert "edit codegen/runtime/kernels.py, not a copy" in content.split('"""')[0]
             else:
                 assert first.startswith(HEADER_PREFIX), f"{source} {name}: first line {first!r}"
                 assert "DO NOT EDIT." in first, f"{source} {name}"

@@ -1,4 +1,4 @@
-"""The runtime library (codegen/kernels.py) conforms to derive's definitions of the
+"""The runtime library (codegen/runtime/kernels.py) conforms to derive's definitions of the
 primitives on every forced path (codegen/conformance.py), and the check refuses kernels
 with the bugs that the proofs of the trees alone cannot see."""
 
@@ -54,7 +54,7 @@ def test_every_fast_path_is_forced_somewhere(path):
     assert any(path in check.label for check in all_checks())
 
 
-# (what the bug is, the exact text in codegen/kernels.py, the text it becomes)
+# (what the bug is, the exact text in codegen/runtime/kernels.py, the text it becomes)
 MUTATIONS = [
     (
         "kernel rows flipped in the banded correlation",

@@ -1,5 +1,6 @@
-# Hand-written runtime library of cnnderive, kept in codegen/kernels.py. `cnnderive generate`
-# copies it byte for byte into generated/_kernels.py: edit codegen/kernels.py, not the copy.
+# Hand-written runtime library of cnnderive, kept in codegen/runtime/kernels.py. `cnnderive
+# generate` copies it byte for byte into generated/_kernels.py (and into every package that
+# `generate --equation` writes): edit codegen/runtime/kernels.py, not a copy.
 """NumPy implementations of the closed-form primitives of ``derive.ir``.
 
 Each function here is the NumPy reading of the primitive of the same name; the
