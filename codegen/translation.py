@@ -66,6 +66,9 @@ class _Symbolic:
     def __neg__(self):
         return _Symbolic(-self.expr)
 
+    def __abs__(self):  # the printer writes Abs as Python's abs()
+        return _Symbolic(sympy.Abs(self.expr))
+
     def __pos__(self):
         return self
 
@@ -153,6 +156,7 @@ class _NumPy:
     log = staticmethod(_ufunc(sympy.log))
     tanh = staticmethod(_ufunc(sympy.tanh))
     abs = staticmethod(_ufunc(sympy.Abs))
+    sign = staticmethod(_ufunc(sympy.sign))
     sqrt = staticmethod(_ufunc(sympy.sqrt))
     square = staticmethod(_ufunc(lambda a: a**2))
     negative = staticmethod(_ufunc(lambda a: -a))

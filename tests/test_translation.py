@@ -158,3 +158,7 @@ def test_masks_and_named_functions_are_compared_numerically_when_needed():
 def test_code_the_checker_cannot_read_is_refused_with_the_way_out():
     with pytest.raises(TranslationError, match="teach codegen/translation.py"):
         check_printed("np.cbrt(z)", z)
+
+
+def test_python_abs_and_np_sign_are_read_back():
+    assert translation.equal(translation.read_printed("np.sign(z) * abs(z)", z), z)
