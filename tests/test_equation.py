@@ -472,3 +472,19 @@ def test_the_training_commands_say_how_to_recover_from_a_broken_generated(tmp_pa
         capture_output=True, text=True, env=env, check=False, cwd=tmp_path,
     )  # fmt: skip
     assert derive.returncode == 0
+
+
+def test_the_book_has_a_page_for_an_equation_layer(tmp_path, capsys):
+    from cnnderive.book import katex
+
+    try:
+        katex.find_katex(None)
+    except katex.KatexMissing as error:
+        pytest.skip(str(error))
+    equation = "sd: Z[n,m] = sum[f]((X[n,f] - Y[m,f])**2)"
+    code = main(["book", str(tmp_path / "book"), "--layer", "dense", "--equation", equation])
+    assert code == 0, capsys.readouterr().err
+    page = (tmp_path / "book" / "layers" / "sd.html").read_text(encoding="utf-8")
+    assert "katex-error" not in page and "agrees" in page and "scatter_contract" in page
+    assert main(["book", str(tmp_path / "b2"), "--equation", "dense: Z[n] = X[n]"]) == 2
+    assert "is taken" in capsys.readouterr().err
