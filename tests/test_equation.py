@@ -33,6 +33,10 @@ EQUATIONS = {
     "dense_tanh": "Z[n,o] = tanh(b[o] + sum[f](X[n,f] * W[f,o]))",
     "functions": "Z[n,f] = sigmoid(X[n,f]) * exp(-abs(X[n,f])) + log(1 + Y[f]**2) - sqrt(2 + relu(X[n,f]))",
     "shifted_sum": "Z[n,i] = sum[k<3](2 * X[n, i+k] * X[n, i+2-k]) / 3",
+    "pool1d": "Z[n,i] = mean[k<4](X[n, 4*i+k])",
+    "softmax": "Z[n,f] = exp(X[n,f]) / sum[g](exp(X[n,g]))",
+    "normalise": "Z[n,c] = X[n,c] / sqrt(1 + sum[d](X[n,d]**2))",
+    "trace": "Z[n] = sum[i](A[n,i,i])",
 }
 
 # Sizes for the numeric checks: larger than any sweep, every length > 1.
@@ -48,6 +52,10 @@ SIZES = {
     "dense_tanh": {"X": (4, 6), "W": (6, 3), "b": (3,)},
     "functions": {"X": (3, 4), "Y": (4,)},
     "shifted_sum": {"X": (2, 9)},
+    "pool1d": {"X": (2, 11)},
+    "softmax": {"X": (3, 5)},
+    "normalise": {"X": (3, 5)},
+    "trace": {"A": (2, 4, 4)},
 }
 
 
