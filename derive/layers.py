@@ -139,6 +139,7 @@ conv2d = Layer(
             "W": a["w"],
             "b": a["b"],
         },
+        meanings={r"\tilde{X}": Pad(x, PADDING, PADDING)},
         auxiliary=(
             r"\tilde{X}_{n,h,w,c} = \begin{cases} X_{n,h-p,w-p,c} & \text{if } p \le h < H + p,\ p \le w < W + p \\"
             r" 0 & \text{otherwise} \end{cases}",

@@ -1,0 +1,281 @@
+"""Proofs for every size: ``cnnderive verify --all-sizes``.
+
+``derive.verify`` proves each closed form on a sweep of small configurations.  Here the
+same closed forms are proven for symbolic sizes, by one of two routes:
+
+* **index sets** (convolution, average pooling, dense): the derived gradient (the chain
+  rule applied to the index-level definition) and the closed-form tree are both sums of
+  products of array elements over affine integer sets (``derive.indexsets``); isl decides
+  whether the sets are equal for all sizes (``derive.presburger``).  A stride times an
+  index is not affine, so each stride 1, 2, 3, 4 is proven on its own, every other size
+  symbolic.
+* **pointwise** (activations, losses, softmax): the definition reads its input only at the
+  output's own index, or along the output's own row; the gradient is then a scalar
+  identity in that element (and the row sums), for every shape, and SymPy settles it
+  (``derive.rows``).
+
+What neither route covers (max pooling's data-dependent routing, flatten's products of
+sizes) is said with the reason, and the caller falls back to the sweep.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import sympy
+
+from derive import ir
+from derive.indexsets import (
+    Constraint,
+    NotAffine,
+    TreeMeaning,
+    chain_rule_terms,
+    expression_terms,
+    fresh,
+    within,
+)
+from derive.layer import IndexDefinition, Layer
+from derive.layers import STRIDE
+from derive.presburger import Outcome, Problem, compare
+
+STRIDES = (1, 2, 3, 4)
+
+
+@dataclass
+class Statement:
+    """One proven (or refuted, or undecided) identity: ``what`` (forward, or a gradient and
+    its case) for ``sizes`` (a description of the sizes it covers)."""
+
+    what: str
+    sizes: str
+    outcome: Outcome
+
+
+@dataclass
+class LayerProof:
+    layer: str
+    route: str  # "index sets", "pointwise" or "sweep"
+    statements: list[Statement] = field(default_factory=list)
+    reason: str = ""  # why the layer is not proven for all sizes (route "sweep")
+    seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        if self.route == "sweep":
+            return "sweep"
+        outcomes = {s.outcome.status for s in self.statements}
+        if "refuted" in outcomes:
+            return "refuted"
+        if "undecided" in outcomes:
+            return "undecided"
+        return "proven"
+
+
+def relational_constraints(condition) -> list[Constraint] | None:
+    """A conjunction of (in)equalities as constraints; None if it is False."""
+    condition = sympy.sympify(condition)
+    if condition == sympy.true:
+        return []
+    if condition == sympy.false:
+        return None
+    if isinstance(condition, sympy.And):
+        out = []
+        for part in condition.args:
+            more = relational_constraints(part)
+            if more is None:
+                return None
+            out += more
+        return out
+    a, b = condition.args
+    if isinstance(condition, sympy.Eq):
+        return [("eq", a - b)]
+    if isinstance(condition, sympy.GreaterThan):
+        return [("ge", a - b)]
+    if isinstance(condition, sympy.StrictGreaterThan):
+        return [("ge", a - b - 1)]
+    if isinstance(condition, sympy.LessThan):
+        return [("ge", b - a)]
+    if isinstance(condition, sympy.StrictLessThan):
+        return [("ge", b - a - 1)]
+    raise NotAffine(f"condition {condition} is not a conjunction of inequalities")
+
+
+def _symbols_of(terms, context) -> list[sympy.Symbol]:
+    found: set[sympy.Symbol] = set()
+    for term in terms:
+        bound = set(term.variables)
+        exprs = [term.coefficient] + [e for r in term.reads for e in r.index]
+        exprs += [e for _, e in term.constraints]
+        for expr in exprs:
+            found |= sympy.sympify(expr).free_symbols - bound
+    for _, expr in context:
+        found |= sympy.sympify(expr).free_symbols
+    return sorted(found, key=lambda s: s.name)
+
+
+def prove_sums(left, right, free: Sequence[sympy.Symbol], context: Sequence[Constraint]) -> Outcome:
+    """Whether the index-level sums ``left`` and ``right`` (lists of ``Term``) are equal at
+    every element ``free`` for all sizes satisfying ``context``.
+
+    This is what ``cnnderive check`` needs: the derived gradient and a claimed one, both
+    for symbolic sizes; the outcome is proven, or refuted with the smallest sizes at which
+    they differ and one element with both values, or undecided with the reason."""
+    sizes = [s for s in _symbols_of(list(left) + list(right), context) if s not in set(free)]
+    # What SymPy knows of a size is a condition too: Dims are positive.
+    known: list[Constraint] = []
+    for size in sizes:
+        if size.is_positive:
+            known.append(("ge", size - 1))
+        elif size.is_nonnegative:
+            known.append(("ge", size))
+    problem = Problem(free, list(context) + known, sizes)
+    return compare(left, right, problem)
+
+
+def size_dims(layer: Layer) -> list[ir.Dim]:
+    """Every size symbol of the layer's inputs, in argument order.  (Not
+    ``Layer.input_dims``: SymPy caches symbols by name, so the Dim objects named "batch"
+    of all layers are one object, whose ``operand`` is the last layer's.)"""
+    found: list[ir.Dim] = []
+    for item in layer.inputs:
+        for dim in item.axes:
+            if dim not in found:
+                found.append(dim)
+    return found
+
+
+def _describe_sizes(layer: Layer, values: dict) -> str:
+    symbolic = [
+        sympy.latex(d) if not hasattr(d, "latex_name") else d.latex_name
+        for d in size_dims(layer) + [p.symbol for p in layer.params]
+        if d not in values
+    ]
+    text = "all " + ", ".join(_plain(s) for s in symbolic)
+    for symbol, value in values.items():
+        text += f"; {_plain(symbol.latex_name)} = {value}"
+    return text
+
+
+def _plain(latex: str) -> str:
+    return latex.replace(r"C_{\mathrm{in}}", "C_in").replace(r"C_{\mathrm{out}}", "C_out").replace(
+        r"D_{\mathrm{in}}", "D_in"
+    ).replace(r"D_{\mathrm{out}}", "D_out")
+
+
+def _index_set_statements(layer: Layer, values: dict) -> list[Statement]:
+    """The forward tree and every closed form of a multilinear layer, for one set of fixed
+    values (the stride), all other sizes symbolic."""
+    definition = layer.definition
+    assert isinstance(definition, IndexDefinition)
+    shapes = {item.name: tuple(item.axes) for item in layer.inputs}
+    meaning = TreeMeaning(shapes, dict(layer.forward), values)
+    out_shape = meaning.shape(ir.Operand(layer.output))
+    meaning.operand_shapes[layer.upstream] = out_shape
+
+    base_context: list[Constraint] = [("ge", d - 1) for d in size_dims(layer)]
+    for requirement in layer.requirements:
+        more = relational_constraints(requirement.condition.xreplace(meaning.values))
+        if more is None:
+            return []  # these fixed values are not a valid configuration
+        base_context += more
+
+    arrays = {item.latex: (item.name, tuple(item.axes)) for item in layer.inputs}
+    meanings = {label: (node, meaning) for label, node in definition.meanings.items()}
+    rhs = definition.rhs.xreplace(meaning.values)
+    outputs = tuple(definition.indices)
+    defined = expression_terms(rhs, arrays, meanings)
+    sizes_text = _describe_sizes(layer, values)
+
+    statements = []
+    forward_tree = dict(layer.forward)[layer.output]
+    closed = meaning.element(forward_tree, outputs)
+    defined_in_range = [t.constrained(*within(outputs, out_shape)) for t in defined]
+    statements.append(
+        Statement("forward", sizes_text, prove_sums(defined_in_range, closed, outputs, base_context))
+    )
+    for gradient in layer.gradients:
+        rank = len(layer.input(gradient.wrt).axes)
+        index = tuple(fresh(f"{gradient.wrt}{k}") for k in range(rank))
+        derived = chain_rule_terms(
+            defined,
+            outputs,
+            out_shape,
+            None if layer.kind == "loss" else layer.upstream,
+            gradient.wrt,
+            index,
+        )
+        for case in gradient.cases:
+            condition = case.condition.xreplace(meaning.values)
+            more = relational_constraints(condition)
+            label = f"{gradient.name} ({case.name})" if case.name else gradient.name
+            if more is None:
+                continue  # the case never applies with these values
+            case_values = dict(values)
+            # An equality that fixes a size (size = stride when the stride is a number)
+            # is put in, so that the case's tree is affine.
+            for kind, expr in more:
+                symbols = sympy.sympify(expr).free_symbols
+                if kind == "eq" and len(symbols) == 1:
+                    (symbol,) = symbols
+                    solution = sympy.solve(expr, symbol)
+                    if len(solution) == 1 and solution[0].is_Integer:
+                        case_values[symbol] = int(solution[0])
+            case_meaning = TreeMeaning(meaning.operand_shapes, dict(layer.forward), case_values)
+            closed = case_meaning.element(case.tree, index)
+            fixed = {k: sympy.Integer(v) for k, v in case_values.items()}
+            outcome = prove_sums(
+                [t.substituted(fixed) for t in derived],
+                closed,
+                index,
+                [(kind, sympy.sympify(e).xreplace(fixed)) for kind, e in base_context + more],
+            )
+            statements.append(Statement(label, _describe_sizes(layer, case_values), outcome))
+    return statements
+
+
+def prove_layer(layer: Layer) -> LayerProof:
+    """Prove ``layer``'s closed forms for symbolic sizes, by whichever route fits."""
+    start = time.perf_counter()
+    result = LayerProof(layer.name, "sweep")
+    from derive import rows
+
+    reason = ""
+    if isinstance(layer.definition, IndexDefinition):
+        try:
+            has_stride = any(p.symbol == STRIDE for p in layer.params)
+            statements = []
+            for stride in STRIDES if has_stride else (None,):
+                values = {STRIDE: stride} if stride is not None else {}
+                statements += _index_set_statements(layer, values)
+            result = LayerProof(layer.name, "index sets", statements)
+        except NotAffine as error:
+            reason = str(error)
+        if result.route == "sweep":
+            try:
+                result = LayerProof(layer.name, "pointwise", rows.statements(layer))
+            except NotAffine as error:
+                reason = f"{reason}; and not pointwise: {error}" if reason else str(error)
+    else:
+        reason = "its definition is not an index-level expression: " + _custom_reason(layer)
+    if result.route == "sweep":
+        result.reason = reason
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _custom_reason(layer: Layer) -> str:
+    try:
+        TreeMeaning({i.name: tuple(i.axes) for i in layer.inputs}, dict(layer.forward), {}).element(
+            layer.gradients[0].cases[0].tree, ()
+        )
+    except NotAffine as error:
+        return str(error)
+    except Exception:  # noqa: BLE001 - only a reason is wanted here
+        pass
+    return "it is written as code (CustomDefinition)"
+
+
+def prove_layers(layers: Sequence[Layer]) -> list[LayerProof]:
+    return [prove_layer(layer) for layer in layers]
