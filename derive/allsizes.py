@@ -46,11 +46,25 @@ STRIDES = (1, 2, 3, 4)
 @dataclass
 class Statement:
     """One proven (or refuted, or undecided) identity: ``what`` (forward, or a gradient and
-    its case) for ``sizes`` (a description of the sizes it covers)."""
+    its case) for the sizes ``sizes`` describes, with the values ``fixed`` (the stride)."""
 
     what: str
     sizes: str
     outcome: Outcome
+    fixed: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = {
+            "what": self.what,
+            "status": self.outcome.status,
+            "for": self.sizes,
+            "fixed": self.fixed,
+        }
+        if self.outcome.reason:
+            out["reason"] = self.outcome.reason
+        if self.outcome.counterexample is not None:
+            out["counterexample"] = self.outcome.counterexample.to_json()
+        return out
 
 
 @dataclass
@@ -147,15 +161,13 @@ def size_dims(layer: Layer) -> list[ir.Dim]:
 
 
 def _describe_sizes(layer: Layer, values: dict) -> str:
-    symbolic = [
-        sympy.latex(d) if not hasattr(d, "latex_name") else d.latex_name
-        for d in size_dims(layer) + [p.symbol for p in layer.params]
-        if d not in values
-    ]
-    text = "all " + ", ".join(_plain(s) for s in symbolic)
-    for symbol, value in values.items():
-        text += f"; {_plain(symbol.latex_name)} = {value}"
-    return text
+    """The symbolic sizes, as the derivations name them: "m, H, W, C_in, ..."."""
+    symbolic = [d.latex_name for d in size_dims(layer) + [p.symbol for p in layer.params] if d not in values]
+    return "all " + ", ".join(_plain(s) for s in symbolic)
+
+
+def _fixed(values: dict) -> dict[str, int]:
+    return {_plain(symbol.latex_name): int(value) for symbol, value in values.items()}
 
 
 def _plain(latex: str) -> str:
@@ -193,7 +205,12 @@ def _index_set_statements(layer: Layer, values: dict) -> list[Statement]:
     closed = meaning.element(forward_tree, outputs)
     defined_in_range = [t.constrained(*within(outputs, out_shape)) for t in defined]
     statements.append(
-        Statement("forward", sizes_text, prove_sums(defined_in_range, closed, outputs, base_context))
+        Statement(
+            "forward",
+            sizes_text,
+            _with_fixed(prove_sums(defined_in_range, closed, outputs, base_context), values),
+            _fixed(values),
+        )
     )
     for gradient in layer.gradients:
         rank = len(layer.input(gradient.wrt).axes)
@@ -231,8 +248,22 @@ def _index_set_statements(layer: Layer, values: dict) -> list[Statement]:
                 index,
                 [(kind, sympy.sympify(e).xreplace(fixed)) for kind, e in base_context + more],
             )
-            statements.append(Statement(label, _describe_sizes(layer, case_values), outcome))
+            statements.append(
+                Statement(
+                    label,
+                    _describe_sizes(layer, case_values),
+                    _with_fixed(outcome, case_values),
+                    _fixed(case_values),
+                )
+            )
     return statements
+
+
+def _with_fixed(outcome: Outcome, values: dict) -> Outcome:
+    """A counterexample names the fixed values too (the stride it was found at)."""
+    if outcome.counterexample is not None:
+        outcome.counterexample.sizes.update({s.name: int(v) for s, v in values.items()})
+    return outcome
 
 
 def prove_layer(layer: Layer) -> LayerProof:
@@ -256,7 +287,7 @@ def prove_layer(layer: Layer) -> LayerProof:
             try:
                 result = LayerProof(layer.name, "pointwise", rows.statements(layer))
             except NotAffine as error:
-                reason = f"{reason}; and not pointwise: {error}" if reason else str(error)
+                reason = reason or str(error)  # the index-set reason says more
     else:
         reason = "its definition is not an index-level expression: " + _custom_reason(layer)
     if result.route == "sweep":
@@ -279,3 +310,66 @@ def _custom_reason(layer: Layer) -> str:
 
 def prove_layers(layers: Sequence[Layer]) -> list[LayerProof]:
     return [prove_layer(layer) for layer in layers]
+
+
+# ---------------------------------------------------------------------------
+# What was proven, in words
+# ---------------------------------------------------------------------------
+
+
+def _values_text(groups: list[dict[str, int]]) -> str:
+    """[{s: 1}, {s: 2}, ...] -> "s = 1, 2, 3, 4"; [{s: 1, k: 1}, ...] -> "k = s = 1, 2, ..."."""
+    if not groups or not groups[0]:
+        return ""
+    names = list(groups[0])
+    numbers = [next(iter(g.values())) for g in groups]
+    if all(len(set(g.values())) == 1 for g in groups):
+        return " = ".join(sorted(names)) + " = " + ", ".join(str(n) for n in numbers)
+    return "; ".join(", ".join(f"{k} = {v}" for k, v in g.items()) for g in groups)
+
+
+def summary(result: LayerProof) -> list[str]:
+    """Lines saying plainly what was proven for which sizes (or why not)."""
+    if result.route == "sweep":
+        return [f"{result.layer}: not proven for all sizes: {result.reason}"]
+    lines = []
+    by_what: dict[str, list[Statement]] = {}
+    for statement in result.statements:
+        by_what.setdefault(statement.what, []).append(statement)
+    for what, statements in by_what.items():
+        failed = [s for s in statements if s.outcome.status != "proven"]
+        if failed:
+            for s in failed:
+                fixed = _values_text([s.fixed]) if s.fixed else ""
+                text = f"{result.layer} {what}: {s.outcome.status.upper()}"
+                text += f" ({fixed})" if fixed else ""
+                if s.outcome.counterexample is not None:
+                    c = s.outcome.counterexample
+                    sizes = ", ".join(f"{k} {v}" for k, v in c.sizes.items())
+                    text += (
+                        f": at {sizes}, element {list(c.element)}: derived {c.left}, "
+                        f"closed form {c.right}"
+                    )
+                elif s.outcome.reason:
+                    text += f": {s.outcome.reason}"
+                lines.append(text)
+            continue
+        fixed = _values_text([s.fixed for s in statements])
+        text = f"{result.layer} {what}: proven for {statements[0].sizes}"
+        if result.route == "index sets":
+            text += " allowed by the layer's requirements"
+        if fixed:
+            text += f", with {fixed} (each proven on its own: a stride times an index is not affine)"
+        lines.append(text)
+    return lines
+
+
+def to_json(result: LayerProof) -> dict:
+    return {
+        "layer": result.layer,
+        "route": result.route,
+        "status": result.status,
+        "seconds": round(result.seconds, 3),
+        "reason": result.reason,
+        "statements": [s.to_json() for s in result.statements],
+    }

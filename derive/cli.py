@@ -88,6 +88,12 @@ def add_parsers(commands) -> None:
         "seed network's size instead",
     )
     verify.add_argument(
+        "--all-sizes",
+        action="store_true",
+        help="prove the closed forms for symbolic sizes (each stride 1-4 on its own); layers "
+        "that cannot be are said so and proven on the sweep",
+    )
+    verify.add_argument(
         "--layer", action="append", metavar="NAME", help="only this layer (repeatable)"
     )
     verify.set_defaults(run=run_verify)
@@ -167,6 +173,10 @@ def run_verify(args) -> int:
 
     names = args.layer or list(LAYERS)
     layers = [_layer(name) for name in names]
+    if getattr(args, "all_sizes", False):
+        if args.seed_size:
+            raise _usage_error("--all-sizes and --seed-size exclude each other: choose one")
+        return run_verify_all_sizes(args, layers)
     if args.seed_size:
         layers = [layer for layer in layers if layer.seed_size]
         if not layers:
@@ -217,4 +227,62 @@ def run_verify(args) -> int:
         print(
             f"\n{'all closed forms proven' if ok else 'SOME PROOFS FAILED'}; {what} took {elapsed:.1f} s wall time"
         )
+    return 0 if ok else 1
+
+
+def run_verify_all_sizes(args, layers) -> int:
+    """``verify --all-sizes``: symbolic sizes where the prover can, the sweep where it
+    cannot (said, with the reason)."""
+    from derive.allsizes import prove_layer, summary, to_json
+    from derive.verify import verify_layers
+
+    start = time.perf_counter()
+    results = [prove_layer(layer) for layer in layers]
+    fallback = [layer for layer, r in zip(layers, results) if r.route == "sweep"]
+    sweeps = {}
+    if fallback:
+        from cnnderive.cli import proof_progress
+
+        with proof_progress() as progress:
+            sweeps = {r.name: r for r in verify_layers(fallback, progress=progress)}
+    elapsed = time.perf_counter() - start
+    ok = all(r.status == "proven" or (r.route == "sweep" and sweeps[r.layer].ok) for r in results)
+    if args.json:
+        payload = {"ok": ok, "seconds": round(elapsed, 3), "layers": []}
+        for r in results:
+            entry = to_json(r)
+            if r.layer in sweeps:
+                entry["sweep"] = {
+                    "ok": sweeps[r.layer].ok,
+                    "configurations": len(sweeps[r.layer].configurations),
+                    "error": sweeps[r.layer].error,
+                }
+            payload["layers"].append(entry)
+        print(json.dumps(payload, indent=2))
+        return 0 if ok else 1
+    print(f"{'layer':<24}{'route':<13}{'status':<11}{'seconds':>8}")
+    for r in results:
+        status = r.status
+        if r.layer in sweeps:
+            status = "swept" if sweeps[r.layer].ok else "FAILED"
+        print(f"{r.layer:<24}{r.route:<13}{status:<11}{r.seconds + (sweeps[r.layer].seconds if r.layer in sweeps else 0):>8.2f}")
+    print()
+    for r in results:
+        for line in summary(r):
+            print(line)
+        if r.layer in sweeps:
+            sweep = sweeps[r.layer]
+            if sweep.ok:
+                print(
+                    f"{r.layer}: proven on the sweep instead: {len(sweep.configurations)} "
+                    "configurations (`cnnderive verify --layer " + r.layer + "`)"
+                )
+            else:
+                print(f"{r.layer}: the sweep FAILED: {sweep.error}")
+    proven = sum(1 for r in results if r.route != "sweep" and r.status == "proven")
+    verdict = "all closed forms proven" if ok else "SOME PROOFS FAILED"
+    print(
+        f"\n{verdict}: {proven} of {len(results)} layers for all sizes, "
+        f"{len(fallback)} on the sweep; {elapsed:.1f} s wall time"
+    )
     return 0 if ok else 1
