@@ -38,7 +38,7 @@ from derive.indexsets import (
 )
 from derive.layer import IndexDefinition, Layer
 from derive.layers import STRIDE
-from derive.presburger import Outcome, Problem, compare
+from derive.presburger import Outcome, Problem, compare, same_shape
 
 STRIDES = (1, 2, 3, 4)
 
@@ -129,14 +129,8 @@ def _symbols_of(terms, context) -> list[sympy.Symbol]:
     return sorted(found, key=lambda s: s.name)
 
 
-def prove_sums(left, right, free: Sequence[sympy.Symbol], context: Sequence[Constraint]) -> Outcome:
-    """Whether the index-level sums ``left`` and ``right`` (lists of ``Term``) are equal at
-    every element ``free`` for all sizes satisfying ``context``.
-
-    This is what ``cnnderive check`` needs: the derived gradient and a claimed one, both
-    for symbolic sizes; the outcome is proven, or refuted with the smallest sizes at which
-    they differ and one element with both values, or undecided with the reason."""
-    sizes = [s for s in _symbols_of(list(left) + list(right), context) if s not in set(free)]
+def _problem(terms, free, context) -> Problem:
+    sizes = [s for s in _symbols_of(list(terms), context) if s not in set(free)]
     # What SymPy knows of a size is a condition too: Dims are positive.
     known: list[Constraint] = []
     for size in sizes:
@@ -144,8 +138,17 @@ def prove_sums(left, right, free: Sequence[sympy.Symbol], context: Sequence[Cons
             known.append(("ge", size - 1))
         elif size.is_nonnegative:
             known.append(("ge", size))
-    problem = Problem(free, list(context) + known, sizes)
-    return compare(left, right, problem)
+    return Problem(free, list(context) + known, sizes)
+
+
+def prove_sums(left, right, free: Sequence[sympy.Symbol], context: Sequence[Constraint]) -> Outcome:
+    """Whether the index-level sums ``left`` and ``right`` (lists of ``Term``) are equal at
+    every element ``free`` for all sizes satisfying ``context``.
+
+    This is what ``cnnderive check`` needs: the derived gradient and a claimed one, both
+    for symbolic sizes; the outcome is proven, or refuted with the smallest sizes at which
+    they differ and one element with both values, or undecided with the reason."""
+    return compare(left, right, _problem(list(left) + list(right), free, context))
 
 
 def size_dims(layer: Layer) -> list[ir.Dim]:
@@ -242,12 +245,14 @@ def _index_set_statements(layer: Layer, values: dict) -> list[Statement]:
             case_meaning = TreeMeaning(meaning.operand_shapes, dict(layer.forward), case_values)
             closed = case_meaning.element(case.tree, index)
             fixed = {k: sympy.Integer(v) for k, v in case_values.items()}
-            outcome = prove_sums(
-                [t.substituted(fixed) for t in derived],
-                closed,
-                index,
-                [(kind, sympy.sympify(e).xreplace(fixed)) for kind, e in base_context + more],
-            )
+            context = [(kind, sympy.sympify(e).xreplace(fixed)) for kind, e in base_context + more]
+            derived_here = [t.substituted(fixed) for t in derived]
+            outcome = prove_sums(derived_here, closed, index, context)
+            if outcome.status == "proven":
+                # Equal elements inside the gradient's shape; the tree's shape must be it too.
+                expected = [sympy.sympify(e).xreplace(fixed) for e in layer.input(gradient.wrt).axes]
+                actual = case_meaning.shape(case.tree)
+                outcome = same_shape(expected, actual, _problem(derived_here + closed, index, context))
             statements.append(
                 Statement(
                     label,

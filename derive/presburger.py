@@ -269,15 +269,65 @@ def compare(left: Sequence[Term], right: Sequence[Term], problem: Problem) -> Ou
                 differences.append(difference)
     if not differences:
         return Outcome("proven", details=details)
-    counterexample = _counterexample(differences, left, right, problem)
-    if sympy.expand(counterexample.left - counterexample.right) == 0:
-        # The sets differ but the values agree: coefficients that are equal only at
-        # these sizes.  Not a counterexample, and not a proof.
-        return Outcome(
-            "undecided",
-            f"the sums' coefficients differ as expressions but agree at {counterexample.sizes}",
-        )
-    return Outcome("refuted", counterexample=counterexample)
+    # Where the sets differ only in which coefficient a product carries (1/k against 1/k^2),
+    # the values can still agree at some sizes (k = 1): those sizes are set aside and the
+    # next smallest tried.
+    for _ in range(MAX_TRIES):
+        counterexample = _counterexample(differences, left, right, problem)
+        if sympy.expand(counterexample.left - counterexample.right) != 0:
+            return Outcome("refuted", counterexample=counterexample)
+        sizes = {s: counterexample.sizes[s.name] for s in problem.sizes}
+        elsewhere = problem.context_set.subtract(problem.point(sizes))
+        differences = [d.intersect_params(elsewhere) for d in differences]
+        differences = [d for d in differences if not d.is_empty()]
+        if not differences:
+            break
+    return Outcome(
+        "undecided",
+        "the sums differ as sets of products but not in value at the smallest sizes tried: "
+        "their coefficients differ as expressions and agree at those sizes",
+    )
+
+
+MAX_TRIES = 8
+
+
+def same_shape(expected, actual, problem: Problem) -> Outcome:
+    """Whether two shapes (integer expressions) are equal for all sizes; if not, the
+    smallest sizes at which they differ."""
+    names = dict(problem.size_names)
+    differs = []
+    for a, b in zip(expected, actual):
+        text = affine(sympy.sympify(a) - b, names)
+        differs.append(f"({text} >= 1 or {text} <= -1)")
+    if len(expected) != len(actual):
+        differs = ["true"]
+    if not differs:
+        return Outcome("proven")
+    where = isl.Set(problem.prefix + "{ : " + " or ".join(differs) + " }").intersect(
+        problem.context_set
+    )
+    if where.is_empty():
+        return Outcome("proven")
+    as_set = isl.Set.from_params(where).move_dims(
+        isl.dim_type.set, 0, isl.dim_type.param, 0, len(problem.sizes)
+    )
+    point = as_set.lexmin().sample_point()
+    sizes = {
+        s.name: point.get_coordinate_val(isl.dim_type.set, k).to_python()
+        for k, s in enumerate(problem.sizes)
+    }
+    values = {s: sympy.Integer(sizes[s.name]) for s in problem.sizes}
+    return Outcome(
+        "refuted",
+        "the closed form has another shape than the gradient",
+        Counterexample(
+            sizes,
+            (),
+            sympy.Tuple(*[sympy.sympify(e).xreplace(values) for e in expected]),
+            sympy.Tuple(*[sympy.sympify(e).xreplace(values) for e in actual]),
+        ),
+    )
 
 
 def _smallest_sizes(differences, problem: Problem) -> dict[sympy.Symbol, int]:
