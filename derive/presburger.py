@@ -251,22 +251,25 @@ def compare(left: Sequence[Term], right: Sequence[Term], problem: Problem) -> Ou
     for arrays in sorted(set(left_pieces) | set(right_pieces)):
         lefts = _by_coefficient(left_pieces.get(arrays, []), None)
         rights = _by_coefficient(right_pieces.get(arrays, []), None)
-        coefficients = [c for c, _ in lefts]
-        for c, _ in rights:
-            if not any(sympy.simplify(c - other) == 0 for other in coefficients):
-                coefficients.append(c)
-        for coefficient in coefficients:
-            a = next((r for c, r in lefts if sympy.simplify(c - coefficient) == 0), None)
-            b = next((r for c, r in rights if sympy.simplify(c - coefficient) == 0), None)
-            if a is not None and b is not None:
-                if a.is_equal(b):
-                    details.append(f"{' * '.join(arrays) or 'constant'}: equal sets")
-                    continue
-                difference = a.subtract(b).union(b.subtract(a))
-            else:
-                difference = a if a is not None else b
-            if not difference.is_empty():
-                differences.append(difference)
+        # Every region of (element, product) pairs where the two sides' coefficients
+        # differ, with that difference: a product on both sides with other coefficients,
+        # or on one side only.
+        regions = []
+        for cl, a in lefts:
+            for cr, b in rights:
+                if sympy.simplify(cl - cr) != 0:
+                    regions.append((a.intersect(b), cl - cr))
+        everything_right = _union([b for _, b in rights])
+        everything_left = _union([a for _, a in lefts])
+        for cl, a in lefts:
+            regions.append((a if everything_right is None else a.subtract(everything_right), cl))
+        for cr, b in rights:
+            regions.append((b if everything_left is None else b.subtract(everything_left), -cr))
+        for region, difference in regions:
+            region = region.intersect_params(_where_nonzero(difference, problem))
+            if not region.is_empty():
+                differences.append(region)
+        details.append(f"{' * '.join(arrays) or 'constant'}: compared")
     if not differences:
         return Outcome("proven", details=details)
     # Where the sets differ only in which coefficient a product carries (1/k against 1/k^2),
@@ -328,6 +331,30 @@ def same_shape(expected, actual, problem: Problem) -> Outcome:
             sympy.Tuple(*[sympy.sympify(e).xreplace(values) for e in actual]),
         ),
     )
+
+
+def _union(relations):
+    out = None
+    for relation in relations:
+        out = relation if out is None else out.union(relation)
+    return out
+
+
+def _where_nonzero(coefficient, problem: Problem) -> isl.Set:
+    """The sizes at which ``coefficient`` (an expression in the sizes) is not zero, as far
+    as affine conditions say: integer roots of a coefficient in one size are set aside
+    (1/k - 1/k^2 is zero at k = 1); otherwise every size."""
+    coefficient = sympy.simplify(coefficient)
+    symbols = coefficient.free_symbols & set(problem.sizes)
+    conditions = []
+    if len(symbols) == 1:
+        (symbol,) = symbols
+        numerator, _ = sympy.fraction(sympy.together(coefficient))
+        for root in sympy.solve(numerator, symbol):
+            if root.is_Integer:
+                name = problem.size_names[symbol]
+                conditions.append(f"({name} <= {int(root) - 1} or {name} >= {int(root) + 1})")
+    return isl.Set(problem.prefix + "{ : " + _body(conditions) + " }")
 
 
 def _smallest_sizes(differences, problem: Problem) -> dict[sympy.Symbol, int]:

@@ -1,0 +1,297 @@
+"""The all-sizes prover (derive/allsizes.py): it proves the catalogue for symbolic sizes,
+and it refutes deliberately broken closed forms with counterexamples that NumPy and the
+generated code then confirm: the correct gradient (generated code) and the broken tree
+(evaluated on numbers) differ at the element the prover names, and the prover's two
+written-out values are those two numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import sympy
+
+from derive import allsizes
+from derive.ir import (
+    Case,
+    CorrelateWeights,
+    Crop,
+    Dilate,
+    FullConvolve,
+    MatMul,
+    Operand,
+    Rot180,
+    ScatterWindows,
+    Sum,
+    Transpose,
+    Upsample,
+    pointwise,
+)
+from derive.layer import Gradient
+from derive.layers import LAYERS, PADDING, SIZE, STRIDE
+from derive.symbolic import Evaluator
+
+conv, avgpool, dense = LAYERS["conv2d"], LAYERS["avgpool2d"], LAYERS["dense"]
+dout, x, w = Operand("dout"), Operand("x"), Operand("w")
+H, W = conv.input("x").axes[1:3]
+PH, PW = avgpool.input("x").axes[1:3]
+
+
+def with_gradient(layer, name, tree, condition=sympy.true):
+    """``layer`` with its gradient ``name`` replaced by one case: ``tree``."""
+    gradients = tuple(
+        Gradient(g.name, g.wrt, (Case(tree, condition, "broken"),)) if g.name == name else g
+        for g in layer.gradients
+    )
+    return dataclasses.replace(layer, gradients=gradients)
+
+
+def refutation(layer, name):
+    """The first refuted statement about gradient ``name``."""
+    result = allsizes.prove_layer(layer)
+    assert result.route == "index sets"
+    refuted = [
+        s for s in result.statements if s.what.startswith(name) and s.outcome.status == "refuted"
+    ]
+    assert refuted, [(s.what, s.fixed, s.outcome.status) for s in result.statements]
+    return refuted[0].outcome.counterexample
+
+
+def configuration(layer, sizes):
+    symbols = allsizes.size_dims(layer) + [p.symbol for p in layer.params]
+    return {s: sizes[s.name] for s in symbols}
+
+
+def confirm_numerically(layer, broken_layer, name, counterexample, correct_gradient):
+    """Evaluate the broken tree on random numbers at the counterexample's sizes, compare
+    with ``correct_gradient(arrays, upstream, config)`` (the generated code), and check the
+    prover's written-out values against both."""
+    rng = np.random.default_rng(0)
+    config = configuration(layer, counterexample.sizes)
+    assert not layer.violated(config)
+    arrays = {item.name: rng.standard_normal(shape) for item, shape in
+              zip(layer.inputs, layer.shapes(config).values())}  # fmt: skip
+    env = {k: v.astype(object) for k, v in arrays.items()}
+    evaluator = Evaluator(env, config)
+    for binding, node in layer.forward:
+        evaluator.env[binding] = evaluator(node)
+    upstream = rng.standard_normal(np.shape(evaluator.env[layer.output]))
+    evaluator.env[layer.upstream] = upstream.astype(object)
+    gradient = next(g for g in broken_layer.gradients if g.name == name)
+    broken = np.asarray(evaluator(gradient.cases[0].tree), dtype=object)
+    correct = correct_gradient(arrays, upstream, config)
+    element = tuple(counterexample.element)
+    values = dict(arrays, **{layer.upstream: upstream})
+
+    def number(expr):
+        replacements = {
+            atom: values[str(atom.base.label)][tuple(int(i) for i in atom.indices)]
+            for atom in sympy.sympify(expr).atoms(sympy.Indexed)
+        }
+        return float(sympy.sympify(expr).xreplace(replacements))
+
+    broken_value = float(broken[element]) if broken.shape == correct.shape else None
+    assert number(counterexample.left) == pytest.approx(correct[element])
+    if broken_value is not None:
+        assert number(counterexample.right) == pytest.approx(broken_value)
+        assert not np.isclose(correct[element], broken_value)
+    return correct, broken
+
+
+def generated_conv(arrays, upstream, config):
+    module = importlib.import_module("generated.conv2d")
+    _, cache = module.forward(
+        arrays["x"], arrays["w"], arrays["b"], stride=config[STRIDE], padding=config[PADDING]
+    )
+    dx, dw, _ = module.backward(upstream, cache)
+    return {"dx": dx, "dw": dw}
+
+
+def generated_avgpool(arrays, upstream, config):
+    module = importlib.import_module("generated.avgpool2d")
+    _, cache = module.forward(arrays["x"], size=config[SIZE], stride=config[STRIDE])
+    return module.backward(upstream, cache)
+
+
+def generated_dense(arrays, upstream, config):
+    module = importlib.import_module("generated.dense")
+    _, cache = module.forward(arrays["x"], arrays["w"], arrays["b"])
+    dx, dw, db = module.backward(upstream, cache)
+    return {"dx": dx, "dw": dw, "db": db}
+
+
+# ---------------------------------------------------------------------------
+# The catalogue
+# ---------------------------------------------------------------------------
+
+
+def test_the_catalogue_is_proven_for_all_sizes_or_says_why_not():
+    results = {name: allsizes.prove_layer(layer) for name, layer in LAYERS.items()}
+    for name in ("conv2d", "avgpool2d", "dense"):
+        assert results[name].route == "index sets" and results[name].status == "proven", name
+    conv_strides = {s.fixed["s"] for s in results["conv2d"].statements if s.what.startswith("dx")}
+    assert conv_strides == {1, 2, 3, 4}
+    for name in ("sigmoid", "relu", "tanh", "softmax", "bce", "bce_with_logits",
+                 "softmax_cross_entropy", "mse"):  # fmt: skip
+        assert results[name].route == "pointwise" and results[name].status == "proven", name
+    assert results["maxpool2d"].route == "sweep" and "largest" in results["maxpool2d"].reason
+    assert results["flatten"].route == "sweep" and "(h W + w) C + c" in results["flatten"].reason
+
+
+def test_verify_all_sizes_command_says_what_was_proven_within_ten_seconds():
+    start = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, "-m", "cnnderive", "verify", "--all-sizes"],
+        capture_output=True,
+        text=True,
+    )
+    elapsed = time.perf_counter() - start
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert "conv2d dx" in out and "proven for all m, H, W, C_in, K_H, K_W, C_out, p" in out
+    assert "s = 1, 2, 3, 4" in out
+    assert "maxpool2d: not proven for all sizes" in out
+    assert "maxpool2d: proven on the sweep instead: 168 configurations" in out
+    assert "s wall time" in out
+    assert elapsed < 30  # the command's own budget is 10 s; the margin is for a busy machine
+
+
+def test_all_sizes_and_seed_size_exclude_each_other():
+    run = subprocess.run(
+        [sys.executable, "-m", "cnnderive", "verify", "--all-sizes", "--seed-size"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "exclude each other" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+# ---------------------------------------------------------------------------
+# Broken closed forms
+# ---------------------------------------------------------------------------
+
+CORRECT_DX = Crop(FullConvolve(Dilate(dout, STRIDE), Rot180(w)), PADDING, PADDING, H, W)
+
+BROKEN_CONV_DX = {
+    "off-by-one crop": Crop(
+        FullConvolve(Dilate(dout, STRIDE), Rot180(w)), PADDING + 1, PADDING, H, W
+    ),
+    "missing rot180": Crop(FullConvolve(Dilate(dout, STRIDE), w), PADDING, PADDING, H, W),
+    "stride-1 form for every stride": Crop(FullConvolve(dout, Rot180(w)), PADDING, PADDING, H, W),
+    # Zero unless H + p > 5 + y: beyond every configuration of the sweep (H <= 4, p <= 1).
+    "a term beyond the sweep": pointwise(
+        "a + b",
+        a=CORRECT_DX,
+        b=Crop(FullConvolve(Dilate(dout, STRIDE), Rot180(w)), PADDING + 5, PADDING, H, W),
+    ),
+}
+
+
+@pytest.mark.parametrize("what", list(BROKEN_CONV_DX))
+def test_broken_conv_dx_is_refuted_with_a_counterexample_numpy_confirms(what):
+    broken = with_gradient(conv, "dx", BROKEN_CONV_DX[what])
+    counterexample = refutation(broken, "dx")
+    confirm_numerically(conv, broken, "dx", counterexample,
+                        lambda a, u, c: generated_conv(a, u, c)["dx"])  # fmt: skip
+
+
+def test_a_term_beyond_the_sweep_passes_the_sweep_but_not_the_all_sizes_proof():
+    from derive.verify import VerificationError, prove
+
+    broken = with_gradient(conv, "dx", BROKEN_CONV_DX["a term beyond the sweep"])
+    largest = [c for c in conv.configurations() if c[H] == 4 and c[W] == 4][:6]
+    for config in largest:
+        prove(broken, config)  # no VerificationError: the sweep cannot see the term
+    counterexample = refutation(broken, "dx")
+    sizes = counterexample.sizes
+    # Outside the sweep: a larger input, or a larger padding, than it has.
+    assert max(sizes["in_height"], sizes["in_width"]) > 4 or sizes["padding"] > 1
+    with pytest.raises(VerificationError):
+        prove(broken, configuration(conv, counterexample.sizes))
+
+
+def test_broken_conv_dw_without_dilation_is_refuted():
+    crop = conv.gradients[1].cases[0].tree.a
+    broken = with_gradient(conv, "dw", CorrelateWeights(crop, dout))
+    counterexample = refutation(broken, "dw")
+    assert counterexample.sizes["stride"] >= 2
+    confirm_numerically(conv, broken, "dw", counterexample,
+                        lambda a, u, c: generated_conv(a, u, c)["dw"])  # fmt: skip
+
+
+def test_wrong_pooling_divisor_is_refuted_where_it_matters():
+    scaled = pointwise(sympy.Symbol("dout") / SIZE, dout=dout)  # 1/k instead of 1/k^2
+    broken = with_gradient(avgpool, "dx", ScatterWindows(scaled, SIZE, STRIDE, PH, PW))
+    counterexample = refutation(broken, "dx")
+    assert counterexample.sizes["size"] >= 2  # at k = 1 both divisors are 1
+    confirm_numerically(avgpool, broken, "dx", counterexample, generated_avgpool)
+
+
+def test_kron_form_used_for_a_stride_other_than_the_size_is_refuted():
+    scaled = pointwise(sympy.Symbol("dout") / SIZE**2, dout=dout)
+    broken = with_gradient(avgpool, "dx", Crop(Upsample(scaled, 2), 0, 0, PH, PW))
+    counterexample = refutation(broken, "dx")
+    confirm_numerically(avgpool, broken, "dx", counterexample, generated_avgpool)
+
+
+def test_broken_dense_gradients_are_refuted():
+    broken = with_gradient(dense, "db", Sum(dout, (1,)))  # summed over the wrong axis
+    result = allsizes.prove_layer(broken)
+    (statement,) = [s for s in result.statements if s.what.startswith("db")]
+    assert statement.outcome.status == "refuted"
+    # The transposes swapped: dx = W^T-shaped product reading w the wrong way round.
+    broken = with_gradient(dense, "dw", MatMul(Transpose(x), pointwise("2*g", g=dout)))
+    counterexample = refutation(broken, "dw")
+    confirm_numerically(dense, broken, "dw", counterexample,
+                        lambda a, u, c: generated_dense(a, u, c)["dw"])  # fmt: skip
+
+
+def test_broken_pointwise_gradients_are_refuted():
+    sigmoid = LAYERS["sigmoid"]
+    a, da = sympy.symbols("a da", real=True)
+    broken = with_gradient(
+        sigmoid, "dz", pointwise(da * a * (1 + a), da=Operand("da"), a=Operand("out"))
+    )
+    (statement,) = allsizes.prove_layer(broken).statements
+    assert statement.outcome.status == "refuted"
+    softmax = LAYERS["softmax"]
+    broken = with_gradient(  # the row-sum term left out
+        softmax, "dz", pointwise(a * da, da=Operand("da"), a=Operand("out"))
+    )
+    (statement,) = allsizes.prove_layer(broken).statements
+    assert statement.outcome.status == "refuted"
+
+
+def test_prove_sums_is_the_check_commands_core():
+    """Deliver 2's example: the claim dX[n,h,w,c] = sum dZ[n,i,j,o] W[h-i, w-j, c, o] is
+    proven for Z = sum X[n,i+u,j+v,c] W[u,v,c,o]; with W[i-h, j-w, c, o] it is refuted."""
+    from derive.indexsets import chain_rule_terms, expression_terms, fresh
+
+    N, Hs, Ws, C, KH, KW, O = sympy.symbols("N H W C KH KW O", integer=True, positive=True)
+    n, i, j, o, u, v, c, h, ww = sympy.symbols("n i j o u v c h w", integer=True)
+    X, Wt, dZ = (sympy.IndexedBase(s) for s in ("X", "W", "dZ"))
+    OH, OW = Hs - KH + 1, Ws - KW + 1
+    arrays = {"X": ("X", (N, Hs, Ws, C)), "W": ("W", (KH, KW, C, O)), "dZ": ("dZ", (N, OH, OW, O))}
+    z = sympy.Sum(X[n, i + u, j + v, c] * Wt[u, v, c, o], (c, 0, C - 1), (u, 0, KH - 1), (v, 0, KW - 1))
+    index = tuple(fresh("x") for _ in range(4))
+    derived = chain_rule_terms(expression_terms(z, arrays), (n, i, j, o), (N, OH, OW, O), "dZ", "X", index)
+    context = [("ge", Hs - KH), ("ge", Ws - KW)]
+    nn, hh, wx, cc = index
+
+    def claim(kernel_read):
+        body = dZ[nn, i, j, o] * kernel_read
+        expr = sympy.Sum(body, (i, 0, OH - 1), (j, 0, OW - 1), (o, 0, O - 1))
+        return expression_terms(expr, arrays)
+
+    proven = allsizes.prove_sums(derived, claim(Wt[hh - i, wx - j, cc, o]), index, context)
+    assert proven.status == "proven"
+    refuted = allsizes.prove_sums(derived, claim(Wt[i - hh, j - wx, cc, o]), index, context)
+    assert refuted.status == "refuted"
+    example = refuted.counterexample
+    assert sympy.expand(example.left - example.right) != 0
+    assert example.sizes["KH"] + example.sizes["KW"] >= 3  # a 1x1 kernel cannot tell them apart
