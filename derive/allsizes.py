@@ -74,6 +74,7 @@ class LayerProof:
     statements: list[Statement] = field(default_factory=list)
     reason: str = ""  # why the layer is not proven for all sizes (route "sweep")
     seconds: float = 0.0
+    note: str = ""  # what an all-sizes proof takes as given
 
     @property
     def status(self) -> str:
@@ -183,7 +184,6 @@ def _index_set_statements(layer: Layer, values: dict) -> list[Statement]:
     """The forward tree and every closed form of a multilinear layer, for one set of fixed
     values (the stride), all other sizes symbolic."""
     definition = layer.definition
-    assert isinstance(definition, IndexDefinition)
     shapes = {item.name: tuple(item.axes) for item in layer.inputs}
     meaning = TreeMeaning(shapes, dict(layer.forward), values)
     out_shape = meaning.shape(ir.Operand(layer.output))
@@ -197,8 +197,15 @@ def _index_set_statements(layer: Layer, values: dict) -> list[Statement]:
         base_context += more
 
     arrays = {item.latex: (item.name, tuple(item.axes)) for item in layer.inputs}
-    meanings = {label: (node, meaning) for label, node in definition.meanings.items()}
-    rhs = definition.rhs.xreplace(meaning.values)
+    if isinstance(definition, IndexDefinition):
+        meanings = {label: (node, meaning) for label, node in definition.meanings.items()}
+        rhs = definition.rhs.xreplace(meaning.values)
+    else:  # a CustomDefinition with an index form (max pooling)
+        meanings = {}
+        for label, node in definition.indicators.items():
+            name, shape, _ = meaning.indicator(node)
+            arrays[label] = (name, shape)
+        rhs = definition.index_form.xreplace(meaning.values)
     outputs = tuple(definition.indices)
     defined = expression_terms(rhs, arrays, meanings)
     sizes_text = _describe_sizes(layer, values)
@@ -278,7 +285,9 @@ def prove_layer(layer: Layer) -> LayerProof:
     from derive import rows
 
     reason = ""
-    if isinstance(layer.definition, IndexDefinition):
+    if isinstance(layer.definition, IndexDefinition) or getattr(
+        layer.definition, "index_form", None
+    ) is not None:
         try:
             has_stride = any(p.symbol == STRIDE for p in layer.params)
             statements = []
@@ -297,6 +306,12 @@ def prove_layer(layer: Layer) -> LayerProof:
         reason = "its definition is not an index-level expression: " + _custom_reason(layer)
     if result.route == "sweep":
         result.reason = reason
+    elif getattr(layer.definition, "indicators", None):
+        result.note = (
+            "the first-maximum indicator is one more array here, held fixed by the chain rule "
+            "(the tie rule); that the code's argmax picks the first maximum is checked on "
+            "numbers full of ties by the sweep (`cnnderive verify --layer " + layer.name + "`)"
+        )
     result.seconds = time.perf_counter() - start
     return result
 
@@ -366,6 +381,8 @@ def summary(result: LayerProof) -> list[str]:
         if fixed:
             text += f", with {fixed} (each proven on its own: a stride times an index is not affine)"
         lines.append(text)
+    if result.note:
+        lines.append(f"{result.layer}: note: {result.note}")
     return lines
 
 
@@ -376,5 +393,6 @@ def to_json(result: LayerProof) -> dict:
         "status": result.status,
         "seconds": round(result.seconds, 3),
         "reason": result.reason,
+        "note": result.note,
         "statements": [s.to_json() for s in result.statements],
     }

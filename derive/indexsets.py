@@ -408,13 +408,52 @@ class TreeMeaning:
             for t in terms
         ]
 
+    # Max pooling: which window element is the first maximum is a property of the values.
+    # Its index-level form is an indicator array I[n, i, j, c, u, v] (1 at the first
+    # maximum (u, v) of window (n, i, j, c)), the same array the definition multiplies
+    # by; the gradient holds it fixed (the tie rule), so here it is one more array.
+    def indicator(self, node: ir.Node) -> tuple[str, tuple[sympy.Expr, ...], ir.WindowArgmax]:
+        """(array name, shape, the WindowArgmax) of the indicator that ``node`` computes."""
+        while isinstance(node, ir.Operand) and node.name in self.bindings:
+            node = self.bindings[node.name]
+        if not isinstance(node, ir.WindowArgmax) or not isinstance(node.a, ir.Operand):
+            raise NotAffine("a window position that is not the first maximum of an input's window")
+        k = self.integer(node.size)
+        return f"first_max_{node.a.name}", self.shape(node) + (k, k), node
+
+    def _routing(self, node):
+        name, shape, argmax = self.indicator(node.index)
+        same = (self.integer(node.size) - self.integer(argmax.size), self.integer(node.stride) - self.integer(argmax.stride))
+        if any(sympy.simplify(d) != 0 for d in same):
+            raise NotAffine("windows of another size or stride than the argmax's")
+        return name, shape, argmax
+
+    def element_GatherWindows(self, node, index):
+        n, i, j, c = index
+        name, shape, argmax = self._routing(node)
+        if argmax.a != node.a:
+            raise NotAffine("the maximum of one array's windows picks elements of another")
+        k, s = self.integer(node.size), self.integer(node.stride)
+        u, v = fresh("u"), fresh("v")
+        chosen = Term(sympy.S.One, (Read(name, (n, i, j, c, u, v)),), (), within((n, i, j, c, u, v), shape))
+        terms = product(self.element(node.a, (n, s * i + u, s * j + v, c)), [chosen])
+        return [_bind(t, [u, v]) for t in terms]
+
+    def element_RouteToArgmax(self, node, index):
+        n, y, x, c = index
+        name, shape, _ = self._routing(node)
+        k, s = self.integer(node.size), self.integer(node.stride)
+        i, j, u, v = fresh("i"), fresh("j"), fresh("u"), fresh("v")
+        chosen = Term(sympy.S.One, (Read(name, (n, i, j, c, u, v)),), (), within((n, i, j, c, u, v), shape))
+        terms = product(self.element(node.g, (n, i, j, c)), [chosen])
+        return [
+            _bind(t.constrained(equal(y, s * i + u), equal(x, s * j + v)), [i, j, u, v])
+            for t in terms
+        ]
+
 
 _WHY_NOT = {
     "WindowArgmax": "max pooling's routing depends on which element is largest, a property of the "
-    "values, not of the indices",
-    "GatherWindows": "max pooling's routing depends on which element is largest, a property of the "
-    "values, not of the indices",
-    "RouteToArgmax": "max pooling's routing depends on which element is largest, a property of the "
     "values, not of the indices",
     "Flatten": "row-major flattening reads e = (h W + w) C + c, a product of sizes and indices",
     "ReshapeLike": "row-major reshaping reads e = (h W + w) C + c, a product of sizes and indices",

@@ -115,6 +115,13 @@ class CustomDefinition(Definition):
 
     latex_lines: tuple[str, ...]
     build: Callable[[Mapping[str, np.ndarray], Mapping[sympy.Symbol, int], tuple], np.ndarray]
+    # The same statement in Indexed/Sum notation, for the all-sizes proof
+    # (derive.allsizes): the output element at ``indices``, in which the arrays named in
+    # ``indicators`` (max pooling's first-maximum indicator, with the tree that computes
+    # it) are held constant by the chain rule, as the tie rule says.
+    index_form: sympy.Expr | None = None
+    indices: tuple[sympy.Symbol, ...] = ()
+    indicators: Mapping[str, Node] = field(default_factory=dict)
 
     def expand(self, inputs, sizes, shape):
         return self.build(inputs, sizes, shape)

@@ -351,6 +351,10 @@ class first_max_indicator(sympy.Function):
         return r"\mathbf{1}^{\mathrm{first\,max}}_{%s}" % printer._print(self.args[0])
 
 
+# 1 at the first maximum (u, v) of window (n, i, j, c), else 0.
+_FIRST_MAX = IndexedBase(r"\mathbf{1}^{\mathrm{first\,max}}")
+
+
 def _first_max_definition(inputs, sizes, shape):
     """P = sum over the window of element * indicator(element is the first maximum)."""
     a = inputs["x"]
@@ -395,6 +399,13 @@ maxpool2d = Layer(
             r"X_{n,si+u,sj+v,c} = \max_{0 \le u',v' < k} X_{n,si+u',sj+v',c}",
         ),
         build=_first_max_definition,
+        index_form=sympy.Sum(
+            _X[n, STRIDE * i + u, STRIDE * j + v, c] * _FIRST_MAX[n, i, j, c, u, v],
+            (u, 0, SIZE - 1),
+            (v, 0, SIZE - 1),
+        ),
+        indices=(n, i, j, c),
+        indicators={_FIRST_MAX.name: WindowArgmax(x, SIZE, STRIDE)},
     ),
     forward=(
         ("argmax", WindowArgmax(x, SIZE, STRIDE)),

@@ -26,6 +26,7 @@ from derive.ir import (
     MatMul,
     Operand,
     Rot180,
+    RouteToArgmax,
     ScatterWindows,
     Sum,
     Transpose,
@@ -139,7 +140,8 @@ def test_the_catalogue_is_proven_for_all_sizes_or_says_why_not():
     for name in ("sigmoid", "relu", "tanh", "softmax", "bce", "bce_with_logits",
                  "softmax_cross_entropy", "mse"):  # fmt: skip
         assert results[name].route == "pointwise" and results[name].status == "proven", name
-    assert results["maxpool2d"].route == "sweep" and "largest" in results["maxpool2d"].reason
+    assert results["maxpool2d"].route == "index sets" and results["maxpool2d"].status == "proven"
+    assert "held fixed" in results["maxpool2d"].note  # the tie rule, and what the sweep checks
     assert results["flatten"].route == "sweep" and "(h W + w) C + c" in results["flatten"].reason
 
 
@@ -155,8 +157,8 @@ def test_verify_all_sizes_command_says_what_was_proven_within_ten_seconds():
     out = run.stdout
     assert "conv2d dx" in out and "proven for all m, H, W, C_in, K_H, K_W, C_out, p" in out
     assert "s = 1, 2, 3, 4" in out
-    assert "maxpool2d: not proven for all sizes" in out
-    assert "maxpool2d: proven on the sweep instead: 168 configurations" in out
+    assert "maxpool2d dx" in out and "flatten: not proven for all sizes" in out
+    assert "flatten: proven on the sweep instead: 36 configurations" in out
     assert "s wall time" in out
     assert elapsed < 30  # the command's own budget is 10 s; the margin is for a busy machine
 
@@ -237,6 +239,51 @@ def test_kron_form_used_for_a_stride_other_than_the_size_is_refuted():
     broken = with_gradient(avgpool, "dx", Crop(Upsample(scaled, 2), 0, 0, PH, PW))
     counterexample = refutation(broken, "dx")
     confirm_numerically(avgpool, broken, "dx", counterexample, generated_avgpool)
+
+
+def generated_maxpool(arrays, upstream, config):
+    module = importlib.import_module("generated.maxpool2d")
+    _, cache = module.forward(arrays["x"], size=config[SIZE], stride=config[STRIDE])
+    return module.backward(upstream, cache)
+
+
+def test_max_pooling_routed_one_row_off_is_refuted():
+    maxpool = LAYERS["maxpool2d"]
+    routed = RouteToArgmax(dout, Operand("argmax"), SIZE, STRIDE, PH + 1, PW)
+    broken = with_gradient(maxpool, "dx", Crop(routed, 1, 0, PH, PW))
+    counterexample = refutation(broken, "dx")
+    # The prover's values name the indicator array; numbers have no ties, so it is 1 at the
+    # largest element of each window: put those in before comparing with the code.
+    rng = np.random.default_rng(0)
+    config = configuration(maxpool, counterexample.sizes)
+    values = rng.standard_normal(maxpool.shapes(config)["x"])
+    module = importlib.import_module("generated.maxpool2d")
+    out, cache = module.forward(values, size=config[SIZE], stride=config[STRIDE])
+    upstream = rng.standard_normal(out.shape)
+    correct = module.backward(upstream, cache)
+    evaluator = Evaluator({"x": values.astype(object)}, config)
+    for binding, node in maxpool.forward:
+        evaluator.env[binding] = evaluator(node)
+    evaluator.env["dout"] = upstream.astype(object)
+    wrong = np.asarray(evaluator(broken.gradients[0].cases[0].tree), dtype=float)
+    assert not np.allclose(correct, wrong)
+    k, s = config[SIZE], config[STRIDE]
+
+    def number(expr):
+        replacements = {}
+        for atom in sympy.sympify(expr).atoms(sympy.Indexed):
+            index = tuple(int(i) for i in atom.indices)
+            if str(atom.base.label) == "dout":
+                replacements[atom] = upstream[index]
+            else:  # first_max_x[n, i, j, c, u, v]
+                n_, i_, j_, c_, u_, v_ = index
+                window = values[n_, s * i_ : s * i_ + k, s * j_ : s * j_ + k, c_]
+                replacements[atom] = float(np.argmax(window) == u_ * k + v_)
+        return float(sympy.sympify(expr).xreplace(replacements))
+
+    element = tuple(counterexample.element)
+    assert number(counterexample.left) == pytest.approx(correct[element])
+    assert number(counterexample.right) == pytest.approx(wrong[element])
 
 
 def test_broken_dense_gradients_are_refuted():
