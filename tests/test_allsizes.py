@@ -342,3 +342,29 @@ def test_prove_sums_is_the_check_commands_core():
     example = refuted.counterexample
     assert sympy.expand(example.left - example.right) != 0
     assert example.sizes["KH"] + example.sizes["KW"] >= 3  # a 1x1 kernel cannot tell them apart
+
+
+# ---------------------------------------------------------------------------
+# Derivations: the general steps, for every size, before the worked example
+# ---------------------------------------------------------------------------
+
+
+def test_conv2d_derivation_shows_the_general_index_steps_before_the_example():
+    from derive.report import derivation, to_text
+
+    text = to_text(derivation(conv, conv.example))
+    general = text.index("From the chain rule to the closed form, for every size")
+    example = text.index("3. Element by element")
+    assert text.index("2. Chain rule") < general < example
+    steps = text[general:example]
+    for sign in (
+        "1[si + u = h + p]",  # the scatter sum
+        "u = h + p - si",  # the constraint solved for the kernel index
+        "W[h+p-si, w+p-sj, c, o]",
+        "D = dilate_s(δ)",  # the renamings
+        "R = rot180(W)",
+        "full_convolve(D, R)",
+        "crop of p rows and columns",  # the ranges that become the padding
+        "crop_(p,p)^(H × W)(full_convolve(dilate_s(δ), rot180(W)))",
+    ):
+        assert sign in steps, sign
