@@ -39,6 +39,7 @@ from derive.indexsets import (
 from derive.layer import IndexDefinition, Layer
 from derive.layers import STRIDE
 from derive.presburger import Outcome, Problem, compare, same_shape
+from derive.stride import factor_stride, in_dilated_sizes
 
 STRIDES = (1, 2, 3, 4)
 
@@ -167,7 +168,13 @@ def size_dims(layer: Layer) -> list[ir.Dim]:
 def _describe_sizes(layer: Layer, values: dict) -> str:
     """The symbolic sizes, as the derivations name them: "m, H, W, C_in, ..."."""
     symbolic = [d.latex_name for d in size_dims(layer) + [p.symbol for p in layer.params] if d not in values]
-    return "all " + ", ".join(_plain(s) for s in symbolic)
+    text = "all " + ", ".join(_plain(s) for s in symbolic)
+    tied = [
+        f"{_plain(k.latex_name)} = {_plain(v.latex_name)}"
+        for k, v in values.items()
+        if isinstance(v, sympy.Symbol)
+    ]
+    return text + (" with " + ", ".join(tied) if tied else "")
 
 
 def _fixed(values: dict) -> dict[str, int]:
@@ -180,16 +187,51 @@ def _plain(latex: str) -> str:
     ).replace(r"D_{\mathrm{out}}", "D_out")
 
 
-def _index_set_statements(layer: Layer, values: dict) -> list[Statement]:
+def _decimated_shape(out_shape, stride):
+    """The output shape with each extent ``floor(E / s) + 1`` replaced by a symbol H', and
+    for each the dilated extent L = s (H' - 1) + 1 and the conditions that relate L to E
+    (``L - 1 <= E <= L + s - 2``: the last window starts at most s - 1 before the end)."""
+    shape, extents, context, names = [], {}, [], {}
+    for axis, extent in enumerate(out_shape):
+        if not extent.has(stride):
+            shape.append(extent)
+            continue
+        floors = list(extent.atoms(sympy.floor))
+        if len(floors) != 1 or sympy.simplify(extent - floors[0] - 1) != 0:
+            raise NotAffine(f"an output extent {extent} that is not floor(E / s) + 1")
+        span = sympy.expand(floors[0].args[0] * stride)
+        if span.has(stride):
+            raise NotAffine(f"an output extent {extent} that is not floor(E / s) + 1")
+        decimated = sympy.Symbol(f"out_extent{axis}", integer=True, positive=True)
+        dilated = sympy.Symbol(f"dilated_extent{axis}", integer=True, positive=True)
+        extents[decimated] = dilated
+        context += [("ge", span - (dilated - 1)), ("ge", dilated + stride - 2 - span)]
+        shape.append(decimated)
+        names[extent] = decimated
+    return tuple(shape), extents, context, names
+
+
+def _index_set_statements(layer: Layer, values: dict, symbolic_stride: bool = False) -> list[Statement]:
     """The forward tree and every closed form of a multilinear layer, for one set of fixed
-    values (the stride), all other sizes symbolic."""
+    values (the stride), all other sizes symbolic; or, with ``symbolic_stride``, the
+    stride symbolic too, factored out by ``derive.stride``."""
     definition = layer.definition
     shapes = {item.name: tuple(item.axes) for item in layer.inputs}
     meaning = TreeMeaning(shapes, dict(layer.forward), values)
     out_shape = meaning.shape(ir.Operand(layer.output))
+    extents: dict = {}
+    stride_context: list[Constraint] = []
+    if symbolic_stride:
+        out_shape, extents, stride_context, names = _decimated_shape(out_shape, STRIDE)
+        meaning.named_extents = names
     meaning.operand_shapes[layer.upstream] = out_shape
 
-    base_context: list[Constraint] = [("ge", d - 1) for d in size_dims(layer)]
+    def factored(terms, renamed_free=None):
+        if not symbolic_stride:
+            return list(terms)
+        return [factor_stride(t, STRIDE, extents, tuple(renamed_free or ()), renamed_free) for t in terms]
+
+    base_context: list[Constraint] = [("ge", d - 1) for d in size_dims(layer)] + stride_context
     for requirement in layer.requirements:
         more = relational_constraints(requirement.condition.xreplace(meaning.values))
         if more is None:
@@ -214,11 +256,21 @@ def _index_set_statements(layer: Layer, values: dict) -> list[Statement]:
     forward_tree = dict(layer.forward)[layer.output]
     closed = meaning.element(forward_tree, outputs)
     defined_in_range = [t.constrained(*within(outputs, out_shape)) for t in defined]
+    free = outputs
+    if symbolic_stride:
+        # Output indices read as s*i on either side are renamed t = s*i (proven for every t).
+        strided = [
+            o for o in outputs
+            if any(_times_stride(t, o) for t in defined_in_range + closed)
+        ]  # fmt: skip
+        renamed = {o: fresh(f"{o}_dilated") for o in strided}
+        defined_in_range, closed = factored(defined_in_range, renamed), factored(closed, renamed)
+        free = tuple(renamed.get(o, o) for o in outputs)
     statements.append(
         Statement(
             "forward",
             sizes_text,
-            _with_fixed(prove_sums(defined_in_range, closed, outputs, base_context), values),
+            _with_fixed(prove_sums(defined_in_range, closed, free, base_context), values),
             _fixed(values),
         )
     )
@@ -240,34 +292,70 @@ def _index_set_statements(layer: Layer, values: dict) -> list[Statement]:
             if more is None:
                 continue  # the case never applies with these values
             case_values = dict(values)
-            # An equality that fixes a size (size = stride when the stride is a number)
-            # is put in, so that the case's tree is affine.
+            # An equality that fixes a size (size = stride) is put in, so that the case's
+            # tree is affine: a number, or with a symbolic stride the stride itself.
             for kind, expr in more:
-                symbols = sympy.sympify(expr).free_symbols
+                symbols = sympy.sympify(expr).free_symbols - {STRIDE}
                 if kind == "eq" and len(symbols) == 1:
                     (symbol,) = symbols
                     solution = sympy.solve(expr, symbol)
-                    if len(solution) == 1 and solution[0].is_Integer:
-                        case_values[symbol] = int(solution[0])
+                    if len(solution) == 1 and (solution[0].is_Integer or solution[0] == STRIDE):
+                        case_values[symbol] = solution[0]
             case_meaning = TreeMeaning(meaning.operand_shapes, dict(layer.forward), case_values)
-            closed = case_meaning.element(case.tree, index)
-            fixed = {k: sympy.Integer(v) for k, v in case_values.items()}
+            case_meaning.named_extents = {
+                sympy.sympify(e).xreplace(case_meaning.values): name
+                for e, name in meaning.named_extents.items()
+            }
+            closed = factored(case_meaning.element(case.tree, index))
+            fixed = {k: sympy.sympify(v) for k, v in case_values.items()}
             context = [(kind, sympy.sympify(e).xreplace(fixed)) for kind, e in base_context + more]
-            derived_here = [t.substituted(fixed) for t in derived]
+            derived_here = factored([t.substituted(fixed) for t in derived])
             outcome = prove_sums(derived_here, closed, index, context)
             if outcome.status == "proven":
                 # Equal elements inside the gradient's shape; the tree's shape must be it too.
                 expected = [sympy.sympify(e).xreplace(fixed) for e in layer.input(gradient.wrt).axes]
-                actual = case_meaning.shape(case.tree)
+                actual = [in_dilated_sizes(e, STRIDE, extents) for e in case_meaning.shape(case.tree)]
                 outcome = same_shape(expected, actual, _problem(derived_here + closed, index, context))
+            numbers = {k: v for k, v in case_values.items() if sympy.sympify(v).is_Integer}
             statements.append(
                 Statement(
                     label,
                     _describe_sizes(layer, case_values),
-                    _with_fixed(outcome, case_values),
-                    _fixed(case_values),
+                    _with_fixed(outcome, numbers),
+                    _fixed(numbers),
                 )
             )
+    return statements
+
+
+def _times_stride(term, variable) -> bool:
+    expressions = [e for r in term.reads for e in r.index] + [e for _, e in term.constraints]
+    return any(
+        part.has(variable) and part.has(STRIDE)
+        for e in expressions
+        for part in sympy.Add.make_args(sympy.expand(sympy.sympify(e)))
+    )
+
+
+def _strided_statements(layer: Layer) -> list[Statement]:
+    """A layer without a stride once; one with a stride for a symbolic stride first
+    (``derive.stride``), and what that does not prove for each stride 1 to 4 on its own.
+    A refutation is only trusted from the fixed strides: with the stride factored out,
+    the dilated extent is not tied to a multiple of s, so a difference found there may
+    lie where the dilated array is zero."""
+    if not any(p.symbol == STRIDE for p in layer.params):
+        return _index_set_statements(layer, {})
+    try:
+        symbolic = _index_set_statements(layer, {}, symbolic_stride=True)
+    except NotAffine:
+        symbolic = []
+    proven = [s for s in symbolic if s.outcome.status == "proven"]
+    done = {s.what for s in proven}
+    statements = list(proven)
+    for stride in STRIDES:
+        statements += [
+            s for s in _index_set_statements(layer, {STRIDE: stride}) if s.what not in done
+        ]
     return statements
 
 
@@ -289,12 +377,7 @@ def prove_layer(layer: Layer) -> LayerProof:
         layer.definition, "index_form", None
     ) is not None:
         try:
-            has_stride = any(p.symbol == STRIDE for p in layer.params)
-            statements = []
-            for stride in STRIDES if has_stride else (None,):
-                values = {STRIDE: stride} if stride is not None else {}
-                statements += _index_set_statements(layer, values)
-            result = LayerProof(layer.name, "index sets", statements)
+            result = LayerProof(layer.name, "index sets", _strided_statements(layer))
         except NotAffine as error:
             reason = str(error)
         if result.route == "sweep":
@@ -379,7 +462,10 @@ def summary(result: LayerProof) -> list[str]:
         if result.route == "index sets":
             text += " allowed by the layer's requirements"
         if fixed:
-            text += f", with {fixed} (each proven on its own: a stride times an index is not affine)"
+            text += (
+                f", with {fixed} (each on its own: the stride could not be factored out of "
+                "this form)"
+            )
         lines.append(text)
     if result.note:
         lines.append(f"{result.layer}: note: {result.note}")

@@ -134,12 +134,14 @@ class TreeMeaning:
         bindings: Mapping[str, ir.Node],
         values: Mapping[sympy.Symbol, int],
     ):
-        self.values = {k: sympy.Integer(v) for k, v in values.items()}
+        self.values = {k: sympy.sympify(v) for k, v in values.items()}
         self.operand_shapes = {
             name: tuple(sympy.sympify(e).xreplace(self.values) for e in shape)
             for name, shape in shapes.items()
         }
         self.bindings = dict(bindings)
+        # Extents written as a symbol instead (floor(E / s) + 1 as H' for a symbolic stride).
+        self.named_extents: dict[sympy.Expr, sympy.Symbol] = {}
 
     # integer arguments ---------------------------------------------------------
     def integer(self, expr) -> sympy.Expr:
@@ -161,7 +163,8 @@ class TreeMeaning:
         method = getattr(self, "shape_" + type(node).__name__, None)
         if method is None:
             raise NotAffine(f"{type(node).__name__} has no index-level meaning here")
-        return tuple(sympy.sympify(e) for e in method(node))
+        shape = tuple(sympy.sympify(e) for e in method(node))
+        return tuple(self.named_extents.get(e, e) for e in shape)
 
     def shape_Operand(self, node):
         if node.name in self.operand_shapes:
@@ -333,9 +336,7 @@ class TreeMeaning:
 
     def element_Dilate(self, node, index):
         n, y, x, c = index
-        s = self.integer(node.stride)
-        if not _is_number(s):
-            raise NotAffine("dilate by a symbolic stride is not affine")
+        s = self.integer(node.stride)  # a symbolic s is factored out by derive.stride
         qy, qx = fresh("q"), fresh("q")
         terms = self.element(node.a, (n, qy, qx, c))
         return [_bind(t.constrained(equal(y, s * qy), equal(x, s * qx)), [qy, qx]) for t in terms]
@@ -382,9 +383,7 @@ class TreeMeaning:
 
     def element_Upsample(self, node, index):
         n, y, x, c = index
-        k = self.integer(node.size)
-        if not _is_number(k):
-            raise NotAffine("upsampling by a symbolic size is not affine (y = k q + r)")
+        k = self.integer(node.size)  # symbolic: y = k q + r is factored out by derive.stride
         qy, qx, ry, rx = fresh("q"), fresh("q"), fresh("r"), fresh("r")
         terms = self.element(node.a, (n, qy, qx, c))
         return [
