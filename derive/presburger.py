@@ -27,6 +27,7 @@ explicit sums of products, a counterexample one can check by hand.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -97,15 +98,28 @@ def affine(expr, names: Mapping[sympy.Symbol, str]) -> str:
     raise NotAffine(f"{expr} is not affine")
 
 
+_INTEGRAL: dict[sympy.Expr, sympy.Expr] = {}
+
+
+def _integral(expr) -> sympy.Expr:
+    """``expr`` times the least common denominator of its rational coefficients (a
+    condition ``e >= 0`` or ``e = 0`` means the same after it).  Remembered: the same
+    constraints come back in every term and every comparison."""
+    if expr not in _INTEGRAL:
+        expanded = sympy.expand(expr)
+        denominators = [
+            term.as_coeff_Mul()[0].q
+            for term in sympy.Add.make_args(expanded)
+            if term.as_coeff_Mul()[0].is_Rational
+        ]
+        lcm = math.lcm(*[int(q) for q in denominators]) if denominators else 1
+        _INTEGRAL[expr] = sympy.expand(expanded * lcm) if lcm != 1 else expanded
+    return _INTEGRAL[expr]
+
+
 def _condition(constraint: Constraint, names) -> str:
     kind, expr = constraint
-    expr = sympy.sympify(expr)
-    # Rational coefficients (from a division by an integer) are cleared first.
-    expr = sympy.together(expr)
-    numerator, denominator = sympy.fraction(expr)
-    if denominator.is_Integer and denominator != 1:
-        expr = sympy.expand(numerator)
-    return f"{affine(expr, names)} {'=' if kind == 'eq' else '>='} 0"
+    return f"{affine(_integral(sympy.sympify(expr)), names)} {'=' if kind == 'eq' else '>='} 0"
 
 
 def _body(conditions: list[str]) -> str:

@@ -135,8 +135,9 @@ def test_the_catalogue_is_proven_for_all_sizes_or_says_why_not():
     results = {name: allsizes.prove_layer(layer) for name, layer in LAYERS.items()}
     for name in ("conv2d", "avgpool2d", "dense"):
         assert results[name].route == "index sets" and results[name].status == "proven", name
-    conv_strides = {s.fixed["s"] for s in results["conv2d"].statements if s.what.startswith("dx")}
-    assert conv_strides == {1, 2, 3, 4}
+    for name in ("conv2d", "avgpool2d", "maxpool2d"):  # the stride symbolic too
+        for statement in results[name].statements:
+            assert statement.fixed == {} and ", s" in statement.sizes, (name, statement)
     for name in ("sigmoid", "relu", "tanh", "softmax", "bce", "bce_with_logits",
                  "softmax_cross_entropy", "mse"):  # fmt: skip
         assert results[name].route == "pointwise" and results[name].status == "proven", name
@@ -155,8 +156,7 @@ def test_verify_all_sizes_command_says_what_was_proven_within_ten_seconds():
     elapsed = time.perf_counter() - start
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
-    assert "conv2d dx" in out and "proven for all m, H, W, C_in, K_H, K_W, C_out, p" in out
-    assert "s = 1, 2, 3, 4" in out
+    assert "conv2d dx" in out and "proven for all m, H, W, C_in, K_H, K_W, C_out, s, p" in out
     assert "maxpool2d dx" in out and "flatten: not proven for all sizes" in out
     assert "flatten: proven on the sweep instead: 36 configurations" in out
     assert "s wall time" in out
@@ -368,3 +368,21 @@ def test_conv2d_derivation_shows_the_general_index_steps_before_the_example():
         "crop_(p,p)^(H × W)(full_convolve(dilate_s(δ), rot180(W)))",
     ):
         assert sign in steps, sign
+
+
+@pytest.mark.parametrize("what", list(BROKEN_CONV_DX))
+def test_the_symbolic_stride_proof_is_not_fooled_by_broken_forms(what):
+    """With the stride factored out, a broken form is never proven (its refutation is left
+    to the fixed strides, whose counterexamples are exact)."""
+    broken = with_gradient(conv, "dx", BROKEN_CONV_DX[what])
+    statements = allsizes._index_set_statements(broken, {}, symbolic_stride=True)
+    (dx,) = [s for s in statements if s.what.startswith("dx")]
+    assert dx.outcome.status != "proven"
+    assert all(s.outcome.status == "proven" for s in statements if s is not dx)
+
+
+def test_broken_pooling_forms_are_not_proven_for_a_symbolic_stride():
+    scaled = pointwise(sympy.Symbol("dout") / SIZE, dout=dout)
+    broken = with_gradient(avgpool, "dx", ScatterWindows(scaled, SIZE, STRIDE, PH, PW))
+    statements = allsizes._index_set_statements(broken, {}, symbolic_stride=True)
+    assert [s.outcome.status for s in statements if s.what.startswith("dx")] != ["proven"]
