@@ -238,7 +238,10 @@ def run_verify_all_sizes(args, layers) -> int:
 
     start = time.perf_counter()
     results = [prove_layer(layer) for layer in layers]
-    fallback = [layer for layer, r in zip(layers, results) if r.route == "sweep"]
+    # Layers the prover could not decide for all sizes are proven on the sweep instead.
+    fallback = [
+        layer for layer, r in zip(layers, results) if r.route == "sweep" or r.status == "undecided"
+    ]
     sweeps = {}
     if fallback:
         from cnnderive.cli import proof_progress
@@ -246,7 +249,7 @@ def run_verify_all_sizes(args, layers) -> int:
         with proof_progress() as progress:
             sweeps = {r.name: r for r in verify_layers(fallback, progress=progress)}
     elapsed = time.perf_counter() - start
-    ok = all(r.status == "proven" or (r.route == "sweep" and sweeps[r.layer].ok) for r in results)
+    ok = all(r.status == "proven" or (r.layer in sweeps and sweeps[r.layer].ok) for r in results)
     if args.json:
         payload = {"ok": ok, "seconds": round(elapsed, 3), "layers": []}
         for r in results:
@@ -279,7 +282,7 @@ def run_verify_all_sizes(args, layers) -> int:
                 )
             else:
                 print(f"{r.layer}: the sweep FAILED: {sweep.error}")
-    proven = sum(1 for r in results if r.route != "sweep" and r.status == "proven")
+    proven = sum(1 for r in results if r.status == "proven")
     verdict = "all closed forms proven" if ok else "SOME PROOFS FAILED"
     print(
         f"\n{verdict}: {proven} of {len(results)} layers for all sizes, "

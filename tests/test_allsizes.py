@@ -17,6 +17,7 @@ import pytest
 import sympy
 
 from derive import allsizes
+from derive.claims import ClaimError, check_gradient, sum_over
 from derive.ir import (
     Case,
     CorrelateWeights,
@@ -314,34 +315,91 @@ def test_broken_pointwise_gradients_are_refuted():
     assert statement.outcome.status == "refuted"
 
 
-def test_prove_sums_is_the_check_commands_core():
-    """Deliver 2's example: the claim dX[n,h,w,c] = sum dZ[n,i,j,o] W[h-i, w-j, c, o] is
-    proven for Z = sum X[n,i+u,j+v,c] W[u,v,c,o]; with W[i-h, j-w, c, o] it is refuted."""
-    from derive.indexsets import chain_rule_terms, expression_terms, fresh
+N_, H_, W_, C_, KH_, KW_, O_ = sympy.symbols("N H W C KH KW O", integer=True, positive=True)
+n_, i_, j_, o_, u_, v_, c_, h_, w_ = sympy.symbols("n i j o u v c h w", integer=True)
+X_, W__, Z_, dX_, dZ_ = (sympy.IndexedBase(s) for s in ("X", "W", "Z", "dX", "dZ"))
+SHAPES = {
+    "X": (N_, H_, W_, C_),
+    "W": (KH_, KW_, C_, O_),
+    "Z": (N_, H_ - KH_ + 1, W_ - KW_ + 1, O_),
+}
+LAYER = sum_over(X_[n_, i_ + u_, j_ + v_, c_] * W__[u_, v_, c_, o_], (c_, u_, v_), SHAPES)
 
-    N, Hs, Ws, C, KH, KW, O = sympy.symbols("N H W C KH KW O", integer=True, positive=True)
-    n, i, j, o, u, v, c, h, ww = sympy.symbols("n i j o u v c h w", integer=True)
-    X, Wt, dZ = (sympy.IndexedBase(s) for s in ("X", "W", "dZ"))
-    OH, OW = Hs - KH + 1, Ws - KW + 1
-    arrays = {"X": ("X", (N, Hs, Ws, C)), "W": ("W", (KH, KW, C, O)), "dZ": ("dZ", (N, OH, OW, O))}
-    z = sympy.Sum(X[n, i + u, j + v, c] * Wt[u, v, c, o], (c, 0, C - 1), (u, 0, KH - 1), (v, 0, KW - 1))
-    index = tuple(fresh("x") for _ in range(4))
-    derived = chain_rule_terms(expression_terms(z, arrays), (n, i, j, o), (N, OH, OW, O), "dZ", "X", index)
-    context = [("ge", Hs - KH), ("ge", Ws - KW)]
-    nn, hh, wx, cc = index
 
-    def claim(kernel_read):
-        body = dZ[nn, i, j, o] * kernel_read
-        expr = sympy.Sum(body, (i, 0, OH - 1), (j, 0, OW - 1), (o, 0, O - 1))
-        return expression_terms(expr, arrays)
+def judge(kernel_read, extra=0):
+    """Deliver 2's example: Z[n,i,j,o] = sum[c,u,v](X[n, i+u, j+v, c] * W[u,v,c,o]) and a
+    claim dX[n,h,w,c] = sum[i,j,o](dZ[n,i,j,o] * kernel_read) (+ extra)."""
+    shapes = dict(SHAPES, dZ=SHAPES["Z"])
+    claim = sum_over(dZ_[n_, i_, j_, o_] * kernel_read, (i_, j_, o_), shapes) + extra
+    return check_gradient(
+        Z_[n_, i_, j_, o_],
+        LAYER,
+        SHAPES,
+        dX_[n_, h_, w_, c_],
+        claim,
+        context=[("ge", H_ - KH_), ("ge", W_ - KW_)],
+    )
 
-    proven = allsizes.prove_sums(derived, claim(Wt[hh - i, wx - j, cc, o]), index, context)
-    assert proven.status == "proven"
-    refuted = allsizes.prove_sums(derived, claim(Wt[i - hh, j - wx, cc, o]), index, context)
-    assert refuted.status == "refuted"
-    example = refuted.counterexample
-    assert sympy.expand(example.left - example.right) != 0
+
+def test_check_gradient_proves_a_true_claim():
+    assert judge(W__[h_ - i_, w_ - j_, c_, o_]).status == "proven"
+
+
+def test_check_gradient_refutes_a_false_claim_with_a_counterexample_numpy_confirms():
+    outcome = judge(W__[i_ - h_, j_ - w_, c_, o_])
+    assert outcome.status == "refuted"
+    example = outcome.counterexample
     assert example.sizes["KH"] + example.sizes["KW"] >= 3  # a 1x1 kernel cannot tell them apart
+    # Numbers: the true gradient by finite differences of the layer in NumPy.
+    sizes = {k: example.sizes[k] for k in ("N", "H", "W", "C", "KH", "KW", "O")}
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((sizes["N"], sizes["H"], sizes["W"], sizes["C"]))
+    k = rng.standard_normal((sizes["KH"], sizes["KW"], sizes["C"], sizes["O"]))
+    oh, ow = sizes["H"] - sizes["KH"] + 1, sizes["W"] - sizes["KW"] + 1
+    dz = rng.standard_normal((sizes["N"], oh, ow, sizes["O"]))
+
+    def loss(x_):
+        z = np.zeros((sizes["N"], oh, ow, sizes["O"]))
+        for i, j in np.ndindex(oh, ow):
+            window = x_[:, i : i + sizes["KH"], j : j + sizes["KW"], :]
+            z[:, i, j, :] = np.einsum("nuvc,uvco->no", window, k)
+        return float(np.sum(z * dz))
+
+    element = tuple(example.element)
+    step = np.zeros_like(x)
+    step[element] = 1e-6
+    numeric = (loss(x + step) - loss(x - step)) / 2e-6  # exact up to rounding: loss is linear
+    values = {"X": x, "W": k, "dZ": dz}
+
+    def number(expr):
+        return float(sympy.sympify(expr).xreplace({
+            a: values[str(a.base.label)][tuple(int(t) for t in a.indices)]
+            for a in sympy.sympify(expr).atoms(sympy.Indexed)
+        }))  # fmt: skip
+
+    assert number(example.left) == pytest.approx(numeric, abs=1e-6)
+    assert not np.isclose(number(example.right), numeric)
+
+
+def test_check_gradient_refutes_a_claim_that_agrees_on_every_small_size():
+    """An extra term that reads W four rows away from the true one: zero unless the input
+    has at least 5 rows, so it agrees with the true gradient on every size up to 4 (all the
+    sweep uses), and refuted here at such a size."""
+    extra = sum_over(dZ_[n_, i_, j_, o_] * W__[h_ - i_ + 4, w_ - j_, c_, o_], (i_, j_, o_),
+                     dict(SHAPES, dZ=SHAPES["Z"]))  # fmt: skip
+    outcome = judge(W__[h_ - i_, w_ - j_, c_, o_], extra)
+    assert outcome.status == "refuted"
+    sizes = outcome.counterexample.sizes
+    assert max(sizes["H"], sizes["W"]) >= 5
+
+
+def test_check_gradient_names_bad_input():
+    with pytest.raises(ClaimError, match="no range"):
+        sum_over(dZ_[n_, i_ + 1, j_, o_], (i_,), dict(SHAPES, dZ=SHAPES["Z"]))
+    with pytest.raises(ClaimError, match="unknown array"):
+        sum_over(sympy.IndexedBase("Q")[i_], (i_,), SHAPES)
+    with pytest.raises(ClaimError, match="not affine"):
+        judge(W__[h_ * i_, w_ - j_, c_, o_])
 
 
 # ---------------------------------------------------------------------------
