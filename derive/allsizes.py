@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import islpy as isl
 import sympy
 
 from derive import ir
@@ -380,6 +381,9 @@ def prove_layer(layer: Layer) -> LayerProof:
             result = LayerProof(layer.name, "index sets", _strided_statements(layer))
         except NotAffine as error:
             reason = str(error)
+        except (isl.Error, TypeError, ValueError) as error:
+            # Not a proof and not a refutation: the sweep decides, and the output says why.
+            reason = f"the all-sizes prover could not read this layer ({type(error).__name__}: {error})"
         if result.route == "sweep":
             try:
                 result = LayerProof(layer.name, "pointwise", rows.statements(layer))
