@@ -168,7 +168,9 @@ def size_dims(layer: Layer) -> list[ir.Dim]:
 
 def _describe_sizes(layer: Layer, values: dict) -> str:
     """The symbolic sizes, as the derivations name them: "m, H, W, C_in, ..."."""
-    symbolic = [d.latex_name for d in size_dims(layer) + [p.symbol for p in layer.params] if d not in values]
+    symbolic = [
+        d.latex_name for d in size_dims(layer) + [p.symbol for p in layer.params] if d not in values
+    ]
     text = "all " + ", ".join(_plain(s) for s in symbolic)
     tied = [
         f"{_plain(k.latex_name)} = {_plain(v.latex_name)}"
@@ -183,9 +185,12 @@ def _fixed(values: dict) -> dict[str, int]:
 
 
 def _plain(latex: str) -> str:
-    return latex.replace(r"C_{\mathrm{in}}", "C_in").replace(r"C_{\mathrm{out}}", "C_out").replace(
-        r"D_{\mathrm{in}}", "D_in"
-    ).replace(r"D_{\mathrm{out}}", "D_out")
+    return (
+        latex.replace(r"C_{\mathrm{in}}", "C_in")
+        .replace(r"C_{\mathrm{out}}", "C_out")
+        .replace(r"D_{\mathrm{in}}", "D_in")
+        .replace(r"D_{\mathrm{out}}", "D_out")
+    )
 
 
 def _decimated_shape(out_shape, stride):
@@ -212,7 +217,9 @@ def _decimated_shape(out_shape, stride):
     return tuple(shape), extents, context, names
 
 
-def _index_set_statements(layer: Layer, values: dict, symbolic_stride: bool = False) -> list[Statement]:
+def _index_set_statements(
+    layer: Layer, values: dict, symbolic_stride: bool = False
+) -> list[Statement]:
     """The forward tree and every closed form of a multilinear layer, for one set of fixed
     values (the stride), all other sizes symbolic; or, with ``symbolic_stride``, the
     stride symbolic too, factored out by ``derive.stride``."""
@@ -230,7 +237,10 @@ def _index_set_statements(layer: Layer, values: dict, symbolic_stride: bool = Fa
     def factored(terms, renamed_free=None):
         if not symbolic_stride:
             return list(terms)
-        return [factor_stride(t, STRIDE, extents, tuple(renamed_free or ()), renamed_free) for t in terms]
+        return [
+            factor_stride(t, STRIDE, extents, tuple(renamed_free or ()), renamed_free)
+            for t in terms
+        ]
 
     base_context: list[Constraint] = [("ge", d - 1) for d in size_dims(layer)] + stride_context
     for requirement in layer.requirements:
@@ -314,9 +324,15 @@ def _index_set_statements(layer: Layer, values: dict, symbolic_stride: bool = Fa
             outcome = prove_sums(derived_here, closed, index, context)
             if outcome.status == "proven":
                 # Equal elements inside the gradient's shape; the tree's shape must be it too.
-                expected = [sympy.sympify(e).xreplace(fixed) for e in layer.input(gradient.wrt).axes]
-                actual = [in_dilated_sizes(e, STRIDE, extents) for e in case_meaning.shape(case.tree)]
-                outcome = same_shape(expected, actual, _problem(derived_here + closed, index, context))
+                expected = [
+                    sympy.sympify(e).xreplace(fixed) for e in layer.input(gradient.wrt).axes
+                ]
+                actual = [
+                    in_dilated_sizes(e, STRIDE, extents) for e in case_meaning.shape(case.tree)
+                ]
+                outcome = same_shape(
+                    expected, actual, _problem(derived_here + closed, index, context)
+                )
             numbers = {k: v for k, v in case_values.items() if sympy.sympify(v).is_Integer}
             statements.append(
                 Statement(
@@ -374,16 +390,19 @@ def prove_layer(layer: Layer) -> LayerProof:
     from derive import rows
 
     reason = ""
-    if isinstance(layer.definition, IndexDefinition) or getattr(
-        layer.definition, "index_form", None
-    ) is not None:
+    if (
+        isinstance(layer.definition, IndexDefinition)
+        or getattr(layer.definition, "index_form", None) is not None
+    ):
         try:
             result = LayerProof(layer.name, "index sets", _strided_statements(layer))
         except NotAffine as error:
             reason = str(error)
         except (isl.Error, TypeError, ValueError) as error:
             # Not a proof and not a refutation: the sweep decides, and the output says why.
-            reason = f"the all-sizes prover could not read this layer ({type(error).__name__}: {error})"
+            reason = (
+                f"the all-sizes prover could not read this layer ({type(error).__name__}: {error})"
+            )
         if result.route == "sweep":
             try:
                 result = LayerProof(layer.name, "pointwise", rows.statements(layer))

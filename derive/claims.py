@@ -84,7 +84,9 @@ def check_gradient(
     try:
         defined = expression_terms(rhs, arrays)
         derived = chain_rule_terms(defined, outputs, shapes[out_label], upstream, wrt, index)
-        stated = [t.constrained(*within(index, shapes[wrt])) for t in expression_terms(claim, arrays)]
+        stated = [
+            t.constrained(*within(index, shapes[wrt])) for t in expression_terms(claim, arrays)
+        ]
     except NotAffine as error:
         raise ClaimError(str(error)) from error
     sizes = {s for shape in shape_of.values() for e in shape for s in sympy.sympify(e).free_symbols}

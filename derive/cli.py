@@ -268,7 +268,8 @@ def run_verify_all_sizes(args, layers) -> int:
         status = r.status
         if r.layer in sweeps:
             status = "swept" if sweeps[r.layer].ok else "FAILED"
-        print(f"{r.layer:<24}{r.route:<13}{status:<11}{r.seconds + (sweeps[r.layer].seconds if r.layer in sweeps else 0):>8.2f}")
+        seconds = r.seconds + (sweeps[r.layer].seconds if r.layer in sweeps else 0.0)
+        print(f"{r.layer:<24}{r.route:<13}{status:<11}{seconds:>8.2f}")
     print()
     for r in results:
         for line in summary(r):

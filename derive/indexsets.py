@@ -77,7 +77,10 @@ class Term:
     def substituted(self, values: Mapping) -> "Term":
         return Term(
             sympy.sympify(self.coefficient).xreplace(values),
-            tuple(Read(r.array, tuple(sympy.sympify(e).xreplace(values) for e in r.index)) for r in self.reads),
+            tuple(
+                Read(r.array, tuple(sympy.sympify(e).xreplace(values) for e in r.index))
+                for r in self.reads
+            ),
             # a renamed variable stays summed; one given a number is no longer a variable
             tuple(
                 values.get(v, v)
@@ -265,7 +268,9 @@ class TreeMeaning:
         index = tuple(sympy.sympify(e) for e in index)
         method = getattr(self, "element_" + type(node).__name__, None)
         if method is None:
-            raise NotAffine(_WHY_NOT.get(type(node).__name__, f"{type(node).__name__} is not affine"))
+            raise NotAffine(
+                _WHY_NOT.get(type(node).__name__, f"{type(node).__name__} is not affine")
+            )
         bounds = within(index, self.shape(node))
         return [term.constrained(*bounds) for term in method(node, index)]
 
@@ -279,7 +284,9 @@ class TreeMeaning:
     def element_Pointwise(self, node, index):
         symbols = [symbol for symbol, _ in node.arguments]
         expr = node.expr.xreplace(self.values)
-        expr = expr.xreplace({s: self.integer(s) for s in expr.free_symbols if isinstance(s, ir.Dim)})
+        expr = expr.xreplace(
+            {s: self.integer(s) for s in expr.free_symbols if isinstance(s, ir.Dim)}
+        )
         try:
             polynomial = sympy.Poly(expr, *symbols)
         except sympy.PolynomialError as error:
@@ -328,7 +335,9 @@ class TreeMeaning:
 
     def element_Pad(self, node, index):
         n, h, w, c = index
-        return self.element(node.a, (n, h - self.integer(node.rows), w - self.integer(node.cols), c))
+        return self.element(
+            node.a, (n, h - self.integer(node.rows), w - self.integer(node.cols), c)
+        )
 
     def element_Crop(self, node, index):
         n, y, x, c = index
@@ -388,7 +397,9 @@ class TreeMeaning:
         terms = self.element(node.a, (n, qy, qx, c))
         return [
             _bind(
-                t.constrained(equal(y, k * qy + ry), equal(x, k * qx + rx), *within((ry, rx), (k, k))),
+                t.constrained(
+                    equal(y, k * qy + ry), equal(x, k * qx + rx), *within((ry, rx), (k, k))
+                ),
                 [qy, qx, ry, rx],
             )
             for t in terms
@@ -422,7 +433,10 @@ class TreeMeaning:
 
     def _routing(self, node):
         name, shape, argmax = self.indicator(node.index)
-        same = (self.integer(node.size) - self.integer(argmax.size), self.integer(node.stride) - self.integer(argmax.stride))
+        same = (
+            self.integer(node.size) - self.integer(argmax.size),
+            self.integer(node.stride) - self.integer(argmax.stride),
+        )
         if any(sympy.simplify(d) != 0 for d in same):
             raise NotAffine("windows of another size or stride than the argmax's")
         return name, shape, argmax
@@ -432,18 +446,22 @@ class TreeMeaning:
         name, shape, argmax = self._routing(node)
         if argmax.a != node.a:
             raise NotAffine("the maximum of one array's windows picks elements of another")
-        k, s = self.integer(node.size), self.integer(node.stride)
+        s = self.integer(node.stride)  # the window size bounds u, v through the indicator
         u, v = fresh("u"), fresh("v")
-        chosen = Term(sympy.S.One, (Read(name, (n, i, j, c, u, v)),), (), within((n, i, j, c, u, v), shape))
+        chosen = Term(
+            sympy.S.One, (Read(name, (n, i, j, c, u, v)),), (), within((n, i, j, c, u, v), shape)
+        )
         terms = product(self.element(node.a, (n, s * i + u, s * j + v, c)), [chosen])
         return [_bind(t, [u, v]) for t in terms]
 
     def element_RouteToArgmax(self, node, index):
         n, y, x, c = index
         name, shape, _ = self._routing(node)
-        k, s = self.integer(node.size), self.integer(node.stride)
+        s = self.integer(node.stride)
         i, j, u, v = fresh("i"), fresh("j"), fresh("u"), fresh("v")
-        chosen = Term(sympy.S.One, (Read(name, (n, i, j, c, u, v)),), (), within((n, i, j, c, u, v), shape))
+        chosen = Term(
+            sympy.S.One, (Read(name, (n, i, j, c, u, v)),), (), within((n, i, j, c, u, v), shape)
+        )
         terms = product(self.element(node.g, (n, i, j, c)), [chosen])
         return [
             _bind(t.constrained(equal(y, s * i + u), equal(x, s * j + v)), [i, j, u, v])
@@ -485,8 +503,14 @@ def expression_terms(
         if label in arrays:
             name, shape = arrays[label]
             if len(shape) != len(expr.indices):
-                raise NotAffine(f"{label} has {len(shape)} axes, read with {len(expr.indices)} indices")
-            return [Term(sympy.S.One, (Read(name, tuple(expr.indices)),), (), within(expr.indices, shape))]
+                raise NotAffine(
+                    f"{label} has {len(shape)} axes, read with {len(expr.indices)} indices"
+                )
+            return [
+                Term(
+                    sympy.S.One, (Read(name, tuple(expr.indices)),), (), within(expr.indices, shape)
+                )
+            ]
         if label in meanings:
             node, meaning = meanings[label]
             return meaning.element(node, tuple(expr.indices))

@@ -395,7 +395,9 @@ def _smallest_sizes(differences, problem: Problem) -> dict[sympy.Symbol, int]:
             point = as_set.apply(ordered).lexmin().sample_point()
         except isl.Error:  # a size with no lower bound: any point where the sums differ
             point = as_set.apply(ordered).sample_point()
-        values = [point.get_coordinate_val(isl.dim_type.set, k).to_python() for k in range(count + 1)]
+        values = [
+            point.get_coordinate_val(isl.dim_type.set, k).to_python() for k in range(count + 1)
+        ]
         if best is None or values < best:
             best = values
     return dict(zip(problem.sizes, best[1:]))
@@ -424,6 +426,18 @@ def _counterexample(differences, left, right, problem: Problem) -> Counterexampl
     )
 
 
+def _points(bounded: isl.Set) -> list[tuple[int, ...]]:
+    """Every integer point of a bounded set without parameters."""
+    points = []
+    width = bounded.dim(isl.dim_type.set)
+    bounded.foreach_point(
+        lambda p: points.append(
+            tuple(p.get_coordinate_val(isl.dim_type.set, k).to_python() for k in range(width))
+        )
+    )
+    return points
+
+
 def value_at(terms: Sequence[Term], problem: Problem, sizes, element) -> sympy.Expr:
     """The sum at ``element`` for the given sizes, written out as products of elements
     ``name[i, j, ...]`` (SymPy ``Indexed``)."""
@@ -441,20 +455,13 @@ def value_at(terms: Sequence[Term], problem: Problem, sizes, element) -> sympy.E
         coefficient = sympy.sympify(term.coefficient).xreplace(
             {s: sympy.Integer(v) for s, v in {**sizes, **fixed_element}.items()}
         )
-        points = []
-        products.foreach_point(
-            lambda p: points.append(
-                tuple(
-                    p.get_coordinate_val(isl.dim_type.set, k).to_python()
-                    for k in range(products.dim(isl.dim_type.set))
-                )
-            )
-        )
-        for coordinates in sorted(points):
+        for coordinates in sorted(_points(products)):
             factors, position = [], 0
             for read in reads:
                 width = len(read.index)
-                factors.append(sympy.IndexedBase(read.array)[coordinates[position : position + width]])
+                factors.append(
+                    sympy.IndexedBase(read.array)[coordinates[position : position + width]]
+                )
                 position += width
             total.append(coefficient * sympy.Mul(*factors))
     return sympy.Add(*total)

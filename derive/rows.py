@@ -86,10 +86,16 @@ def _definition_locals(expr, layer: Layer, element, symbols) -> sympy.Expr:
                 raise NotAffine("a sum that is not along one row")
             variable, low, high = e.limits[0]
             reads = e.function.atoms(sympy.Indexed)
-            extents = {labels[str(r.base.label)].axes[-1] for r in reads if str(r.base.label) in labels}
+            extents = {
+                labels[str(r.base.label)].axes[-1] for r in reads if str(r.base.label) in labels
+            }
             if low != 0 or len(extents) != 1 or sympy.simplify(high - (extents.pop() - 1)) != 0:
                 raise NotAffine("a sum that does not run over the whole last axis")
-            inner = e.function.xreplace({variable: element[-1]}) if variable != element[-1] else e.function
+            inner = (
+                e.function.xreplace({variable: element[-1]})
+                if variable != element[-1]
+                else e.function
+            )
             return row_sum(go(inner), local_symbols)
         if not e.args:
             return e
@@ -143,8 +149,10 @@ def _equal(a, b) -> bool:
     rows = {}
     difference = sympy.sympify(a - b)
     for row in sorted(difference.atoms(RowSum), key=sympy.default_sort_key):
-        rows[row] = sympy.Symbol(f"S{len(rows)}", positive=True) if _positive(row) else sympy.Symbol(
-            f"S{len(rows)}", real=True
+        rows[row] = (
+            sympy.Symbol(f"S{len(rows)}", positive=True)
+            if _positive(row)
+            else sympy.Symbol(f"S{len(rows)}", real=True)
         )
     return is_zero(difference.xreplace(rows))
 
@@ -208,6 +216,11 @@ def _refuted(derived, closed, symbols) -> bool:
     difference = sympy.sympify(derived - closed)
     rows = sorted(difference.atoms(RowSum), key=sympy.default_sort_key)
     values = {row: sympy.Rational(3 + k, 2) for k, row in enumerate(rows)}
-    values.update({s: sympy.Rational(1 + k, 3 + k) for k, s in enumerate(sorted(difference.free_symbols, key=str))})
+    values.update(
+        {
+            s: sympy.Rational(1 + k, 3 + k)
+            for k, s in enumerate(sorted(difference.free_symbols, key=str))
+        }
+    )
     number = sympy.N(difference.xreplace(values), 30)
     return number.is_number and abs(number) > 1e-20

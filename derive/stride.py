@@ -38,9 +38,7 @@ def dilated_name(array: str, axes: Sequence[int]) -> str:
 
 def _occurs_times_stride(expr, stride, variable) -> bool:
     expanded = sympy.expand(sympy.sympify(expr))
-    return any(
-        term.has(variable) and term.has(stride) for term in sympy.Add.make_args(expanded)
-    )
+    return any(term.has(variable) and term.has(stride) for term in sympy.Add.make_args(expanded))
 
 
 def _rewrite(expr, stride, variable, t, extents: Mapping[sympy.Symbol, sympy.Symbol]):
@@ -75,7 +73,9 @@ def factor_stride(
     constraints = list(term.constraints)
     variables = list(term.variables)
     expressions = [e for index in reads for e in index] + [e for _, e in constraints]
-    candidates = [v for v in variables if any(_occurs_times_stride(e, stride, v) for e in expressions)]
+    candidates = [
+        v for v in variables if any(_occurs_times_stride(e, stride, v) for e in expressions)
+    ]
     candidates += [v for v in free if v in renamed_free]
     for variable in candidates:
         t = renamed_free.get(variable) or fresh("t")
@@ -92,7 +92,9 @@ def factor_stride(
                     raise NotAffine(f"{e} reads {variable} other than as {stride}*{variable}")
                 index[axis] = numerator
         if not bare and variable not in renamed_free:
-            raise NotAffine(f"no array is read at {variable} itself, so t = {stride}*{variable} would count non-multiples")
+            raise NotAffine(
+                f"no array is read at {variable} itself, so t = {stride}*{variable} would count non-multiples"
+            )
         new_constraints = []
         for kind, e in constraints:
             numerator, denominator = _rewrite(e, stride, variable, t, extents)
