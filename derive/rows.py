@@ -178,6 +178,11 @@ def statements(layer: Layer):
         if not isinstance(total, sympy.Sum) or len(total.limits) != 2:
             raise NotAffine("the loss is not a mean of a sum over examples and classes")
         element = tuple(limit[0] for limit in total.limits)
+        # The sum must run over every element: then each element's gradient is its term's.
+        for item in layer.inputs:
+            for (_, low, high), extent in zip(total.limits, item.axes):
+                if low != 0 or sympy.simplify(high - (extent - 1)) != 0:
+                    raise NotAffine("the loss does not sum over every element of its inputs")
         summand = _definition_locals(total.function, layer, element, symbols)
         scale = coefficient
         shape_text = "every batch size m and number of classes K"
