@@ -3,19 +3,21 @@
 ``derive.verify`` proves each closed form on a sweep of small configurations.  Here the
 same closed forms are proven for symbolic sizes, by one of two routes:
 
-* **index sets** (convolution, average pooling, dense): the derived gradient (the chain
-  rule applied to the index-level definition) and the closed-form tree are both sums of
-  products of array elements over affine integer sets (``derive.indexsets``); isl decides
-  whether the sets are equal for all sizes (``derive.presburger``).  A stride times an
-  index is not affine, so each stride 1, 2, 3, 4 is proven on its own, every other size
-  symbolic.
+* **index sets** (convolution, average and max pooling, dense): the derived gradient (the
+  chain rule applied to the index-level definition) and the closed-form tree are both
+  sums of products of array elements over affine integer sets (``derive.indexsets``);
+  isl decides whether the sets are equal for all sizes (``derive.presburger``).  A
+  stride times an index is not affine: the stride is factored out (``derive.stride``),
+  and what that does not prove is proven for each stride 1, 2, 3, 4 on its own, every
+  other size symbolic.  Max pooling's first-maximum indicator is one more array, held
+  fixed by the chain rule as the tie rule says.
 * **pointwise** (activations, losses, softmax): the definition reads its input only at the
   output's own index, or along the output's own row; the gradient is then a scalar
   identity in that element (and the row sums), for every shape, and SymPy settles it
   (``derive.rows``).
 
-What neither route covers (max pooling's data-dependent routing, flatten's products of
-sizes) is said with the reason, and the caller falls back to the sweep.
+What neither route covers (flatten's products of sizes) is said with the reason, and
+the caller falls back to the sweep.
 """
 
 from __future__ import annotations

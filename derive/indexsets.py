@@ -17,10 +17,11 @@ constraints on them.  A list of terms is their total.  Two interpreters build te
 * ``definition_terms`` and ``chain_rule_terms``: a layer's index-level definition
   (SymPy ``Indexed``/``Sum``), and the gradient the chain rule derives from it.
 
-Sizes stay symbols (``Dim``, ``Param``); only the stride must be a number, since ``s*i``
-is not affine when both are symbols (``derive.allsizes`` proves strides 1 to 4 one by
-one).  Whatever has no affine meaning (max pooling's data-dependent routing, flatten's
-``e = (h W + w) C + c``, exponentials) raises ``NotAffine`` with the reason.
+Sizes stay symbols (``Dim``, ``Param``).  A symbolic stride leaves products ``s*i`` in the
+terms, which ``derive.stride`` factors out; otherwise the stride is given as a number.
+Max pooling's routing reads its first-maximum indicator as one more array.  Whatever has
+no affine meaning (flatten's ``e = (h W + w) C + c``, exponentials) raises ``NotAffine``
+with the reason.
 """
 
 from __future__ import annotations
