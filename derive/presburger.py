@@ -46,14 +46,20 @@ class Counterexample:
     element: tuple[int, ...]
     left: sympy.Expr
     right: sympy.Expr
+    # Numbers the values were computed at, when they are numbers (pointwise layers: the
+    # one row of each array, batch 1); None when left and right are written out.
+    inputs: dict[str, list[float]] | None = None
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "sizes": self.sizes,
             "element": list(self.element),
             "left": str(self.left),
             "right": str(self.right),
         }
+        if self.inputs is not None:
+            out["inputs"] = self.inputs
+        return out
 
 
 @dataclass

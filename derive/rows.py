@@ -21,6 +21,8 @@ identity in the element's values and the row sums, so it holds for every shape.
 
 from __future__ import annotations
 
+import itertools
+
 import sympy
 
 from derive import ir
@@ -207,25 +209,74 @@ def statements(layer: Layer):
             if _equal(derived, closed):
                 outcome = Outcome("proven", details=[f"scalar identity: {closed}"])
             else:
+                example = _counterexample(layer, derived, closed, symbols)
                 outcome = Outcome(
-                    "refuted" if _refuted(derived, closed, symbols) else "undecided",
+                    "refuted" if example else "undecided",
                     f"derived {derived}, closed form {closed}",
+                    example,
                 )
             out.append(Statement(label, shape_text, outcome))
     return out
 
 
-def _refuted(derived, closed, symbols) -> bool:
-    """Whether the two scalar forms differ at some numbers (then the closed form is wrong,
-    not merely beyond SymPy's simplification)."""
-    difference = sympy.sympify(derived - closed)
-    rows = sorted(difference.atoms(RowSum), key=sympy.default_sort_key)
-    values = {row: sympy.Rational(3 + k, 2) for k, row in enumerate(rows)}
-    values.update(
-        {
-            s: sympy.Rational(1 + k, 3 + k)
-            for k, s in enumerate(sorted(difference.free_symbols, key=str))
+def row_values(name: str, length: int, sign: int = 1) -> list[sympy.Rational]:
+    """The numbers a counterexample puts in one row of an array: distinct, in (0, 1) (valid
+    probabilities and targets) or, with ``sign`` -1, in (-1, 0); the upstream gradient's
+    of both signs."""
+    if name == "upstream":
+        return [sympy.Rational((-1) ** k * (k + 2), 5) for k in range(length)]
+    offset = sum(map(ord, name)) % 3
+    return [sign * sympy.Rational(k + 1 + offset, length + 4) for k in range(length)]
+
+
+def _value_at_first(expr, sizes, rows, symbols):
+    """``expr`` (local symbols and row sums) at the row's first element, for ``rows`` of
+    numbers: a row sum adds its summand over the whole row."""
+    expr = sympy.sympify(expr).xreplace(sizes)
+    length = len(next(iter(rows.values())))
+    summed = {
+        row: sympy.Add(
+            *[
+                row.args[0].xreplace({symbols[n]: v[k] for n, v in rows.items()})
+                for k in range(length)
+            ]
+        )
+        for row in expr.atoms(RowSum)
+    }
+    first = {symbols[name]: values[0] for name, values in rows.items()}
+    return sympy.N(expr.xreplace(summed).xreplace(first), 30)
+
+
+def _counterexample(layer: Layer, derived, closed, symbols):
+    """The smallest sizes (batch, row length) at which the two forms differ at element
+    (0, 0), with the numbers used (every row the same), or None if none up to 3 x 4 does
+    (then SymPy merely failed to simplify, and the outcome is undecided)."""
+    from derive.presburger import Counterexample
+
+    batch, length = layer.inputs[0].axes[0], layer.inputs[0].axes[-1]
+    shapes = sorted(itertools.product(range(1, 4), range(1, 5)), key=lambda mk: (sum(mk), mk))
+    # Activations are tried at negative inputs too (ReLU's mask); losses keep probabilities.
+    signs = (1, -1) if layer.kind == "activation" else (1,)
+    for (examples, count), sign in itertools.product(shapes, signs):
+        rows = {
+            name: row_values("upstream" if name == layer.upstream else name, count, sign)
+            for name in symbols
         }
-    )
-    number = sympy.N(difference.xreplace(values), 30)
-    return number.is_number and abs(number) > 1e-20
+        sizes = {batch: examples, length: count}
+
+        left = _value_at_first(derived, sizes, rows, symbols)
+        right = _value_at_first(closed, sizes, rows, symbols)
+        if left.is_number and right.is_number and abs(left - right) > 1e-12 * (1 + abs(left)):
+            return Counterexample(
+                sizes={batch.name: examples, length.name: count},
+                element=(0, 0),
+                left=left,
+                right=right,
+                inputs={
+                    name: [[float(v) for v in values]] * examples
+                    for name, values in rows.items()
+                    if name in {i.name for i in layer.inputs}
+                    or (name == layer.upstream and layer.kind != "loss")
+                },
+            )
+    return None

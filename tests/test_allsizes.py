@@ -29,6 +29,7 @@ from derive.ir import (
     Rot180,
     RouteToArgmax,
     ScatterWindows,
+    Softmax,
     Sum,
     Transpose,
     Upsample,
@@ -299,20 +300,51 @@ def test_broken_dense_gradients_are_refuted():
                         lambda a, u, c: generated_dense(a, u, c)["dw"])  # fmt: skip
 
 
-def test_broken_pointwise_gradients_are_refuted():
-    sigmoid = LAYERS["sigmoid"]
-    a, da = sympy.symbols("a da", real=True)
-    broken = with_gradient(
-        sigmoid, "dz", pointwise(da * a * (1 + a), da=Operand("da"), a=Operand("out"))
-    )
+_a, _da, _p, _y = sympy.symbols("a da p y", real=True)
+_m = LAYERS["mse"].inputs[0].axes[0]  # the losses' batch size (a Dim)
+_ops = {"a": Operand("out"), "da": Operand("da"), "z": Operand("z")}
+BROKEN_POINTWISE = {
+    "sigmoid": pointwise(_da * _a * (1 + _a), da=_ops["da"], a=_ops["a"]),
+    "relu": pointwise(_da, da=_ops["da"]),  # the mask left out
+    "tanh": pointwise(_da * (1 - _a), da=_ops["da"], a=_ops["a"]),
+    "softmax": pointwise(_a * _da, da=_ops["da"], a=_ops["a"]),  # the row-sum term left out
+    "bce": pointwise((_p - _y) / (_p * (1 - _p)), p=Operand("probs"), y=Operand("targets")),
+    "bce_with_logits": pointwise((_p - _y) / _m, p=Operand("logits"), y=Operand("targets")),
+    "softmax_cross_entropy": pointwise(
+        (sympy.Symbol("s") - _y) / _m, s=Softmax(Operand("logits")), y=Operand("targets")
+    ),  # the closed form for targets that sum to 1, used for any targets
+    "mse": pointwise((_p - _y) / _m, p=Operand("pred"), y=Operand("targets")),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_POINTWISE))
+def test_broken_pointwise_gradients_are_refuted_and_the_numbers_confirm_it(name):
+    layer = LAYERS[name]
+    (gradient,) = layer.gradients
+    tree = BROKEN_POINTWISE[name]
+    broken = with_gradient(layer, gradient.name, tree)
     (statement,) = allsizes.prove_layer(broken).statements
     assert statement.outcome.status == "refuted"
-    softmax = LAYERS["softmax"]
-    broken = with_gradient(  # the row-sum term left out
-        softmax, "dz", pointwise(a * da, da=Operand("da"), a=Operand("out"))
-    )
-    (statement,) = allsizes.prove_layer(broken).statements
-    assert statement.outcome.status == "refuted"
+    example = statement.outcome.counterexample
+    arrays = {k: np.array(v) for k, v in example.inputs.items()}
+    # The correct gradient from the generated code, the broken one evaluated on the numbers.
+    module = importlib.import_module(f"generated.{layer.module}")
+    forward = getattr(module, f"{layer.prefix}forward")
+    backward = getattr(module, f"{layer.prefix}backward")
+    if layer.kind == "loss":
+        _, cache = forward(*[arrays[i.name] for i in layer.inputs])
+        correct = backward(cache)
+    else:
+        _, cache = forward(arrays["z"])
+        correct = backward(arrays["da"], cache)
+    config = configuration(layer, example.sizes)
+    evaluator = Evaluator({k: v.astype(object) for k, v in arrays.items()}, config)
+    for binding, node in layer.forward:
+        evaluator.env[binding] = evaluator(node)
+    wrong = np.asarray(evaluator(tree), dtype=float)
+    assert float(example.left) == pytest.approx(correct[0, 0])
+    assert float(example.right) == pytest.approx(wrong[0, 0])
+    assert not np.isclose(correct[0, 0], wrong[0, 0])
 
 
 N_, H_, W_, C_, KH_, KW_, O_ = sympy.symbols("N H W C KH KW O", integer=True, positive=True)
