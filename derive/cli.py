@@ -90,8 +90,8 @@ def add_parsers(commands) -> None:
     verify.add_argument(
         "--all-sizes",
         action="store_true",
-        help="prove the closed forms for symbolic sizes (each stride 1-4 on its own); layers "
-        "that cannot be are said so and proven on the sweep",
+        help="prove the closed forms for symbolic sizes, stride included; a layer that cannot "
+        "be is said so, with the reason, and proven on the sweep",
     )
     verify.add_argument(
         "--layer", action="append", metavar="NAME", help="only this layer (repeatable)"
