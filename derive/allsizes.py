@@ -389,7 +389,7 @@ def prove_layer(layer: Layer) -> LayerProof:
     """Prove ``layer``'s closed forms for symbolic sizes, by whichever route fits."""
     start = time.perf_counter()
     result = LayerProof(layer.name, "sweep")
-    from derive import rows
+    from derive import reshape, rows
 
     reason = ""
     if (
@@ -410,11 +410,22 @@ def prove_layer(layer: Layer) -> LayerProof:
                 result = LayerProof(layer.name, "pointwise", rows.statements(layer))
             except NotAffine as error:
                 reason = reason or str(error)  # the index-set reason says more
+        if result.route == "sweep":
+            try:
+                result = LayerProof(layer.name, "row-major lemma", reshape.statements(layer))
+                result.note = (
+                    "its index (hW + w)C + c multiplies sizes, which no decision procedure "
+                    "here handles; the mixed-radix lemma proves it once the definition's "
+                    "index is recognised as the row-major decoding and the trees as "
+                    "Flatten and ReshapeLike"
+                )
+            except NotAffine:
+                pass  # the index-set reason stands
     else:
         reason = "its definition is not an index-level expression: " + _custom_reason(layer)
     if result.route == "sweep":
         result.reason = reason
-    elif getattr(layer.definition, "indicators", None):
+    elif not result.note and getattr(layer.definition, "indicators", None):
         result.note = (
             "the first-maximum indicator is one more array here, held fixed by the chain rule "
             "(the tie rule); that the code's argmax picks the first maximum is checked on "

@@ -263,13 +263,13 @@ def run_verify_all_sizes(args, layers) -> int:
             payload["layers"].append(entry)
         print(json.dumps(payload, indent=2))
         return 0 if ok else 1
-    print(f"{'layer':<24}{'route':<13}{'status':<11}{'seconds':>8}")
+    print(f"{'layer':<24}{'route':<17}{'status':<11}{'seconds':>8}")
     for r in results:
         status = r.status
         if r.layer in sweeps:
             status = "swept" if sweeps[r.layer].ok else "FAILED"
         seconds = r.seconds + (sweeps[r.layer].seconds if r.layer in sweeps else 0.0)
-        print(f"{r.layer:<24}{r.route:<13}{status:<11}{seconds:>8.2f}")
+        print(f"{r.layer:<24}{r.route:<17}{status:<11}{seconds:>8.2f}")
     print()
     for r in results:
         for line in summary(r):

@@ -26,6 +26,7 @@ from derive.ir import (
     FullConvolve,
     MatMul,
     Operand,
+    ReshapeLike,
     Rot180,
     RouteToArgmax,
     ScatterWindows,
@@ -145,7 +146,7 @@ def test_the_catalogue_is_proven_for_all_sizes_or_says_why_not():
         assert results[name].route == "pointwise" and results[name].status == "proven", name
     assert results["maxpool2d"].route == "index sets" and results["maxpool2d"].status == "proven"
     assert "held fixed" in results["maxpool2d"].note  # the tie rule, and what the sweep checks
-    assert results["flatten"].route == "sweep" and "(h W + w) C + c" in results["flatten"].reason
+    assert results["flatten"].route == "row-major lemma" and results["flatten"].status == "proven"
 
 
 def test_verify_all_sizes_command_says_what_was_proven_within_ten_seconds():
@@ -159,10 +160,24 @@ def test_verify_all_sizes_command_says_what_was_proven_within_ten_seconds():
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
     assert "conv2d dx" in out and "proven for all m, H, W, C_in, K_H, K_W, C_out, s, p" in out
-    assert "maxpool2d dx" in out and "flatten: not proven for all sizes" in out
-    assert "flatten: proven on the sweep instead: 36 configurations" in out
+    assert "maxpool2d dx" in out and "flatten dx" in out and "mixed-radix lemma" in out
+    assert "13 of 13 layers for all sizes" in out
     assert "s wall time" in out
     assert elapsed < 30  # the command's own budget is 10 s; the margin is for a busy machine
+
+
+def test_a_layer_the_prover_cannot_read_is_sent_to_the_sweep_which_refutes_it():
+    """Never a silent pass: a flatten gradient that is not the row-major reshape is not
+    recognised, the output says why, and the sweep (as verify --all-sizes runs it) refutes it."""
+    from derive.verify import verify_layers
+
+    flatten = LAYERS["flatten"]
+    doubled = ReshapeLike(pointwise("2*g", g=Operand("dout")), x)
+    broken = with_gradient(flatten, "dx", doubled)
+    result = allsizes.prove_layer(broken)
+    assert result.route == "sweep" and "(h W + w) C + c" in result.reason
+    (sweep,) = verify_layers([broken], workers=1)
+    assert not sweep.ok and "dx" in sweep.error
 
 
 def test_all_sizes_and_seed_size_exclude_each_other():
