@@ -74,7 +74,7 @@ class Statement:
 @dataclass
 class LayerProof:
     layer: str
-    route: str  # "index sets", "pointwise" or "sweep"
+    route: str  # "index sets", "pointwise", "row-major lemma" or "sweep"
     statements: list[Statement] = field(default_factory=list)
     reason: str = ""  # why the layer is not proven for all sizes (route "sweep")
     seconds: float = 0.0
@@ -445,10 +445,6 @@ def _custom_reason(layer: Layer) -> str:
     except Exception:  # noqa: BLE001 - only a reason is wanted here
         pass
     return "it is written as code (CustomDefinition)"
-
-
-def prove_layers(layers: Sequence[Layer]) -> list[LayerProof]:
-    return [prove_layer(layer) for layer in layers]
 
 
 # ---------------------------------------------------------------------------
