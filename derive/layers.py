@@ -28,10 +28,12 @@ from derive.ir import (
     Flatten,
     LogSumExp,
     Operand,
+    Pad,
     Param,
     ReshapeLike,
     Softmax,
     Sum,
+    WindowArgmax,
     pointwise,
 )
 from derive.layer import (
