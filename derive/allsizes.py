@@ -35,6 +35,7 @@ from derive.indexsets import (
     NotAffine,
     TreeMeaning,
     chain_rule_terms,
+    equation_terms,
     expression_terms,
     fresh,
     within,
@@ -170,12 +171,10 @@ def size_dims(layer: Layer) -> list[ir.Dim]:
 
 def _describe_sizes(layer: Layer, values: dict) -> str:
     """The symbolic sizes, as the derivations name them: "m, H, W, C_in, ..."."""
-    symbolic = [
-        d.latex_name for d in size_dims(layer) + [p.symbol for p in layer.params] if d not in values
-    ]
-    text = "all " + ", ".join(_plain(s) for s in symbolic)
+    symbolic = [d for d in size_dims(layer) + [p.symbol for p in layer.params] if d not in values]
+    text = "all " + ", ".join(_size_name(s) for s in symbolic)
     tied = [
-        f"{_plain(k.latex_name)} = {_plain(v.latex_name)}"
+        f"{_size_name(k)} = {_size_name(v)}"
         for k, v in values.items()
         if isinstance(v, sympy.Symbol)
     ]
@@ -183,7 +182,14 @@ def _describe_sizes(layer: Layer, values: dict) -> str:
 
 
 def _fixed(values: dict) -> dict[str, int]:
-    return {_plain(symbol.latex_name): int(value) for symbol, value in values.items()}
+    return {_size_name(symbol): int(value) for symbol, value in values.items()}
+
+
+def _size_name(symbol) -> str:
+    """A size as the derivations name it (C_in), or by its own name when that name is
+    LaTeX that plain text would mangle (an equation layer's D^{X}_{0} is X_size0)."""
+    plain = _plain(getattr(symbol, "latex_name", symbol.name))
+    return symbol.name if any(ch in plain for ch in "\\^{}") else plain
 
 
 def _plain(latex: str) -> str:
@@ -255,14 +261,19 @@ def _index_set_statements(
     if isinstance(definition, IndexDefinition):
         meanings = {label: (node, meaning) for label, node in definition.meanings.items()}
         rhs = definition.rhs.xreplace(meaning.values)
+    elif hasattr(definition, "model"):  # an equation layer
+        rhs = None
     else:  # a CustomDefinition with an index form (max pooling)
         meanings = {}
         for label, node in definition.indicators.items():
             name, shape, _ = meaning.indicator(node)
             arrays[label] = (name, shape)
         rhs = definition.index_form.xreplace(meaning.values)
-    outputs = tuple(definition.indices)
-    defined = expression_terms(rhs, arrays, meanings)
+    if rhs is None:
+        defined, outputs = equation_terms(definition.model)
+    else:
+        outputs = tuple(definition.indices)
+        defined = expression_terms(rhs, arrays, meanings)
     sizes_text = _describe_sizes(layer, values)
 
     statements = []
@@ -395,6 +406,7 @@ def prove_layer(layer: Layer) -> LayerProof:
     if (
         isinstance(layer.definition, IndexDefinition)
         or getattr(layer.definition, "index_form", None) is not None
+        or hasattr(layer.definition, "model")  # an equation layer
     ):
         try:
             result = LayerProof(layer.name, "index sets", _strided_statements(layer))

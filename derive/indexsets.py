@@ -469,6 +469,69 @@ class TreeMeaning:
             for t in terms
         ]
 
+    # The index-space primitives of equation layers: arrays read through affine maps of
+    # named indices (``ir.IndexMap``), contracted and scattered over those indices.
+    def _position(self, read: ir.IndexMap, values: Mapping[str, sympy.Expr]):
+        return tuple(
+            offset + sum(c * values[name] for name, c in terms)
+            for terms, offset in zip(read.axes, read.offsets)
+        )
+
+    def shape_ZeroPad(self, node):
+        return tuple(e + 2 * self.integer(w) for e, w in zip(self.shape(node.a), node.widths))
+
+    def element_ZeroPad(self, node, index):
+        return self.element(node.a, tuple(i - self.integer(w) for i, w in zip(index, node.widths)))
+
+    def shape_CropAxes(self, node):
+        return tuple(self.integer(e) for e in node.extents)
+
+    def element_CropAxes(self, node, index):
+        return self.element(node.a, tuple(i + self.integer(s) for i, s in zip(index, node.starts)))
+
+    def shape_IndexView(self, node):
+        return tuple(self.integer(e) for e in node.extents)
+
+    def element_IndexView(self, node, index):
+        return self.element(node.a, self._position(node.read, dict(zip(node.indices, index))))
+
+    def shape_Contract(self, node):
+        extents = {}
+        for factor, subscripts in zip(node.factors, node.subscripts):
+            extents.update(zip(subscripts, self.shape(factor)))
+        return tuple(extents[name] for name in node.out_indices)
+
+    def element_Contract(self, node, index):
+        names = dict(zip(node.out_indices, index))
+        summed = []
+        for subscripts in node.subscripts:
+            for name in subscripts:
+                if name not in names:
+                    names[name] = fresh(name)
+                    summed.append(names[name])
+        factors = [
+            self.element(factor, tuple(names[name] for name in subscripts))
+            for factor, subscripts in zip(node.factors, node.subscripts)
+        ]
+        return [_bind(t, summed) for t in product(*factors)]
+
+    def shape_ScatterContract(self, node):
+        return tuple(self.integer(e) for e in node.shape)
+
+    def element_ScatterContract(self, node, index):
+        names = {name: fresh(name) for name in node.index_names}
+        ranges = within(
+            [names[n] for n in node.index_names], [self.integer(e) for e in node.index_extents]
+        )
+        lands = [equal(p, y) for p, y in zip(self._position(node.write, names), index)]
+        factors = [
+            self.element(factor, tuple(names[name] for name in subscripts))
+            for factor, subscripts in zip(node.factors, node.subscripts)
+        ]
+        return [
+            _bind(t.constrained(*ranges, *lands), list(names.values())) for t in product(*factors)
+        ]
+
 
 _WHY_NOT = {
     "WindowArgmax": "max pooling's routing depends on which element is largest, a property of the "
@@ -476,6 +539,9 @@ _WHY_NOT = {
     "Flatten": "row-major flattening reads e = (h W + w) C + c, a product of sizes and indices",
     "ReshapeLike": "row-major reshaping reads e = (h W + w) C + c, a product of sizes and indices",
     "Softmax": "softmax is not a sum of products of array elements",
+    "ArgmaxView": "the maximum of an equation's reduction is not read as an indicator array here",
+    "TakeView": "the maximum of an equation's reduction is not read as an indicator array here",
+    "RouteView": "the maximum of an equation's reduction is not read as an indicator array here",
     "LogSumExp": "log-sum-exp is not a sum of products of array elements",
 }
 
@@ -575,3 +641,63 @@ def chain_rule_terms(
             )
         )
     return out
+
+
+# ---------------------------------------------------------------------------
+# Equation layers: the definition's syntax tree as terms
+# ---------------------------------------------------------------------------
+
+
+def equation_terms(model) -> tuple[list[Term], tuple[sympy.Symbol, ...]]:
+    """An equation layer's definition (``derive.equation.model.Model``) at its output
+    element, as terms; and the output index symbols.  A read of ``pad(X, ...)`` is a read
+    of ``X`` shifted by the padding, zero outside ``X``."""
+    outputs = {name: sympy.Symbol(name, integer=True) for name in model.output_indices}
+
+    def position(affine, names):
+        return sympy.sympify(affine.constant) + sum(
+            (sympy.sympify(c) * names[name] for name, c in affine.coefficients), sympy.S.Zero
+        )
+
+    def go(node, names) -> list[Term]:
+        kind = type(node).__name__
+        if kind == "Number":
+            value = sympy.Rational(node.value)
+            return [Term(value, (), (), ())] if value != 0 else []
+        if kind == "Element":
+            info = model.arrays[node.array]
+            index = [position(a, names) for a in node.indices]
+            if info.padding:
+                index = [i - w for i, w in zip(index, info.padding)]
+            return [
+                Term(sympy.S.One, (Read(node.array, tuple(index)),), (), within(index, info.dims))
+            ]
+        if kind == "Reduction":
+            if node.kind not in ("sum", "mean"):
+                raise NotAffine(f"a {node.kind}[...] is not a sum of products")
+            inner = dict(names)
+            for name in node.indices:
+                inner[name] = fresh(name)
+            extents = [model.extents[name] for name in node.indices]
+            ranges = within([inner[name] for name in node.indices], extents)
+            terms = [
+                _bind(t.constrained(*ranges), [inner[name] for name in node.indices])
+                for t in go(node.body, inner)
+            ]
+            if node.kind == "mean":
+                terms = [t.scaled(1 / sympy.Mul(*extents)) for t in terms]
+            return terms
+        arguments = [go(a, names) for a in node.arguments]
+        if node.function == "+":
+            return arguments[0] + arguments[1]
+        if node.function == "-":
+            return arguments[0] + [t.scaled(-1) for t in arguments[1]]
+        if node.function == "neg":
+            return [t.scaled(-1) for t in arguments[0]]
+        if node.function == "*":
+            return product(*arguments)
+        if node.function == "/" and type(node.arguments[1]).__name__ == "Number":
+            return [t.scaled(1 / sympy.Rational(node.arguments[1].value)) for t in arguments[0]]
+        raise NotAffine(f"{node.function}(...) is not a sum of products")
+
+    return go(model.equation.rhs, outputs), tuple(outputs[n] for n in model.output_indices)
