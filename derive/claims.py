@@ -95,3 +95,90 @@ def check_gradient(
         return prove_sums(derived, stated, index, positive + list(context))
     except NotAffine as error:
         raise ClaimError(f"not affine: {error}") from error
+
+
+# ---------------------------------------------------------------------------
+# A claim about an equation layer, both in the equation language
+# ---------------------------------------------------------------------------
+
+
+def _stand_alone_extent(index: str, node, shapes) -> sympy.Expr | None:
+    """The extent of an axis where ``index`` stands alone as an array's index, inside
+    ``node`` (an equation's syntax tree), if there is one."""
+    kind = type(node).__name__
+    if kind == "Element":
+        for axis, affine in enumerate(node.indices):
+            if affine.coefficients == ((index, 1),) and affine.constant == 0:
+                width = node.padding[axis] if node.padding else 0
+                return shapes[node.array][axis] + 2 * width
+        return None
+    for child in getattr(node, "arguments", ()) + ((node.body,) if kind == "Reduction" else ()):
+        found = _stand_alone_extent(index, child, shapes)
+        if found is not None:
+            return found
+    return None
+
+
+def judge_claim(equation: str, claim: str) -> tuple[Outcome, dict[str, list[str]]]:
+    """Whether ``claim`` (``dA[...] = ...``) is the gradient of the equation layer
+    ``equation`` with respect to its array ``A``, for all sizes.
+
+    In the claim, ``dZ`` is the upstream gradient of the equation's output ``Z``; the
+    claim's free indices range over A's axes, every other index over its bound
+    (``sum[u<3]``) or an axis where it stands alone, and a read outside an array is zero.
+    Returns the outcome and each array's sizes by name (``{"X": ["X_size0", ...]}``).
+    Raises ``EquationError`` or ``ClaimError`` (one line each) on bad input."""
+    from derive.allsizes import prove_sums
+    from derive.equation.model import model_of
+    from derive.equation.syntax import parse
+    from derive.indexsets import equation_terms, fresh, syntax_terms
+    from derive.layer import Requirement
+
+    model = model_of(equation)
+    stated = parse(claim)
+    wrt = stated.output[1:] if stated.output.startswith("d") else ""
+    upstream = "d" + model.output
+    if wrt not in model.arrays:
+        raise ClaimError(
+            f"the claim's left side is {stated.output}; write d and an array of the equation: "
+            + ", ".join("d" + name for name in model.arrays)
+        )
+    shapes = {name: tuple(info.dims) for name, info in model.arrays.items()}
+    shapes[upstream] = model.output_extents()
+    if len(stated.output_indices) != len(shapes[wrt]):
+        raise ClaimError(
+            f"{stated.output} has {len(stated.output_indices)} indices but {wrt} has "
+            f"{len(shapes[wrt])} axes"
+        )
+    index = {name: fresh(name) for name in stated.output_indices}
+    free = tuple(index[name] for name in stated.output_indices)
+
+    def extent_of(name, reduction):
+        bound = dict(zip(reduction.indices, reduction.bounds)).get(name)
+        if bound is not None:
+            return sympy.Integer(bound)
+        found = _stand_alone_extent(name, reduction.body, shapes)
+        if found is None:
+            raise ClaimError(
+                f"index {name} has no range: give it a bound ({name}<3) or let it stand "
+                "alone as an array's index somewhere in its sum"
+            )
+        return found
+
+    try:
+        claimed = syntax_terms(stated.rhs, index, shapes, extent_of)
+        defined, outputs = equation_terms(model)
+        derived = chain_rule_terms(defined, outputs, model.output_extents(), upstream, wrt, free)
+    except NotAffine as error:
+        raise ClaimError(str(error)) from error
+    claimed = [t.constrained(*within(free, shapes[wrt])) for t in claimed]
+    context = [("ge", d - 1) for info in model.arrays.values() for d in info.dims]
+    from derive.allsizes import relational_constraints
+
+    for condition, _ in model.requirements:
+        context += relational_constraints(Requirement(condition, "").condition) or []
+    arrays = {name: [d.name for d in info.dims] for name, info in model.arrays.items()}
+    try:
+        return prove_sums(derived, claimed, free, context), arrays
+    except NotAffine as error:
+        raise ClaimError(f"not affine: {error}") from error

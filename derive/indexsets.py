@@ -650,54 +650,62 @@ def chain_rule_terms(
 
 def equation_terms(model) -> tuple[list[Term], tuple[sympy.Symbol, ...]]:
     """An equation layer's definition (``derive.equation.model.Model``) at its output
-    element, as terms; and the output index symbols.  A read of ``pad(X, ...)`` is a read
-    of ``X`` shifted by the padding, zero outside ``X``."""
+    element, as terms; and the output index symbols."""
     outputs = {name: sympy.Symbol(name, integer=True) for name in model.output_indices}
+    shapes = {name: tuple(info.dims) for name, info in model.arrays.items()}
+    terms = syntax_terms(model.equation.rhs, outputs, shapes, lambda name, _: model.extents[name])
+    return terms, tuple(outputs[n] for n in model.output_indices)
 
-    def position(affine, names):
+
+def syntax_terms(node, names, shapes, extent_of) -> list[Term]:
+    """The terms of an equation's syntax tree (``derive.equation.syntax``) with the indices
+    ``names`` (index name -> symbol) free.  ``shapes`` gives each array's shape;
+    ``extent_of(index, reduction)`` the range of a reduction's index.  A read of
+    ``pad(X, ...)`` is a read of ``X`` shifted by the padding, zero outside ``X``."""
+
+    def position(affine):
         return sympy.sympify(affine.constant) + sum(
             (sympy.sympify(c) * names[name] for name, c in affine.coefficients), sympy.S.Zero
         )
 
-    def go(node, names) -> list[Term]:
-        kind = type(node).__name__
-        if kind == "Number":
-            value = sympy.Rational(node.value)
-            return [Term(value, (), (), ())] if value != 0 else []
-        if kind == "Element":
-            info = model.arrays[node.array]
-            index = [position(a, names) for a in node.indices]
-            if info.padding:
-                index = [i - w for i, w in zip(index, info.padding)]
-            return [
-                Term(sympy.S.One, (Read(node.array, tuple(index)),), (), within(index, info.dims))
-            ]
-        if kind == "Reduction":
-            if node.kind not in ("sum", "mean"):
-                raise NotAffine(f"a {node.kind}[...] is not a sum of products")
-            inner = dict(names)
-            for name in node.indices:
-                inner[name] = fresh(name)
-            extents = [model.extents[name] for name in node.indices]
-            ranges = within([inner[name] for name in node.indices], extents)
-            terms = [
-                _bind(t.constrained(*ranges), [inner[name] for name in node.indices])
-                for t in go(node.body, inner)
-            ]
-            if node.kind == "mean":
-                terms = [t.scaled(1 / sympy.Mul(*extents)) for t in terms]
-            return terms
-        arguments = [go(a, names) for a in node.arguments]
-        if node.function == "+":
-            return arguments[0] + arguments[1]
-        if node.function == "-":
-            return arguments[0] + [t.scaled(-1) for t in arguments[1]]
-        if node.function == "neg":
-            return [t.scaled(-1) for t in arguments[0]]
-        if node.function == "*":
-            return product(*arguments)
-        if node.function == "/" and type(node.arguments[1]).__name__ == "Number":
-            return [t.scaled(1 / sympy.Rational(node.arguments[1].value)) for t in arguments[0]]
-        raise NotAffine(f"{node.function}(...) is not a sum of products")
-
-    return go(model.equation.rhs, outputs), tuple(outputs[n] for n in model.output_indices)
+    kind = type(node).__name__
+    if kind == "Number":
+        value = sympy.Rational(node.value)
+        return [Term(value, (), (), ())] if value != 0 else []
+    if kind == "Element":
+        if node.array not in shapes:
+            raise NotAffine(f"unknown array {node.array}; the arrays are {', '.join(shapes)}")
+        shape = shapes[node.array]
+        if len(node.indices) != len(shape):
+            raise NotAffine(f"{node.array} has {len(shape)} axes, read with {len(node.indices)}")
+        index = [position(a) for a in node.indices]
+        if node.padding:
+            index = [i - w for i, w in zip(index, node.padding)]
+        return [Term(sympy.S.One, (Read(node.array, tuple(index)),), (), within(index, shape))]
+    if kind == "Reduction":
+        if node.kind not in ("sum", "mean"):
+            raise NotAffine(f"a {node.kind}[...] is not a sum of products")
+        inner = dict(names)
+        for name in node.indices:
+            inner[name] = fresh(name)
+        extents = [extent_of(name, node) for name in node.indices]
+        ranges = within([inner[name] for name in node.indices], extents)
+        terms = [
+            _bind(t.constrained(*ranges), [inner[name] for name in node.indices])
+            for t in syntax_terms(node.body, inner, shapes, extent_of)
+        ]
+        if node.kind == "mean":
+            terms = [t.scaled(1 / sympy.Mul(*extents)) for t in terms]
+        return terms
+    arguments = [syntax_terms(a, names, shapes, extent_of) for a in node.arguments]
+    if node.function == "+":
+        return arguments[0] + arguments[1]
+    if node.function == "-":
+        return arguments[0] + [t.scaled(-1) for t in arguments[1]]
+    if node.function == "neg":
+        return [t.scaled(-1) for t in arguments[0]]
+    if node.function == "*":
+        return product(*arguments)
+    if node.function == "/" and type(node.arguments[1]).__name__ == "Number":
+        return [t.scaled(1 / sympy.Rational(node.arguments[1].value)) for t in arguments[0]]
+    raise NotAffine(f"{node.function}(...) is not a sum of products")

@@ -491,3 +491,115 @@ def test_broken_pooling_forms_are_not_proven_for_a_symbolic_stride():
     broken = with_gradient(avgpool, "dx", ScatterWindows(scaled, SIZE, STRIDE, PH, PW))
     statements = allsizes._index_set_statements(broken, {}, symbolic_stride=True)
     assert [s.outcome.status for s in statements if s.what.startswith("dx")] != ["proven"]
+
+
+# ---------------------------------------------------------------------------
+# cnnderive check: a claimed gradient of an equation layer, judged for all sizes
+# ---------------------------------------------------------------------------
+
+CONV = "Z[n,i,j,o] = sum[c,u,v](X[n, i+u, j+v, c] * W[u,v,c,o])"
+TRUE_DX = "dX[n,h,w,c] = sum[i,j,o](dZ[n,i,j,o] * W[h-i, w-j, c, o])"
+
+
+def run_check(claim, capsys, *more):
+    from cnnderive.cli import main
+
+    code = main(["check", "--equation", CONV, "--claim", claim, *more])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def conv_gradient_by_finite_differences(x, k, dz):
+    """d/dX of sum(Z * dZ) for Z = the equation's valid correlation (linear in X)."""
+    kh, kw = k.shape[:2]
+    oh, ow = dz.shape[1:3]
+
+    def loss(x_):
+        z = np.zeros(dz.shape)
+        for i, j in np.ndindex(oh, ow):
+            z[:, i, j, :] = np.einsum("nuvc,uvco->no", x_[:, i : i + kh, j : j + kw, :], k)
+        return float(np.sum(z * dz))
+
+    gradient = np.zeros_like(x)
+    for index in np.ndindex(*x.shape):
+        step = np.zeros_like(x)
+        step[index] = 1e-6
+        gradient[index] = (loss(x + step) - loss(x - step)) / 2e-6
+    return gradient
+
+
+def evaluated(text, arrays):
+    expr = sympy.sympify(text, locals={name: sympy.IndexedBase(name) for name in arrays})
+    return float(
+        expr.xreplace(
+            {
+                a: arrays[str(a.base.label)][tuple(int(t) for t in a.indices)]
+                for a in expr.atoms(sympy.Indexed)
+            }  # fmt: skip
+        )
+    )
+
+
+def test_check_proves_the_true_claim(capsys):
+    code, out, _ = run_check(TRUE_DX, capsys)
+    assert code == 0 and out.startswith("proven: dX[n,h,w,c] is the gradient for all sizes")
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        "dX[n,h,w,c] = sum[i,j,o](dZ[n,i,j,o] * W[i-h, j-w, c, o])",  # the issue's false claim
+        # Right on every input of at most 4 rows (all a sweep of small sizes uses): the
+        # extra term reads dZ four rows down, which only inputs of 5 rows or more have.
+        TRUE_DX + " + sum[i,j,o](dZ[n,i,j,o] * W[h-i+4, w-j, c, o])",
+    ],
+    ids=["flipped kernel", "agrees on every size up to 4"],
+)
+def test_check_refutes_false_claims_with_a_counterexample_numpy_confirms(claim, capsys):
+    import json
+
+    code, out, _ = run_check(claim, capsys, "--json")
+    verdict = json.loads(out)
+    assert code == 1 and verdict["status"] == "refuted"
+    sizes = verdict["sizes"]
+    if "+4" in claim:
+        assert sizes["X"][1] >= 5
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(sizes["X"])
+    k = rng.standard_normal(sizes["W"])
+    out_shape = (sizes["X"][0], sizes["X"][1] - sizes["W"][0] + 1,
+                 sizes["X"][2] - sizes["W"][1] + 1, sizes["W"][3])  # fmt: skip
+    dz = rng.standard_normal(out_shape)
+    truth = conv_gradient_by_finite_differences(x, k, dz)
+    element = tuple(verdict["counterexample"]["element"])
+    arrays = {"X": x, "W": k, "dZ": dz}
+    derived = evaluated(verdict["counterexample"]["derived"], arrays)
+    claimed = evaluated(verdict["counterexample"]["claimed"], arrays)
+    assert derived == pytest.approx(truth[element], abs=1e-6)
+    assert not np.isclose(claimed, truth[element])
+
+
+def test_check_says_where_it_fails_in_words(capsys):
+    code, out, _ = run_check("dX[n,h,w,c] = sum[i,j,o](dZ[n,i,j,o] * W[i-h, j-w, c, o])", capsys)
+    assert code == 1
+    assert (
+        "refuted: dX[n,h,w,c] is not the gradient. Smallest sizes where it fails: X.shape = ("
+        in out
+    )
+    assert "the chain rule gives" in out and "the claim gives" in out
+
+
+@pytest.mark.parametrize(
+    "claim, message",
+    [
+        ("dQ[n] = 1", "write d and an array of the equation: dX, dW"),
+        ("dX[n,h,w] = 0", "dX has 3 indices but X has 4 axes"),
+        ("dX[n,h,w,c] = sum[i](dZ[n,i+1,0,0])", "index i has no range"),
+        ("dX[n,h,w,c] = Q[n]", "unknown array Q"),
+        ("dX[n,h,w,c] = sum[i,j,o](dZ[n,i,j,o] * W[h*i, w-j, c, o])", "not affine"),
+    ],
+)
+def test_check_bad_input_is_one_line_and_exit_code_2(claim, message, capsys):
+    code, _, err = run_check(claim, capsys)
+    assert code == 2 and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
