@@ -385,7 +385,7 @@ def run_verify_all_sizes(args, layers) -> int:
             if sweep.ok:
                 print(
                     f"{r.layer}: proven on the sweep instead: {len(sweep.configurations)} "
-                    "configurations (`cnnderive verify --layer " + r.layer + "`)"
+                    "configurations"
                 )
             else:
                 print(f"{r.layer}: the sweep FAILED: {sweep.error}")
