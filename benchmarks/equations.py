@@ -153,6 +153,28 @@ def inputs(name, rng, n, side, channels):
     return {k: rng.standard_normal(s).astype(f32) for k, s in shapes.items()}
 
 
+def compare(module, reference, arrays, g, repeats):
+    """Median seconds of one forward + backward, generated and by hand, alternating."""
+
+    def generated():
+        _, cache = module.forward(**arrays)
+        module.backward(g, cache)
+
+    def by_hand():
+        reference(**arrays)
+        reference(**arrays, g=g)
+
+    times = {generated: [], by_hand: []}
+    for function in times:
+        function()  # warm-up
+    for _ in range(repeats):
+        for function in times:
+            start = time.perf_counter()
+            function()
+            times[function].append(time.perf_counter() - start)
+    return statistics.median(times[generated]), statistics.median(times[by_hand])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -182,23 +204,7 @@ def main() -> int:
         for key in theirs:
             np.testing.assert_allclose(mine[key], theirs[key], rtol=2e-3, atol=2e-3)
 
-        def generated():
-            o, c = module.forward(**arrays)
-            module.backward(g, c)
-
-        def by_hand():
-            reference(**arrays)
-            reference(**arrays, g=g)
-
-        times = {generated: [], by_hand: []}
-        for function in (generated, by_hand):
-            function()  # warm-up
-        for _ in range(repeats):
-            for function in (generated, by_hand):
-                start = time.perf_counter()
-                function()
-                times[function].append(time.perf_counter() - start)
-        ours, theirs_time = statistics.median(times[generated]), statistics.median(times[by_hand])
+        ours, theirs_time = compare(module, reference, arrays, g, repeats)
         ratio = ours / theirs_time
         worst = max(worst, ratio)
         print(f"{name:<18}{1e3 * ours:>11.2f}{1e3 * theirs_time:>11.2f}{ratio:>7.2f}x")

@@ -494,6 +494,9 @@ def render(
     # first lines say so.
     files["_kernels.py"] = KERNELS.read_text(encoding="utf-8")
     files["rewrites.py"] = rewrites_module(env, verified_swaps())
+    # The runtime of equation layers: generated/ carries it too, so that a module rendered
+    # for an equation layer (the book's pages, say) runs beside the catalogue's.
+    files["_indexed.py"] = indexed_runtime()
     init = env.get_template("__init__.py.jinja").render(
         header=HEADER.format(sources="codegen/templates/__init__.py.jinja"), modules=sorted(modules)
     )

@@ -33,6 +33,10 @@ EQUATIONS = {
     "dense_tanh": "Z[n,o] = tanh(b[o] + sum[f](X[n,f] * W[f,o]))",
     "functions": "Z[n,f] = sigmoid(X[n,f]) * exp(-abs(X[n,f])) + log(1 + Y[f]**2) - sqrt(2 + relu(X[n,f]))",
     "shifted_sum": "Z[n,i] = sum[k<3](2 * X[n, i+k] * X[n, i+2-k]) / 3",
+    "pool1d": "Z[n,i] = mean[k<4](X[n, 4*i+k])",
+    "softmax": "Z[n,f] = exp(X[n,f]) / sum[g](exp(X[n,g]))",
+    "normalise": "Z[n,c] = X[n,c] / sqrt(1 + sum[d](X[n,d]**2))",
+    "trace": "Z[n] = sum[i](A[n,i,i])",
 }
 
 # Sizes for the numeric checks: larger than any sweep, every length > 1.
@@ -48,6 +52,10 @@ SIZES = {
     "dense_tanh": {"X": (4, 6), "W": (6, 3), "b": (3,)},
     "functions": {"X": (3, 4), "Y": (4,)},
     "shifted_sum": {"X": (2, 9)},
+    "pool1d": {"X": (2, 11)},
+    "softmax": {"X": (3, 5)},
+    "normalise": {"X": (3, 5)},
+    "trace": {"A": (2, 4, 4)},
 }
 
 
@@ -472,3 +480,19 @@ def test_the_training_commands_say_how_to_recover_from_a_broken_generated(tmp_pa
         capture_output=True, text=True, env=env, check=False, cwd=tmp_path,
     )  # fmt: skip
     assert derive.returncode == 0
+
+
+def test_the_book_has_a_page_for_an_equation_layer(tmp_path, capsys):
+    from cnnderive.book import katex
+
+    try:
+        katex.find_katex(None)
+    except katex.KatexMissing as error:
+        pytest.skip(str(error))
+    equation = "sd: Z[n,m] = sum[f]((X[n,f] - Y[m,f])**2)"
+    code = main(["book", str(tmp_path / "book"), "--layer", "dense", "--equation", equation])
+    assert code == 0, capsys.readouterr().err
+    page = (tmp_path / "book" / "layers" / "sd.html").read_text(encoding="utf-8")
+    assert "katex-error" not in page and "agrees" in page and "scatter_contract" in page
+    assert main(["book", str(tmp_path / "b2"), "--equation", "dense: Z[n] = X[n]"]) == 2
+    assert "is taken" in capsys.readouterr().err

@@ -256,6 +256,14 @@ def build_model(equation: Equation, parameters=(), dims=None) -> Model:
             if name is not None and name not in extents:
                 extents[name] = dim + 2 * width
                 defining[name] = (dim, dim + 2 * width)
+    # An index standing alone only in a later read of an array ranges over that axis too.
+    for read in reads:
+        element = read.element
+        info = arrays[element.array]
+        for axis, affine in enumerate(element.indices):
+            name = affine.standalone()
+            if name is not None and name not in extents:
+                extents[name] = info.padded_extent(axis)
     for read in reads:
         element = read.element
         info = arrays[element.array]
