@@ -169,6 +169,12 @@ class Layer:
     def backward_function(self) -> str:
         return f"{self.prefix}backward"
 
+    def input(self, name: str) -> Input:
+        for item in self.inputs:
+            if item.name == name:
+                return item
+        raise KeyError(name)
+
     def shapes(self, config: Configuration) -> dict[str, tuple[int, ...]]:
         return {item.name: tuple(config[d] for d in item.axes) for item in self.inputs}
 
