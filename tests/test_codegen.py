@@ -65,7 +65,7 @@ def test_rendered_files_equal_committed_generated_directory(rendered):
 def test_rendered_file_set(rendered):
     modules = sorted({layer.module for layer in LAYERS.values()})
     assert sorted(rendered) == sorted(
-        [f"{m}.py" for m in modules] + ["_kernels.py", "__init__.py", "rewrites.py"]
+        [f"{m}.py" for m in modules] + ["_kernels.py", "_indexed.py", "__init__.py", "rewrites.py"]
     )
 
 
@@ -167,6 +167,9 @@ def test_every_generated_file_has_the_header_and_no_timestamp_or_version(rendere
             if name == "_kernels.py":  # hand-written, copied: its header says so instead
                 assert first.startswith("# Hand-written runtime library of cnnderive")
                 assert "edit codegen/runtime/kernels.py, not a copy" in content.split('"""')[0]
+            elif name == "_indexed.py":  # hand-written too, copied under a header
+                assert first.startswith("# Copied verbatim by cnnderive from codegen/runtime/")
+                assert "DO NOT EDIT." in first, f"{source} {name}"
             else:
                 assert first.startswith(HEADER_PREFIX), f"{source} {name}: first line {first!r}"
                 assert "DO NOT EDIT." in first, f"{source} {name}"
