@@ -118,10 +118,6 @@ def contract(subscripts, out_indices, *factors):
     return np.einsum(spec, *factors, optimize="greedy")
 
 
-def view_lists_split(view_lists):
-    return [_names(names) for names in view_lists]
-
-
 def _write_plan(axes, extents: dict[str, int], in_factors=frozenset()):
     """Which written indices to loop over so that, with those fixed, every axis holds at
     most one of the others (the kept ones): each loop step then writes one strided
