@@ -8,12 +8,91 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import os
+import signal
 import sys
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 
 class UsageError(Exception):
     """A problem with the user's input: printed as one clear line, exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived.  A KeyboardInterrupt, so that every place that tidies up after
+    Ctrl-C (a training run keeps its checkpoint and draws its plots) does so for it too."""
+
+
+# Exit codes of a command stopped by a signal, as a shell reports them (128 + signal number).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+# The top-level packages that cnnderive installs beside itself.
+SIBLING_PACKAGES = ("derive", "codegen", "generated")
+
+
+def shadowing_problem() -> str | None:
+    """Why one of cnnderive's top-level packages would not be cnnderive's own, or None.
+
+    ``python -m cnnderive`` puts the current folder first on the import path, so a
+    user's ``derive.py`` (or ``codegen/``, ``generated.py``) there would be imported in
+    place of the package installed beside ``cnnderive``, and fail far from the cause.
+    """
+    home = Path(__file__).resolve().parent.parent
+    for name in SIBLING_PACKAGES:
+        module = sys.modules.get(name)
+        if module is not None:
+            origin = getattr(module, "__file__", None)
+        else:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            origin = spec.origin if spec is not None else None
+        if origin is None:
+            return (
+                f"cnnderive's package '{name}' is missing (expected in {home / name}); "
+                "reinstall cnnderive"
+            )
+        found = Path(origin).resolve()
+        if found != home / name / "__init__.py":
+            return (
+                f"{found} shadows cnnderive's package '{name}'; rename that file or run "
+                "cnnderive from another folder"
+            )
+    return None
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second
+    BrokenPipeError (the reader went away; nothing more can reach it)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is no real file (pytest, say)
+        pass
 
 
 @contextlib.contextmanager
@@ -65,20 +144,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        parser = build_parser()  # imports the subcommands' modules: Ctrl-C may come here
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    args = parser.parse_args(argv)
+    problem = shadowing_problem()
+    if problem is not None:
+        print(f"cnnderive: error: {problem}", file=sys.stderr)
+        return 2
+    with sigterm_as_interrupt():
+        try:
+            parser = build_parser()  # imports the subcommands' modules: Ctrl-C may come here
+        except KeyboardInterrupt as stop:
+            return _stopped(stop)
+        args = parser.parse_args(argv)
+        return _run(args)
+
+
+def _stopped(stop: KeyboardInterrupt) -> int:
+    terminated = isinstance(stop, Terminated)
+    print("terminated" if terminated else "interrupted", file=sys.stderr)
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+
+
+def _run(args) -> int:
     try:
         return int(args.run(args) or 0)
     except UsageError as error:
         print(f"cnnderive {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return _stopped(stop)
+    except BrokenPipeError:
+        # The reader of our output went away (`cnnderive evaluate RUN | head -1`): stop
+        # quietly, as command-line tools do.
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except UnicodeEncodeError as error:
+        encoding = getattr(sys.stdout, "encoding", None) or error.encoding
+        print(
+            f"cnnderive {args.command}: error: the output encoding ({encoding}) cannot show "
+            f"{error.object[error.start : error.end]!a}; set PYTHONIOENCODING=utf-8",
+            file=sys.stderr,
+        )
+        return 2
     except BrokenProcessPool:
         print(
             f"cnnderive {args.command}: a proof worker process died (killed, or out of "
