@@ -26,7 +26,7 @@ def add_parsers(commands) -> None:
 
 
 def run_generate(args) -> int:
-    from codegen.render import DEFAULT_OUTPUT, UnverifiedError, generate
+    from codegen.render import DEFAULT_OUTPUT, UnverifiedError, foreign_files, generate
 
     output = args.output or DEFAULT_OUTPUT
     problem = None if args.check else folder_problem(output)
@@ -45,15 +45,31 @@ def run_generate(args) -> int:
             file=sys.stderr,
         )
         return 1
+    foreign = foreign_files(output)
+    listing = ", ".join(str(output / name) for name in foreign)
     if args.check:
-        if diffs:
+        if diffs or foreign:
             sys.stdout.write("".join(diffs))
-            print(
-                f"\n{output} differs from what the proofs and templates generate; run `cnnderive generate`.",
-                file=sys.stderr,
-            )
+            if foreign:
+                print(
+                    f"{output} holds files that cnnderive does not generate: {listing}; "
+                    "remove them (they would be shipped and imported with the package).",
+                    file=sys.stderr,
+                )
+            if diffs:
+                print(
+                    f"\n{output} differs from what the proofs and templates generate; run "
+                    "`cnnderive generate`.",
+                    file=sys.stderr,
+                )
             return 1
         print(f"{output} is up to date.")
         return 0
     print(f"wrote {output} ({len(diffs)} file(s) changed)")
+    if foreign:
+        print(
+            f"note: {output} also holds files that cnnderive does not generate, left as they "
+            f"are: {listing}",
+            file=sys.stderr,
+        )
     return 0

@@ -496,6 +496,21 @@ def _generated_before(output: Path) -> set[str]:
     return found
 
 
+def foreign_files(output: Path) -> list[str]:
+    """Names of the files in ``output`` that no generation made (every generated file
+    starts with the header): a stray ``generated/extra.py`` would be shipped and imported
+    with the generated package, so ``generate --check`` reports it.  Hidden files and
+    folders (``__pycache__``) are left out."""
+    if not output.is_dir():
+        return []
+    made = _generated_before(output)
+    return sorted(
+        path.name
+        for path in output.iterdir()
+        if path.is_file() and not path.name.startswith(".") and path.name not in made
+    )
+
+
 def differences(files: dict[str, str], output: Path) -> list[str]:
     """Unified diffs between ``files`` and what is on disk (missing files, and stale files
     that a generation left, included)."""
@@ -511,7 +526,8 @@ def differences(files: dict[str, str], output: Path) -> list[str]:
                     difflib.unified_diff(
                         old.splitlines(keepends=True),
                         new.splitlines(keepends=True),
-                        fromfile=f"{output.name}/{name} (committed)",
+                        # What is in the folder now, committed or not, against the proofs'.
+                        fromfile=f"{output.name}/{name} (on disk)",
                         tofile=f"{output.name}/{name} (generated)",
                     )
                 )
