@@ -165,7 +165,12 @@ def _stopped(stop: KeyboardInterrupt) -> int:
 
 def _run(args) -> int:
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        # Output to a pipe is buffered: flushed here, a reader that went away shows now,
+        # where it is handled, and not in the interpreter's exit, which would print an
+        # "Exception ignored" message.
+        sys.stdout.flush()
+        return code
     except UsageError as error:
         print(f"cnnderive {args.command}: error: {error}", file=sys.stderr)
         return 2
