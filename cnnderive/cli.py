@@ -70,6 +70,18 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _default_sigterm_in_child() -> None:
+    """In a forked child (a proof or training worker), SIGTERM ends the process again:
+    process pools stop their workers with it, and a worker that raised Terminated
+    instead would not stop."""
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """While the block runs, SIGTERM raises :class:`Terminated` in the main thread."""
