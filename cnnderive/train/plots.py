@@ -78,8 +78,11 @@ def plot_filters(kernel: np.ndarray, path: Path, title: str = "") -> None:
     count = kernel.shape[3]
     cols = min(count, 10)
     rows = math.ceil(count / cols)
-    lines = textwrap.wrap(title, 36) if title else []
-    width = max(0.9 * cols + 0.9, 0.09 * max((len(line) for line in lines), default=0))
+    width = 0.9 * cols + 0.9
+    # About 11 characters of the 9-point title per inch; at least 36 a line, so that the
+    # toy's single filter gets a figure wide enough for a readable title.
+    lines = textwrap.wrap(title, max(36, int(11 * width))) if title else []
+    width = max(width, 0.09 * max((len(line) for line in lines), default=0))
     fig = _figure(width, 0.9 * rows + 0.25 * len(lines) + 0.2, layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     limit = float(np.abs(kernel[:, :, 0, :]).max()) or 1.0
@@ -96,7 +99,9 @@ def plot_filters(kernel: np.ndarray, path: Path, title: str = "") -> None:
         if count > 1:  # a lone filter needs no number
             ax.set_title(str(index), fontsize=8, pad=2)
     if image is not None:
-        fig.colorbar(image, ax=list(axes), shrink=0.9 if rows > 1 else 1.0, aspect=15 * rows)
+        fig.colorbar(
+            image, ax=list(axes), shrink=0.9 if rows > 1 else 1.0, aspect=15 * rows, pad=0.01
+        )
     if lines:
         fig.suptitle("\n".join(lines), fontsize=9)
     _save(fig, path, tight=True)
