@@ -277,11 +277,22 @@ def _changed_on_resume(recipe, checkpoint) -> None:
 
 
 def run_train(args) -> int:
+    recipe, out, checkpoint = _recipe(args)
+    try:
+        return _train(args, recipe, out, checkpoint)
+    except BrokenPipeError:
+        # The reader of the output went away (`... | head -1`): not a problem of the run
+        # folder. The run stops as if interrupted, and says where it stands on stderr.
+        silence_stdout()
+        print(f"cnnderive train: the output was closed. {_saved_epoch_text(out)}", file=sys.stderr)
+        return EXIT_BROKEN_PIPE
+
+
+def _train(args, recipe, out: Path, checkpoint) -> int:
     from .checkpoint import CHECKPOINT_NAME
     from .loop import TrainingDiverged, train
     from .parallel import WorkerFailed
 
-    recipe, out, checkpoint = _recipe(args)
     if checkpoint is not None and checkpoint.epoch >= recipe.epochs:
         print(
             f"{out} is already at epoch {checkpoint.epoch} of {recipe.epochs}; nothing to do "
@@ -300,6 +311,14 @@ def run_train(args) -> int:
             f"warning: the checkpoint was trained on {checkpoint.meta.get('data')} "
             f"({checkpoint.meta.get('source')}), now continuing on {bundle.name}",
             file=sys.stderr,
+        )
+    elif checkpoint is not None and checkpoint.meta.get("data_fingerprint") not in (
+        None,
+        bundle.fingerprint,
+    ):
+        note(
+            f"warning: the checkpoint was trained on other {bundle.name} files "
+            f"({checkpoint.meta.get('source')}) than these; the run continues on these"
         )
     what = "Resuming" if checkpoint is not None else "Training"
     start = checkpoint.epoch if checkpoint is not None else 0
@@ -320,11 +339,7 @@ def run_train(args) -> int:
         )
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader of the output went away (`... | head -1`): not a problem of the run
-        # folder. The run stops as if interrupted, and says where it stands on stderr.
-        silence_stdout()
-        print(f"cnnderive train: the output was closed. {_saved_epoch_text(out)}", file=sys.stderr)
-        return EXIT_BROKEN_PIPE
+        raise  # see run_train; not an OSError of the run folder
     except TrainingDiverged as error:
         print(f"cnnderive train: {error}", file=sys.stderr)
         return 1
@@ -360,6 +375,7 @@ def run_train(args) -> int:
         )
         + f". Wrote {out}/metrics.json, checkpoint.npz, curves.png, filters.png."
     )
+    sys.stdout.flush()  # a closed pipe shows here, inside run_train's handler
     return 0
 
 
