@@ -1,19 +1,28 @@
-"""cnnderive: CNN gradients derived with SymPy, proven, generated as NumPy code, trained.
+"""cnnderive: derive CNN backpropagation with SymPy, prove it, generate NumPy, train.
 
-The Python API of a trained run::
+``import cnnderive`` loads nothing else; each entry point below imports what it needs
+when it is called.  The Python API of a trained run::
 
     import cnnderive
     run = cnnderive.load_run("runs/lenet-mnist-seed0")
     run.predict(images)        # labels of (N, 28, 28) images, white on black, in [0, 1]
     run.probabilities(images)  # (N, classes) probabilities, columns in run.labels order
     cnnderive.read_images("digit.png")  # a PNG or IDX file as such images
-
-Importing this package is light: the training code is loaded on first use.
 """
 
 from __future__ import annotations
 
-__all__ = ["load_run", "read_images"]
+__all__ = ["derivation", "load_run", "read_images"]
+
+
+def derivation(layer, **sizes):
+    """The step-by-step derivation of ``layer`` (a name such as "conv2d", or a Layer
+    object), which a Jupyter notebook shows as rendered mathematics.  Sizes are the
+    keywords of `cnnderive derive` (height=4, stride=2, ...); see
+    cnnderive.book.notebook.derivation."""
+    from cnnderive.book.notebook import derivation as make
+
+    return make(layer, **sizes)
 
 
 def _check_packages() -> None:

@@ -52,11 +52,8 @@ def shadowing_problem() -> str | None:
             except (ImportError, ValueError):
                 spec = None
             origin = spec.origin if spec is not None else None
-        if origin is None:
-            return (
-                f"cnnderive's package '{name}' is missing (expected in {home / name}); "
-                "reinstall cnnderive"
-            )
+        if origin is None:  # missing (generated/ deleted, say): each command says so
+            continue
         found = Path(origin).resolve()
         if found != home / name / "__init__.py":
             return (
@@ -147,12 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     from codegen import cli as codegen_cli
     from derive import cli as derive_cli
-    from cnnderive.train import cli as train_cli
+    from cnnderive.book import cli as book_cli
 
     derive_cli.add_parsers(commands)
     codegen_cli.add_parsers(commands)
-    train_cli.add_parsers(commands)
+    try:
+        from cnnderive.train import cli as train_cli
+    except Exception as error:  # any error importing generated/: deleted, edited, half-written
+        _add_unavailable_training(commands, error)
+    else:
+        train_cli.add_parsers(commands)
+    book_cli.add_parsers(commands)
     return parser
+
+
+TRAINING_COMMANDS = ("train", "evaluate", "predict")
+
+
+def _add_unavailable_training(commands, error: Exception) -> None:
+    """The training commands, when the generated layers they run cannot be imported:
+    each says so in one line and names the way back (`cnnderive generate`), while
+    derive, verify and generate keep working."""
+    where = getattr(error, "filename", None) or getattr(error, "name", None) or ""
+    detail = str(error).splitlines()[0] if str(error) else ""
+    reason = f"{type(error).__name__}{' in ' + str(where) if where else ''}: {detail}"
+
+    def unavailable(args) -> int:
+        raise UsageError(
+            f"the generated layers cannot be imported ({reason}); run `cnnderive generate` "
+            "to write generated/ again"
+        )
+
+    for name in TRAINING_COMMANDS:
+        command = commands.add_parser(name, help=f"{name} (unavailable: generated/ is broken)")
+        # Whatever options follow are the training command's own: not checked here.
+        command.set_defaults(run=unavailable, takes_any_arguments=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             parser = build_parser()  # imports the subcommands' modules: Ctrl-C may come here
         except KeyboardInterrupt as stop:
             return _stopped(stop)
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and not getattr(args, "takes_any_arguments", False):
+            parser.parse_args(argv)  # argparse's own message, from the subcommand's parser
         return _run(args)
 
 

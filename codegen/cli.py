@@ -22,10 +22,66 @@ def add_parsers(commands) -> None:
     generate.add_argument(
         "--output", type=Path, default=None, help="directory to write (default: generated/)"
     )
+    generate.add_argument(
+        "--equation",
+        action="append",
+        metavar='"NAME: EQ"',
+        help="derive, prove and write the layer this equation defines, as NAME.py in the "
+        "package --output (repeatable; --output is then required)",
+    )
     generate.set_defaults(run=run_generate)
 
 
+def run_generate_equations(args) -> int:
+    from codegen.render import UnverifiedError, render_equations, write_package
+    from derive.cli import equation_layer
+    from derive.equation import split_name
+
+    if args.output is None:
+        raise UsageError(
+            "--equation writes a package of its own: give its folder with --output DIR "
+            "(generated/ holds the catalogue)"
+        )
+    if args.check:
+        raise UsageError(
+            "--check compares generated/ with the catalogue; leave it out with --equation"
+        )
+    layers = []
+    for text in args.equation:
+        if split_name(text, "")[0] == "":
+            raise UsageError(
+                f'name the layer: --equation "NAME: {text.strip()}" (NAME becomes NAME.py)'
+            )
+        layer = equation_layer(text)
+        if any(layer.name == other.name for other in layers):
+            raise UsageError(f"two equations are named {layer.name!r}; give each its own name")
+        layers.append(layer)
+    problem = folder_problem(args.output)
+    if problem is not None:
+        raise UsageError(f"cannot write to {args.output}: {problem}; choose another --output")
+    try:
+        with proof_progress() as progress:
+            files = render_equations(layers, progress=progress)
+    except UnverifiedError as error:
+        print(f"cnnderive generate: {error}", file=sys.stderr)
+        return 1
+    try:
+        write_package(args.output, files)
+    except OSError as error:
+        print(
+            f"cnnderive generate: could not write {error.filename or args.output}: "
+            f"{error.strerror or error}",
+            file=sys.stderr,
+        )
+        return 1
+    names = ", ".join(f"{layer.name}.py" for layer in layers)
+    print(f"wrote {args.output}: {names} (a package that imports NumPy only)")
+    return 0
+
+
 def run_generate(args) -> int:
+    if args.equation:
+        return run_generate_equations(args)
     from codegen.render import DEFAULT_OUTPUT, UnverifiedError, foreign_files, generate
 
     output = args.output or DEFAULT_OUTPUT

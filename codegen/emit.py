@@ -19,6 +19,8 @@ from codegen.ufuncs import UfuncLowering
 from derive import ir
 
 KERNEL_MODULE = "_k"
+# The index-space primitives of equation layers (codegen/runtime/indexed.py).
+INDEXED_MODULE = "_ix"
 
 # Primitive node -> kernel function in generated/_kernels.py.
 KERNELS = {
@@ -67,6 +69,18 @@ SUFFIXES = {
     ir.Upsample: "upsampled",
     ir.Pointwise: "elementwise",
 }
+
+
+INDEXED_NODES = (
+    ir.ZeroPad,
+    ir.CropAxes,
+    ir.IndexView,
+    ir.Contract,
+    ir.ScatterContract,
+    ir.ArgmaxView,
+    ir.TakeView,
+    ir.RouteView,
+)
 
 
 def _is_name(text: str) -> bool:
@@ -216,6 +230,8 @@ class Emitter:
             return f"{inner}.reshape({inner}.shape[0], -1)"
         if isinstance(node, ir.ReshapeLike):
             return f"{self.operand_code(node.a)}.reshape({self.operand_code(node.like)}.shape)"
+        if isinstance(node, INDEXED_NODES):
+            return self.indexed_call(node)
         if type(node) in KERNELS:
             arguments = []
             for f in fields(node):
@@ -235,6 +251,61 @@ class Emitter:
                 key = self.kernel_keys.setdefault(node, f"{self.function}.{kernel}{number}")
                 arguments += [f"workspace={self.workspace}", f'key="{key}"']
             return f"{KERNEL_MODULE}.{kernel}({', '.join(arguments)})"
+        raise TypeError(f"no NumPy emission for {type(node).__name__}")
+
+    def indexed_call(self, node: ir.Node) -> str:
+        """A call of the index-space primitive that computes ``node``; maps and index
+        lists are passed as the equation writes them, so the code reads like the math."""
+
+        def names(items) -> str:
+            return '"' + " ".join(items) + '"'
+
+        def integers(exprs) -> str:
+            items = [integer_code(e) for e in exprs]
+            return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+        def subscripts(lists) -> str:
+            return "(" + ", ".join(names(s) for s in lists) + ("," if len(lists) == 1 else "") + ")"
+
+        module = INDEXED_MODULE
+        if isinstance(node, ir.ZeroPad):
+            return f"{module}.zero_pad({self.code(node.a)}, {integers(node.widths)})"
+        if isinstance(node, ir.CropAxes):
+            return (
+                f"{module}.crop_axes({self.code(node.a)}, {integers(node.starts)}, "
+                f"{integers(node.extents)})"
+            )
+        if isinstance(node, ir.IndexView):
+            return (
+                f'{module}.index_view({self.code(node.a)}, "{node.read.text()}", '
+                f"{names(node.indices)}, {integers(node.extents)})"
+            )
+        if isinstance(node, ir.Contract):
+            factors = ", ".join(self.code(f) for f in node.factors)
+            return (
+                f"{module}.contract({subscripts(node.subscripts)}, {names(node.out_indices)}, "
+                f"{factors})"
+            )
+        if isinstance(node, ir.ScatterContract):
+            factors = ", ".join(self.code(f) for f in node.factors)
+            return (
+                f'{module}.scatter_contract({integers(node.shape)}, "{node.write.text()}", '
+                f"{names(node.index_names)}, {integers(node.index_extents)}, "
+                f"{subscripts(node.subscripts)}, {factors})"
+            )
+        window = (
+            f'"{node.read.text()}", {names(node.kept)}, {names(node.reduced)}, '
+            f"{integers(node.extents)}"
+        )
+        if isinstance(node, ir.ArgmaxView):
+            return f"{module}.argmax_view({self.code(node.a)}, {window})"
+        if isinstance(node, ir.TakeView):
+            return f"{module}.take_view({self.code(node.a)}, {self.code(node.index)}, {window})"
+        if isinstance(node, ir.RouteView):
+            return (
+                f"{module}.route_view({self.code(node.g)}, {self.code(node.index)}, {window}, "
+                f"{integers(node.shape)})"
+            )
         raise TypeError(f"no NumPy emission for {type(node).__name__}")
 
     def operand_code(self, node: ir.Node) -> str:

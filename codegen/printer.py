@@ -113,6 +113,13 @@ class IntegerPrinter(PythonCodePrinter):
     def _print_Max(self, expr):
         return "max(" + ", ".join(self._print(a) for a in expr.args) + ")"
 
+    def _print_floor(self, expr):
+        # Integer division, exact for any size (math.floor of a float division is not).
+        numerator, denominator = sympy.fraction(sympy.together(expr.args[0]))
+        if denominator == 1:
+            return self._print(numerator)
+        return f"(({self._print(numerator)}) // {self.parenthesize(denominator, PRECEDENCE['Mul'])})"
+
 
 def array_code(expr: sympy.Expr, expected_errors: dict[str, str] | None = None) -> str:
     """NumPy source for ``expr``; the errors it raises by design are added to ``expected_errors``."""

@@ -303,6 +303,7 @@ def _optional_gradient(layer: Layer):
     gradients, and a network's first layer has no use for the gradient of its input."""
     if (
         layer.kind == "layer"
+        and not layer.gradient_dict
         and len(layer.gradients) > 1
         and layer.gradients[0].wrt == layer.inputs[0].name
     ):
@@ -378,7 +379,10 @@ def backward_function(layer: Layer, result: LayerResult) -> Function:
             emitter.lines = []
         else:
             body += _emit_cases(emitter, gradient)
-    body.append("return " + ", ".join(g.name for g in layer.gradients))
+    if layer.gradient_dict:
+        body.append("return {" + ", ".join(f'"{g.wrt}": {g.name}' for g in layer.gradients) + "}")
+    else:
+        body.append("return " + ", ".join(g.name for g in layer.gradients))
     signature = "cache" if layer.kind == "loss" else f"{layer.upstream}, cache"
     signature += ", *, input_gradient=True" if optional else ", *"
     signature += f", {WORKSPACE}=None"
@@ -455,8 +459,13 @@ def render(
             "Regenerate with `cnnderive generate`; see `cnnderive derive LAYER` for the derivations."
         )
         uses_numpy = any("np." in line for f in functions for line in f.body)
+        uses_indexed = any("_ix." in line for f in functions for line in f.body)
         source = template.render(
-            header=header, docstring=docstring, functions=functions, uses_numpy=uses_numpy
+            header=header,
+            docstring=docstring,
+            functions=functions,
+            uses_numpy=uses_numpy,
+            uses_indexed=uses_indexed,
         )
         files[f"{module}.py"] = ruff_format(source, f"{module}.py")
     kernels = env.get_template("_kernels.py.jinja").render(
@@ -470,9 +479,71 @@ def render(
     return dict(sorted(files.items()))
 
 
+INDEXED_RUNTIME = Path(__file__).parent / "runtime" / "indexed.py"
+
+
+def indexed_runtime() -> str:
+    """codegen/runtime/indexed.py as the ``_indexed.py`` of a generated package: copied
+    verbatim under a header that says so."""
+    header = (
+        "# Copied verbatim by cnnderive from codegen/runtime/indexed.py (hand-written, "
+        "tested against derive/symbolic.py); DO NOT EDIT.\n"
+    )
+    return header + INDEXED_RUNTIME.read_text(encoding="utf-8")
+
+
+def render_equations(layers: list[Layer], progress=None) -> dict[str, str]:
+    """File name -> content of a self-contained package holding one module per equation
+    layer (``NAME.py``), the runtime modules they call and an ``__init__.py``.  Every
+    layer is proven first; nothing is rendered if a proof fails."""
+    results = verified_results(layers, progress)
+    env = environment()
+    template = env.get_template("layer.py.jinja")
+    files = {}
+    for layer in layers:
+        functions = [forward_function(layer), backward_function(layer, results[layer.name])]
+        header = HEADER.format(sources=f"the equation {layer.name!r}")
+        docstring = (
+            f"{layer.title}.\n\nForward and backward passes derived by cnnderive from the "
+            "equation alone, proven, and emitted.\nRegenerate with `cnnderive generate "
+            "--equation`; see `cnnderive derive --equation` for the derivation."
+        )
+        source = template.render(
+            header=header,
+            docstring=docstring,
+            functions=functions,
+            uses_numpy=any("np." in line for f in functions for line in f.body),
+            uses_indexed=any("_ix." in line for f in functions for line in f.body),
+        )
+        files[f"{layer.name}.py"] = ruff_format(source, f"{layer.name}.py")
+    kernels = env.get_template("_kernels.py.jinja").render(
+        header=HEADER.format(sources="codegen/templates/_kernels.py.jinja")
+    )
+    files["_kernels.py"] = ruff_format(kernels, "_kernels.py")
+    files["_indexed.py"] = indexed_runtime()
+    init = env.get_template("__init__.py.jinja").render(
+        header=HEADER.format(sources="codegen/templates/__init__.py.jinja"),
+        modules=[layer.name for layer in layers],
+    )
+    files["__init__.py"] = ruff_format(init, "__init__.py")
+    return dict(sorted(files.items()))
+
+
 def write_atomically(path: Path, content: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(path, lambda stream: stream.write(content.encode("utf-8")))
+
+
+def write_package(output: Path, files: dict[str, str]) -> None:
+    """Write ``files`` into ``output`` (made if missing), each atomically; generated files
+    there that ``files`` no longer holds are removed, other files are left alone."""
+    output.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        path = output / name
+        if not path.exists() or path.read_text(encoding="utf-8") != content:
+            write_atomically(path, content)
+    for stale in sorted(_generated_before(output) - set(files)):
+        (output / stale).unlink()
 
 
 def _generated_before(output: Path) -> set[str]:

@@ -73,8 +73,15 @@ def add_parsers(commands) -> None:
     )
     derive.add_argument(
         "layer",
+        nargs="?",
         help="conv2d, maxpool2d, avgpool2d, dense, flatten, sigmoid, relu, tanh, "
-        "softmax, bce, bce_with_logits, softmax_cross_entropy or mse",
+        "softmax, bce, bce_with_logits, softmax_cross_entropy or mse (or --equation)",
+    )
+    derive.add_argument(
+        "--equation",
+        metavar='"[NAME:] EQ"',
+        help='a layer written as one equation in index notation, e.g. '
+        '"Z[n,o] = sum[f](X[n,f] * W[f,o])" (see the README\'s grammar)',
     )
     derive.add_argument(
         "-h", "--help", action=_HelpWithExamples, help="show this help message and exit"
@@ -112,6 +119,12 @@ def add_parsers(commands) -> None:
     )
     verify.add_argument(
         "--layer", action="append", metavar="NAME", help="only this layer (repeatable)"
+    )
+    verify.add_argument(
+        "--equation",
+        action="append",
+        metavar='"[NAME:] EQ"',
+        help="prove the gradients derived from this equation instead (repeatable)",
     )
     verify.set_defaults(run=run_verify)
 
@@ -164,6 +177,16 @@ def _layer(name: str):
     if name not in LAYERS:
         raise _usage_error(f"unknown layer {name!r}; choose one of: {', '.join(LAYERS)}")
     return LAYERS[name]
+
+
+def equation_layer(text: str, default_name: str = "equation"):
+    """The layer an ``--equation`` option defines; a bad equation is a usage error."""
+    from derive.equation import EquationError, layer_from_named_equation
+
+    try:
+        return layer_from_named_equation(text, default_name)
+    except EquationError as error:
+        raise _usage_error(f"equation: {error}") from None
 
 
 def configuration_from(layer, args):
@@ -294,7 +317,13 @@ def _encodable(text: str) -> str:
 def run_derive(args) -> int:
     from derive import report
 
-    layer = _layer(args.layer)
+    if (args.layer is None) == (args.equation is None):
+        raise _usage_error(
+            "name a layer (e.g. cnnderive derive conv2d) or give --equation, not both"
+            if args.layer
+            else "name a layer (e.g. cnnderive derive conv2d) or give --equation \"Z[n,o] = ...\""
+        )
+    layer = _layer(args.layer) if args.layer else equation_layer(args.equation)
     if args.standalone and not args.latex:
         raise _usage_error("--standalone wraps LaTeX output: use it with --latex")
     config = configuration_from(layer, args)
@@ -312,8 +341,17 @@ def run_verify(args) -> int:
     from derive.layers import LAYERS
     from derive.verify import verify_layers, verify_stable_forms
 
-    names = args.layer or list(LAYERS)
-    layers = [_layer(name) for name in names]
+    if args.equation:
+        if args.layer or args.seed_size:
+            raise _usage_error("--equation proves the equations given; leave out --layer and --seed-size")
+        layers = []
+        for number, text in enumerate(args.equation):
+            layer = equation_layer(text, f"equation{number + 1}" if len(args.equation) > 1 else "equation")
+            if any(layer.name == other.name for other in layers):
+                raise _usage_error(f"two equations are named {layer.name!r}; name each one: \"NAME: EQ\"")
+            layers.append(layer)
+    else:
+        layers = [_layer(name) for name in args.layer or list(LAYERS)]
     if args.seed_size:
         layers = [layer for layer in layers if layer.seed_size]
         if not layers:
@@ -325,7 +363,7 @@ def run_verify(args) -> int:
 
     with proof_progress() as progress:
         results = verify_layers(layers, seed_size=args.seed_size, progress=progress)
-    if not args.seed_size and not args.layer:
+    if not args.seed_size and not args.layer and not args.equation:
         results.append(verify_stable_forms())
     elapsed = time.perf_counter() - start
     ok = all(result.ok for result in results)

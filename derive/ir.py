@@ -362,3 +362,138 @@ def free_integer_symbols(node: Node) -> set[sympy.Symbol]:
         for expr in n.integer_arguments():
             found |= expr.free_symbols
     return found
+
+
+# ---------------------------------------------------------------------------
+# Index-space primitives: the generic lowering of equation layers
+# ---------------------------------------------------------------------------
+#
+# An equation layer's arrays are read through affine index maps (``X[n, 2*i+u, c]``).
+# These nodes compute with such reads directly: a "view" is an array with one axis per
+# index name, read from another array through an affine map, and the other nodes
+# contract, scatter, pick maxima and route gradients over such index spaces.  Index
+# names are strings; the affine maps are ``IndexMap`` values.
+
+
+@dataclass(frozen=True)
+class IndexMap:
+    """An affine map from named indices to the positions of an array's axes:
+    ``axes[k]`` is a tuple of ``(index, coefficient)`` pairs and ``offsets[k]`` the
+    constant of axis ``k``; coefficients and offsets are integers."""
+
+    axes: tuple[tuple[tuple[str, int], ...], ...]
+    offsets: tuple[int, ...]
+
+    def text(self) -> str:
+        """``"n, 2*i+u, 2*j+v, c"``: the map as the equation writes it."""
+        parts = []
+        for terms, offset in zip(self.axes, self.offsets):
+            pieces = [name if c == 1 else f"{c}*{name}" for name, c in terms]
+            if offset or not pieces:
+                pieces.append(str(offset))
+            parts.append("+".join(pieces).replace("+-", "-"))
+        return ", ".join(parts)
+
+    def position(self, values: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(
+            offset + sum(c * values[name] for name, c in terms)
+            for terms, offset in zip(self.axes, self.offsets)
+        )
+
+    @property
+    def indices(self) -> tuple[str, ...]:
+        seen: list[str] = []
+        for terms in self.axes:
+            seen += [name for name, _ in terms if name not in seen]
+        return tuple(seen)
+
+
+@dataclass(frozen=True)
+class ZeroPad(Node):
+    """``a`` with ``widths[k]`` zeros added before and after each axis ``k``."""
+
+    a: Node
+    widths: tuple[sympy.Expr, ...] = integer()
+
+
+@dataclass(frozen=True)
+class CropAxes(Node):
+    """``a[starts[0] : starts[0] + extents[0], ...]``: the adjoint of ``ZeroPad``."""
+
+    a: Node
+    starts: tuple[sympy.Expr, ...] = integer()
+    extents: tuple[sympy.Expr, ...] = integer()
+
+
+@dataclass(frozen=True)
+class IndexView(Node):
+    """An array with one axis per name of ``indices`` (lengths ``extents``):
+    ``view[I] = a[read(I)]``.  An index that ``read`` does not use repeats the values
+    along its axis (broadcasting).  Every read lies inside ``a``."""
+
+    a: Node
+    read: IndexMap
+    indices: tuple[str, ...]
+    extents: tuple[sympy.Expr, ...] = integer()
+
+
+@dataclass(frozen=True)
+class Contract(Node):
+    """``out[out_indices] = sum over the other indices of prod_k factors[k][subscripts[k]]``:
+    Einstein summation over named indices."""
+
+    factors: tuple[Node, ...]
+    subscripts: tuple[tuple[str, ...], ...]
+    out_indices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ScatterContract(Node):
+    """The adjoint of reading an array through ``write``: a zero array of shape
+    ``shape`` to which ``prod_k factors[k][subscripts[k]]`` is added at ``write(I)`` for
+    every value ``I`` of the indices (``index_names`` with lengths ``index_extents``)."""
+
+    factors: tuple[Node, ...]
+    subscripts: tuple[tuple[str, ...], ...]
+    write: IndexMap
+    index_names: tuple[str, ...]
+    index_extents: tuple[sympy.Expr, ...] = integer()
+    shape: tuple[sympy.Expr, ...] = integer()
+
+
+@dataclass(frozen=True)
+class ArgmaxView(Node):
+    """For every value of the kept indices, the position (row-major over ``reduced``) of
+    the first maximum of ``a[read(I)]`` over the reduced indices."""
+
+    a: Node
+    read: IndexMap
+    kept: tuple[str, ...]
+    reduced: tuple[str, ...]
+    extents: tuple[sympy.Expr, ...] = integer()  # of kept, then reduced
+
+
+@dataclass(frozen=True)
+class TakeView(Node):
+    """``a[read(I)]`` at the reduced position ``index`` (from ``ArgmaxView``)."""
+
+    a: Node
+    index: Node
+    read: IndexMap
+    kept: tuple[str, ...]
+    reduced: tuple[str, ...]
+    extents: tuple[sympy.Expr, ...] = integer()
+
+
+@dataclass(frozen=True)
+class RouteView(Node):
+    """The adjoint of ``TakeView``: a zero array of shape ``shape`` to which each element
+    of ``g`` (over the kept indices) is added at ``read`` of its chosen position."""
+
+    g: Node
+    index: Node
+    read: IndexMap
+    kept: tuple[str, ...]
+    reduced: tuple[str, ...]
+    extents: tuple[sympy.Expr, ...] = integer()
+    shape: tuple[sympy.Expr, ...] = integer()

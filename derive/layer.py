@@ -147,6 +147,8 @@ class Layer:
     )
     seed_size: Configuration | None = None
     upstream: str = "dout"  # name of the upstream-gradient argument of backward
+    # backward returns {input name: gradient} (equation layers) instead of a tuple
+    gradient_dict: bool = False
     dims: tuple[Dim, ...] = field(default=())
 
     # -- names ---------------------------------------------------------------

@@ -20,32 +20,18 @@ import numpy as np
 import sympy
 from sympy import IndexedBase, exp, log
 
+from derive.equation.layer import derived_closed_forms
 from derive.functions import sigmoid, softplus
 from derive.ir import (
     Case,
-    Correlate,
-    CorrelateWeights,
-    Crop,
-    Dilate,
     Dim,
     Flatten,
-    FullConvolve,
-    GatherWindows,
     LogSumExp,
-    MatMul,
     Operand,
-    Pad,
     Param,
     ReshapeLike,
-    Rot180,
-    RouteToArgmax,
-    ScatterWindows,
     Softmax,
     Sum,
-    Transpose,
-    Upsample,
-    WindowArgmax,
-    WindowSum,
     pointwise,
 )
 from derive.layer import (
@@ -107,6 +93,15 @@ def _conv_configurations():
     return configs
 
 
+# The closed forms are not written here: the derivation finds them from the equation
+# (derive/equation), and derive.verify proves them against the definition below.
+_conv_forward, _conv_gradients = derived_closed_forms(
+    "Z[n,i,j,o] = b[o] + sum[c,u,v](pad(x, 0, p, p, 0)[n, s*i+u, s*j+v, c] * w[u,v,c,o])",
+    parameters={"s": STRIDE, "p": PADDING},
+    dims={"x": (_N, _H, _W, _C), "w": (_KH, _KW, _C, _CO), "b": (_CO,)},
+    order=("x", "w", "b"),
+)
+
 conv2d = Layer(
     name="conv2d",
     title="2-D convolution (multi-channel, batch, stride, zero padding, bias)",
@@ -146,53 +141,8 @@ conv2d = Layer(
             r" W' = \left\lfloor \frac{W + 2p - K_W}{s} \right\rfloor + 1",
         ),
     ),
-    forward=(
-        ("x_padded", Pad(x, PADDING, PADDING)),
-        ("out", pointwise("z + b", z=Correlate(Operand("x_padded"), w, STRIDE), b=b)),
-    ),
-    gradients=(
-        Gradient(
-            "dx",
-            "x",
-            (
-                Case(
-                    Crop(
-                        FullConvolve(Dilate(dout, STRIDE), Rot180(w)),
-                        PADDING,
-                        PADDING,
-                        _H,
-                        _W,
-                    ),
-                    name="full convolution of the dilated gradient with the turned kernel, cropped by the padding",
-                ),
-            ),
-        ),
-        Gradient(
-            "dw",
-            "w",
-            (
-                Case(
-                    CorrelateWeights(
-                        # Rows and columns past (H'-1)s + K_H were never inside a window.
-                        Crop(
-                            Operand("x_padded"),
-                            0,
-                            0,
-                            (_OH - 1) * STRIDE + _KH,
-                            (_OW - 1) * STRIDE + _KW,
-                        ),
-                        Dilate(dout, STRIDE),
-                    ),
-                    name="correlation of the padded input with the dilated gradient",
-                ),
-            ),
-        ),
-        Gradient(
-            "db",
-            "b",
-            (Case(Sum(dout, (0, 1, 2)), name="sum of the gradient over batch and positions"),),
-        ),
-    ),
+    forward=_conv_forward,
+    gradients=_conv_gradients,
     requirements=(
         Requirement(sympy.Ge(STRIDE, 1), "stride must be at least 1, got {stride}"),
         Requirement(sympy.Ge(PADDING, 0), "padding must be at least 0, got {padding}"),
@@ -265,7 +215,12 @@ _pool_requirements = (
 )
 _pool_example = {_PN: 1, _PH: 4, _PW: 4, _PC: 1, SIZE: 2, STRIDE: 2}
 
-_scaled_dout = pointwise(sympy.Symbol("dout") / SIZE**2, dout=dout)
+_avgpool_forward, _avgpool_gradients = derived_closed_forms(
+    "P[n,i,j,c] = mean[u<k, v<k](x[n, s*i+u, s*j+v, c])",
+    parameters={"s": STRIDE, "k": SIZE},
+    dims={"x": (_PN, _PH, _PW, _PC)},
+    order=("x",),
+)
 
 avgpool2d = Layer(
     name="avgpool2d",
@@ -284,34 +239,8 @@ avgpool2d = Layer(
         indices=(n, i, j, c),
         arrays=lambda a, sizes: {"X": a["x"]},
     ),
-    forward=(
-        (
-            "out",
-            pointwise(sympy.Symbol("window_sum") / SIZE**2, window_sum=WindowSum(x, SIZE, STRIDE)),
-        ),
-    ),
-    gradients=(
-        Gradient(
-            "dx",
-            "x",
-            (
-                # dP is divided by k^2 before it is spread out, not after: the division
-                # runs over dP, k^2 times smaller than dX when stride = size.  The values
-                # are the same (bit for bit when windows do not overlap: each element is
-                # then one dP element over k^2; a sum of several otherwise, equal up to
-                # rounding).
-                Case(
-                    Crop(Upsample(_scaled_dout, SIZE), 0, 0, _PH, _PW),
-                    condition=sympy.Eq(STRIDE, SIZE),
-                    name="kron: each δ/k^2 copied to its whole window (windows that tile the input)",
-                ),
-                Case(
-                    ScatterWindows(_scaled_dout, SIZE, STRIDE, _PH, _PW),
-                    name="scatter-add of each δ/k^2 to every position of its window (any stride)",
-                ),
-            ),
-        ),
-    ),
+    forward=_avgpool_forward,
+    gradients=_avgpool_gradients,
     requirements=_pool_requirements,
     configurations=_pool_configurations,
     example=_pool_example,
@@ -374,6 +303,13 @@ def _pool_samples(shapes, rng):
     return {"x": rng.integers(0, 3, size=shapes["x"]).astype(object)}
 
 
+_maxpool_forward, _maxpool_gradients = derived_closed_forms(
+    "P[n,i,j,c] = max[u<k, v<k](x[n, s*i+u, s*j+v, c])",
+    parameters={"s": STRIDE, "k": SIZE},
+    dims={"x": (_PN, _PH, _PW, _PC)},
+    order=("x",),
+)
+
 maxpool2d = Layer(
     name="maxpool2d",
     title="2-D max pooling (ties go to the first maximum in row-major window order)",
@@ -395,22 +331,8 @@ maxpool2d = Layer(
         ),
         build=_first_max_definition,
     ),
-    forward=(
-        ("argmax", WindowArgmax(x, SIZE, STRIDE)),
-        ("out", GatherWindows(x, Operand("argmax"), SIZE, STRIDE)),
-    ),
-    gradients=(
-        Gradient(
-            "dx",
-            "x",
-            (
-                Case(
-                    RouteToArgmax(dout, Operand("argmax"), SIZE, STRIDE, _PH, _PW),
-                    name="argmax routing: each δ goes to the first maximum of its window",
-                ),
-            ),
-        ),
-    ),
+    forward=_maxpool_forward,
+    gradients=_maxpool_gradients,
     requirements=_pool_requirements,
     configurations=_pool_configurations,
     example=_pool_example,
@@ -441,6 +363,13 @@ _DN = Dim("batch", "x", 0, "m")
 _DI = Dim("in_features", "x", 1, r"D_{\mathrm{in}}")
 _DO = Dim("out_features", "w", 1, r"D_{\mathrm{out}}")
 
+_dense_forward, _dense_gradients = derived_closed_forms(
+    "Z[n,o] = b[o] + sum[d](x[n,d] * w[d,o])",
+    parameters={},
+    dims={"x": (_DN, _DI), "w": (_DI, _DO), "b": (_DO,)},
+    order=("x", "w", "b"),
+)
+
 dense = Layer(
     name="dense",
     title="Dense (fully connected) layer with bias",
@@ -461,16 +390,8 @@ dense = Layer(
         indices=(n, o),
         arrays=lambda a, sizes: {"X": a["x"], "W": a["w"], "b": a["b"]},
     ),
-    forward=(("out", pointwise("z + b", z=MatMul(x, w), b=b)),),
-    gradients=(
-        Gradient(
-            "dx", "x", (Case(MatMul(dout, Transpose(w)), name="δ times the transposed weights"),)
-        ),
-        Gradient(
-            "dw", "w", (Case(MatMul(Transpose(x), dout), name="the transposed input times δ"),)
-        ),
-        Gradient("db", "b", (Case(Sum(dout, (0,)), name="sum of δ over the batch"),)),
-    ),
+    forward=_dense_forward,
+    gradients=_dense_gradients,
     requirements=(),
     configurations=lambda: [
         {_DN: m, _DI: di, _DO: do}

@@ -321,5 +321,139 @@ class Evaluator:
         return np.vectorize(sympy.log, otypes=[object])(add_reduce(exps, (-1,)))[..., None]
 
 
+    # index-space primitives (equation layers), element by element ----------------
+    def _integers(self, exprs) -> tuple[int, ...]:
+        return tuple(self.integer(e) for e in exprs)
+
+    def _index_values(self, names, extents):
+        """Every assignment of values to ``names``, row-major."""
+        for values in itertools.product(*[range(n) for n in extents]):
+            yield dict(zip(names, values))
+
+    def eval_ZeroPad(self, node: ir.ZeroPad):
+        a = self(node.a)
+        widths = self._integers(node.widths)
+        out = object_zeros(tuple(n + 2 * w for n, w in zip(a.shape, widths)))
+        for index in np.ndindex(*a.shape):
+            out[tuple(i + w for i, w in zip(index, widths))] = a[index]
+        return out
+
+    def eval_CropAxes(self, node: ir.CropAxes):
+        a = self(node.a)
+        starts, extents = self._integers(node.starts), self._integers(node.extents)
+        out = object_zeros(extents)
+        for index in np.ndindex(*extents):
+            out[index] = a[tuple(i + s for i, s in zip(index, starts))]
+        return out
+
+    def eval_IndexView(self, node: ir.IndexView):
+        a = self(node.a)
+        extents = self._integers(node.extents)
+        out = np.empty(extents, dtype=object)
+        for values in self._index_values(node.indices, extents):
+            out[tuple(values[name] for name in node.indices)] = a[node.read.position(values)]
+        return out
+
+    def _products(self, factors, subscripts, names, extents):
+        """(index values, product of the factors' elements) for every index value."""
+        arrays = [self(f) for f in factors]
+        for values in self._index_values(names, extents):
+            product = sympy.S.One
+            for array, subscript in zip(arrays, subscripts):
+                product = product * array[tuple(values[name] for name in subscript)]
+            yield values, product
+
+    def _contraction_extents(self, factors, subscripts) -> dict[str, int]:
+        extents = {}
+        for factor, subscript in zip(factors, subscripts):
+            for name, length in zip(subscript, np.shape(self(factor))):
+                extents.setdefault(name, length)
+        return extents
+
+    def eval_Contract(self, node: ir.Contract):
+        extents = self._contraction_extents(node.factors, node.subscripts)
+        names = list(extents)
+        terms: dict[tuple, list] = {}
+        for values, product in self._products(
+            node.factors, node.subscripts, names, [extents[n] for n in names]
+        ):
+            terms.setdefault(tuple(values[n] for n in node.out_indices), []).append(product)
+        out = np.empty(tuple(extents[n] for n in node.out_indices), dtype=object)
+        for index in np.ndindex(*out.shape):
+            out[index] = total(terms.get(index, [sympy.S.Zero]))
+        return out
+
+    def eval_ScatterContract(self, node: ir.ScatterContract):
+        shape = self._integers(node.shape)
+        terms: dict[tuple, list] = {}
+        extents = self._integers(node.index_extents)
+        for values, product in self._products(
+            node.factors, node.subscripts, node.index_names, extents
+        ):
+            terms.setdefault(node.write.position(values), []).append(product)
+        out = object_zeros(shape)
+        for position, items in terms.items():
+            if any(p < 0 or p >= n for p, n in zip(position, shape)):
+                raise ValueError(f"a write at {position} lies outside the shape {shape}")
+            out[position] = total(items)
+        return out
+
+    def _window_values(self, a, node, kept_values, reduced_extents):
+        """The elements of one window, in row-major order of the reduced indices."""
+        values = []
+        for reduced in itertools.product(*[range(n) for n in reduced_extents]):
+            assignment = dict(kept_values, **dict(zip(node.reduced, reduced)))
+            values.append(a[node.read.position(assignment)])
+        return values
+
+    def eval_ArgmaxView(self, node: ir.ArgmaxView):
+        a = self(node.a)
+        extents = self._integers(node.extents)
+        kept_extents, reduced_extents = extents[: len(node.kept)], extents[len(node.kept) :]
+        out = np.empty(kept_extents, dtype=object)
+        for kept in self._index_values(node.kept, kept_extents):
+            window = self._window_values(a, node, kept, reduced_extents)
+            if not all(getattr(sympy.sympify(v), "is_number", False) for v in window):
+                raise ValueError("the position of a maximum needs numbers, not symbols")
+            best = 0
+            for position, value in enumerate(window):
+                if value > window[best]:  # strictly greater: the first maximum keeps a tie
+                    best = position
+            out[tuple(kept[n] for n in node.kept)] = best
+        return out
+
+    def _reduced_position(self, node, flat: int, reduced_extents) -> dict[str, int]:
+        position = {}
+        for name, length in reversed(list(zip(node.reduced, reduced_extents))):
+            position[name] = flat % length
+            flat //= length
+        return position
+
+    def eval_TakeView(self, node: ir.TakeView):
+        a, index = self(node.a), self(node.index)
+        extents = self._integers(node.extents)
+        kept_extents, reduced_extents = extents[: len(node.kept)], extents[len(node.kept) :]
+        out = np.empty(kept_extents, dtype=object)
+        for kept in self._index_values(node.kept, kept_extents):
+            here = tuple(kept[n] for n in node.kept)
+            chosen = self._reduced_position(node, int(index[here]), reduced_extents)
+            out[here] = a[node.read.position(dict(kept, **chosen))]
+        return out
+
+    def eval_RouteView(self, node: ir.RouteView):
+        g, index = self(node.g), self(node.index)
+        extents = self._integers(node.extents)
+        kept_extents, reduced_extents = extents[: len(node.kept)], extents[len(node.kept) :]
+        terms: dict[tuple, list] = {}
+        for kept in self._index_values(node.kept, kept_extents):
+            here = tuple(kept[n] for n in node.kept)
+            chosen = self._reduced_position(node, int(index[here]), reduced_extents)
+            terms.setdefault(node.read.position(dict(kept, **chosen)), []).append(g[here])
+        out = object_zeros(self._integers(node.shape))
+        for position, items in terms.items():
+            out[position] = total(items)
+        return out
+
+
 def evaluate(node: ir.Node, env: Mapping[str, np.ndarray], sizes: Mapping[sympy.Symbol, int]):
     return Evaluator(env, sizes)(node)

@@ -110,7 +110,67 @@ def tree_latex(node: ir.Node, names: dict[str, str]) -> str:
         return _operator("softmax", go(node.z))
     if isinstance(node, ir.LogSumExp):
         return _operator("logsumexp", go(node.z))
+    if isinstance(node, INDEX_SPACE_NODES):
+        return _index_space_latex(node, go)
     raise TypeError(f"no LaTeX for {type(node).__name__}")
+
+
+INDEX_SPACE_NODES = (
+    ir.ZeroPad,
+    ir.CropAxes,
+    ir.IndexView,
+    ir.Contract,
+    ir.ScatterContract,
+    ir.ArgmaxView,
+    ir.TakeView,
+    ir.RouteView,
+)
+
+
+def _map_latex(index_map: ir.IndexMap) -> str:
+    parts = []
+    for terms, offset in zip(index_map.axes, index_map.offsets):
+        expr = sympy.Add(*[c * sympy.Symbol(name) for name, c in terms], sympy.Integer(offset))
+        parts.append(sympy.latex(expr))
+    return ",".join(parts)
+
+
+def _element_latex(node: ir.Node, indices, go) -> str:
+    """``X_{n,2i+u}`` for a view of X, ``(...)_{n,i}`` for any other array over ``indices``."""
+    if isinstance(node, ir.IndexView):
+        return go(node.a) + "_{" + _map_latex(node.read) + "}"
+    base = go(node)
+    if not isinstance(node, ir.Operand):
+        base = r"\left(" + base + r"\right)"
+    return base + "_{" + ",".join(indices) + "}"
+
+
+def _index_space_latex(node: ir.Node, go) -> str:
+    if isinstance(node, ir.ZeroPad):
+        return _operator("pad", go(node.a), sub=",".join(_int(w) for w in node.widths))
+    if isinstance(node, ir.CropAxes):
+        return _operator("crop", go(node.a), sub=",".join(_int(w) for w in node.starts))
+    if isinstance(node, ir.IndexView):
+        return _element_latex(node, node.indices, go)
+    if isinstance(node, (ir.Contract, ir.ScatterContract)):
+        product = r"\, ".join(
+            _element_latex(f, s, go) for f, s in zip(node.factors, node.subscripts)
+        )
+        if isinstance(node, ir.Contract):
+            summed = [n for s in node.subscripts for n in s if n not in node.out_indices]
+            summed = list(dict.fromkeys(summed))
+            return (r"\sum_{" + ",".join(summed) + "} " if summed else "") + product
+        return r"\operatorname{scatter}_{" + _map_latex(node.write) + r"}\left(" + product + r"\right)"
+    reduced = ",".join(node.reduced)
+    element = go(node.a if hasattr(node, "a") else node.g)
+    if isinstance(node, ir.ArgmaxView):
+        return r"\operatorname{first\,argmax}_{" + reduced + "} " + element + "_{" + _map_latex(node.read) + "}"
+    if isinstance(node, ir.TakeView):
+        return r"\max_{" + reduced + "} " + element + "_{" + _map_latex(node.read) + "}"
+    return (
+        r"\operatorname{route}_{" + _map_latex(node.read) + r"}\left(" + element
+        + r"\ \to\ " + go(node.index) + r"\right)"
+    )
 
 
 # What each primitive computes, in index notation: printed under a derivation's closed

@@ -96,9 +96,9 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     dw (correlation of the padded input with the dilated gradient): proven on 384
     configurations: batch 1-2, in_channels 1-2, in_height 3-4, in_width 3-4, kernel_height 1-3,
     kernel_width 1-3, out_channels 1-2, padding 0-1, stride 1-2.
-    db (sum of the gradient over batch and positions): proven on 384 configurations: batch 1-2,
-    in_channels 1-2, in_height 3-4, in_width 3-4, kernel_height 1-3, kernel_width 1-3,
-    out_channels 1-2, padding 0-1, stride 1-2.
+    db (sum of δ over n, i, j, the axes b is repeated along): proven on 384 configurations:
+    batch 1-2, in_channels 1-2, in_height 3-4, in_width 3-4, kernel_height 1-3, kernel_width
+    1-3, out_channels 1-2, padding 0-1, stride 1-2.
     `cnnderive verify --seed-size` also proves them at the seed network's size.
 
     Indices are 0-based. 'correlate' slides the kernel without flipping it, as deep-learning

@@ -65,8 +65,8 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     1-3, out_features 1-3.
     dw (the transposed input times δ): proven on 27 configurations: batch 1-3, in_features 1-3,
     out_features 1-3.
-    db (sum of δ over the batch): proven on 27 configurations: batch 1-3, in_features 1-3,
-    out_features 1-3.
+    db (sum of δ over n, the axes b is repeated along): proven on 27 configurations: batch 1-3,
+    in_features 1-3, out_features 1-3.
     `cnnderive verify --seed-size` also proves them at the seed network's size.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
