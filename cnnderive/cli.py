@@ -142,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cnnderive {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from cnnderive.book import cli as book_cli
     from codegen import cli as codegen_cli
     from derive import cli as derive_cli
-    from cnnderive.book import cli as book_cli
 
     derive_cli.add_parsers(commands)
     codegen_cli.add_parsers(commands)

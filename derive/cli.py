@@ -80,7 +80,7 @@ def add_parsers(commands) -> None:
     derive.add_argument(
         "--equation",
         metavar='"[NAME:] EQ"',
-        help='a layer written as one equation in index notation, e.g. '
+        help="a layer written as one equation in index notation, e.g. "
         '"Z[n,o] = sum[f](X[n,f] * W[f,o])" (see the README\'s grammar)',
     )
     derive.add_argument(
@@ -134,7 +134,9 @@ class _HelpWithExamples(argparse.Action):
     They come from the catalogue, which imports SymPy: so only when help is asked for,
     not whenever the parser is built."""
 
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+    def __init__(
+        self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None
+    ):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -321,7 +323,7 @@ def run_derive(args) -> int:
         raise _usage_error(
             "name a layer (e.g. cnnderive derive conv2d) or give --equation, not both"
             if args.layer
-            else "name a layer (e.g. cnnderive derive conv2d) or give --equation \"Z[n,o] = ...\""
+            else 'name a layer (e.g. cnnderive derive conv2d) or give --equation "Z[n,o] = ..."'
         )
     layer = _layer(args.layer) if args.layer else equation_layer(args.equation)
     if args.standalone and not args.latex:
@@ -331,7 +333,11 @@ def run_derive(args) -> int:
     if seconds is not None and seconds >= 5:
         print(f"note: this proof takes an estimated {_duration(seconds)}", file=sys.stderr)
     blocks = report.derivation(layer, config)
-    text = report.to_latex(blocks, standalone=args.standalone) if args.latex else report.to_text(blocks)
+    text = (
+        report.to_latex(blocks, standalone=args.standalone)
+        if args.latex
+        else report.to_text(blocks)
+    )
     sys.stdout.write(_encodable(text))
     failed = any(block.kind == "text" and block.text.startswith("FAILED") for block in blocks)
     return 1 if failed else 0
@@ -343,12 +349,18 @@ def run_verify(args) -> int:
 
     if args.equation:
         if args.layer or args.seed_size:
-            raise _usage_error("--equation proves the equations given; leave out --layer and --seed-size")
+            raise _usage_error(
+                "--equation proves the equations given; leave out --layer and --seed-size"
+            )
         layers = []
         for number, text in enumerate(args.equation):
-            layer = equation_layer(text, f"equation{number + 1}" if len(args.equation) > 1 else "equation")
+            layer = equation_layer(
+                text, f"equation{number + 1}" if len(args.equation) > 1 else "equation"
+            )
             if any(layer.name == other.name for other in layers):
-                raise _usage_error(f"two equations are named {layer.name!r}; name each one: \"NAME: EQ\"")
+                raise _usage_error(
+                    f'two equations are named {layer.name!r}; name each one: "NAME: EQ"'
+                )
             layers.append(layer)
     else:
         layers = [_layer(name) for name in args.layer or list(LAYERS)]

@@ -33,9 +33,7 @@ def offline(tmp_path, monkeypatch):
 def environment(tmp_path, **extra) -> dict[str, str]:
     """The subprocesses' environment: this checkout first on the import path."""
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return dict(
-        os.environ, PYTHONPATH=path, CNNDERIVE_DATA=str(tmp_path / "cache"), **extra
-    )
+    return dict(os.environ, PYTHONPATH=path, CNNDERIVE_DATA=str(tmp_path / "cache"), **extra)
 
 
 def shell(tmp_path, command: str, **extra) -> subprocess.CompletedProcess:
@@ -408,6 +406,4 @@ def test_evaluate_confusion_prints_per_class_accuracy_and_draws_it(toy_run, caps
     matrix = np.array(result["confusion"])
     assert matrix.shape == (2, 2) and matrix.sum() == result["count"]
     assert np.trace(matrix) == result["correct"]
-    assert result["class_accuracy"] == [
-        matrix[i, i] / matrix[i].sum() for i in range(2)
-    ]
+    assert result["class_accuracy"] == [matrix[i, i] / matrix[i].sum() for i in range(2)]

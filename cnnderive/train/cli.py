@@ -68,7 +68,9 @@ def add_parsers(commands) -> None:
     )
     p.add_argument("--net", required=True, choices=sorted(NETWORKS), help="network to train")
     p.add_argument(
-        "--epochs", type=int, help=f"number of epochs (with --resume: the total; default: {per_net})"
+        "--epochs",
+        type=int,
+        help=f"number of epochs (with --resume: the total; default: {per_net})",
     )
     p.add_argument("--batch-size", type=int, help=f"images per minibatch (default: {per_net})")
     p.add_argument("--dataset", choices=DATASETS, help="data set (default mnist)")
@@ -502,9 +504,7 @@ def _confusion_text(run, result: dict) -> str:
     lines.append(f"{'':>{width}} " + " ".join(f"{n:>{width}}" for n in names) + "  accuracy")
     for name, row, accuracy in zip(names, matrix, result["class_accuracy"]):
         shown = "-" if accuracy is None else f"{100 * accuracy:.1f}%"
-        lines.append(
-            f"{name:>{width}} " + " ".join(f"{v:>{width}}" for v in row) + f"  {shown:>8}"
-        )
+        lines.append(f"{name:>{width}} " + " ".join(f"{v:>{width}}" for v in row) + f"  {shown:>8}")
     return "\n".join(lines)
 
 
