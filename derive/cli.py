@@ -232,8 +232,10 @@ def configuration_from(layer, args):
 
 def estimated_seconds(layer, config) -> float | None:
     """About how long the proof of a row-coupled layer (ROW_COUPLED) takes, or None."""
-    if layer.name not in ROW_COUPLED:
-        return None
+    from derive.layers import LAYERS
+
+    if layer.name not in ROW_COUPLED or LAYERS.get(layer.name) is not layer:
+        return None  # (an equation layer may take a catalogue name)
     option, per_row, power = ROW_COUPLED[layer.name]
     by_name = {symbol.name: value for symbol, value in config.items()}
     row = by_name[SIZE_OPTIONS[option][0]]
