@@ -48,16 +48,16 @@ MAX_DERIVATION_ELEMENTS = (
 )
 
 # Layers whose proof, not their size, limits a derivation: every output of a softmax row
-# depends on all K inputs of the row, and SymPy's proof of one row's gradient grows about
-# as K**power.  The seconds per row are fitted to measured derivations (AMD EPYC, one
-# core: softmax 1 row of 20 / 24 / 28 features 7.2 / 14.2 / 23.7 s; softmax
-# cross-entropy 3 rows of 10 / 12 / 14 classes 4.7 / 10.2 / 18.7 s; softmax --features
-# 40 took about 2 minutes).  A derivation estimated above MAX_DERIVATION_SECONDS is refused with
+# depends on all K inputs of the row, and the whole derivation of one row grows about as
+# K**power even with the row's sum held as one symbol (derive.verify.is_zero).  The
+# seconds per row are fitted to measured derivations (AMD EPYC, one core: softmax, 1 row
+# of 40 / 100 features, 4.2 / 53.5 s; softmax cross-entropy, 3 rows of 20 / 50 classes,
+# 6.5 / 51.4 s).  A derivation estimated above MAX_DERIVATION_SECONDS is refused, naming
 # the largest K that fits.
 ROW_COUPLED = {
     # layer: (option of the row length K, seconds per row at K = 1, power of K)
-    "softmax": ("features", 2.1e-4, 3.5),
-    "softmax_cross_entropy": ("classes", 2.0e-3, 3.0),
+    "softmax": ("features", 1.45e-4, 2.78),
+    "softmax_cross_entropy": ("classes", 2.47e-3, 2.26),
 }
 MAX_DERIVATION_SECONDS = 60
 
@@ -253,8 +253,8 @@ def _refuse_slow_proofs(layer, config) -> None:
     flag = "--" + option.replace("_", "-")
     raise _usage_error(
         f"{layer.name} with {layer.describe(config)} would take an estimated "
-        f"{_duration(seconds)} to prove (a row's every output depends on all its {option}, "
-        f"and SymPy's time grows about as {option}^{power:g} per row); derivations are "
+        f"{_duration(seconds)} (a row's every output depends on all its {option}, and the "
+        f"time grows about as {option}^{power:g} per row); derivations are "
         f"limited to about {MAX_DERIVATION_SECONDS} s: choose {flag} {largest} or less "
         f"at this batch size, or a smaller --batch"
     )
@@ -333,7 +333,7 @@ def run_derive(args) -> int:
     config = configuration_from(layer, args)
     seconds = estimated_seconds(layer, config)
     if seconds is not None and seconds >= 5:
-        print(f"note: this proof takes an estimated {_duration(seconds)}", file=sys.stderr)
+        print(f"note: this derivation takes an estimated {_duration(seconds)}", file=sys.stderr)
     blocks = report.derivation(layer, config)
     text = (
         report.to_latex(blocks, standalone=args.standalone)
