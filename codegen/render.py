@@ -472,6 +472,9 @@ def render(
         header=HEADER.format(sources="codegen/templates/_kernels.py.jinja")
     )
     files["_kernels.py"] = ruff_format(kernels, "_kernels.py")
+    # The runtime of equation layers: generated/ carries it too, so that a module rendered
+    # for an equation layer (the book's pages, say) runs beside the catalogue's.
+    files["_indexed.py"] = indexed_runtime()
     init = env.get_template("__init__.py.jinja").render(
         header=HEADER.format(sources="codegen/templates/__init__.py.jinja"), modules=sorted(modules)
     )

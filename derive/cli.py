@@ -118,6 +118,12 @@ def add_parsers(commands) -> None:
         "seed network's size instead",
     )
     verify.add_argument(
+        "--all-sizes",
+        action="store_true",
+        help="prove the closed forms for symbolic sizes, stride included; a layer that cannot "
+        "be is said so, with the reason, and proven on the sweep",
+    )
+    verify.add_argument(
         "--layer", action="append", metavar="NAME", help="only this layer (repeatable)"
     )
     verify.add_argument(
@@ -127,6 +133,68 @@ def add_parsers(commands) -> None:
         help="prove the gradients derived from this equation instead (repeatable)",
     )
     verify.set_defaults(run=run_verify)
+    _add_check_parser(commands)
+
+
+def _add_check_parser(commands) -> None:
+    check = commands.add_parser(
+        "check",
+        help="judge a gradient you wrote for an equation layer, for all sizes",
+        description="Judge a claimed gradient of an equation layer for every size: 'proven' "
+        "(exit 0), or 'refuted' (exit 1) with the smallest sizes at which it fails and one "
+        "element where it differs, with both values. In the claim, dA is the gradient with "
+        "respect to the array A and dZ the upstream gradient of the output Z; the claim's "
+        "indices range over A's axes, every other index over its bound or an axis where it "
+        "stands alone, and a read outside an array is zero.",
+    )
+    check.add_argument("--equation", required=True, metavar="EQ", help="the layer, e.g. "
+                       "'Z[n,i,j,o] = sum[c,u,v](X[n, i+u, j+v, c] * W[u,v,c,o])'")  # fmt: skip
+    check.add_argument("--claim", required=True, metavar="CLAIM", help="the gradient, e.g. "
+                       "'dX[n,h,w,c] = sum[i,j,o](dZ[n,i,j,o] * W[h-i, w-j, c, o])'")  # fmt: skip
+    check.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    check.set_defaults(run=run_check)
+
+
+def run_check(args) -> int:
+    """``cnnderive check``: a claimed gradient judged for all sizes."""
+    from derive.claims import ClaimError, judge_claim
+    from derive.equation import EquationError
+
+    try:
+        outcome, arrays = judge_claim(args.equation, args.claim)
+    except (EquationError, ClaimError) as error:
+        raise _usage_error(str(error)) from None
+    example = outcome.counterexample
+    shapes = None
+    if example is not None:
+        shapes = {name: [example.sizes.get(d, "?") for d in dims] for name, dims in arrays.items()}
+    if args.json:
+        payload = {"status": outcome.status, "sizes": shapes if shapes else "all"}
+        if example is not None:
+            payload["counterexample"] = {
+                "element": list(example.element),
+                "derived": str(example.left),
+                "claimed": str(example.right),
+            }
+        if outcome.status == "undecided":
+            payload["reason"] = outcome.reason
+        print(json.dumps(payload, indent=2))
+        return 0 if outcome.status == "proven" else 1
+    claimed = args.claim.split("=", 1)[0].strip()
+    name = claimed.split("[", 1)[0]
+    if outcome.status == "proven":
+        print(f"proven: {claimed} is the gradient for all sizes the equation allows")
+        return 0
+    if outcome.status == "undecided":
+        print(f"undecided: {outcome.reason}")
+        return 1
+    text = ", ".join(f"{array}.shape = ({', '.join(map(str, s))})" for array, s in shapes.items())
+    element = ", ".join(map(str, example.element))
+    print(f"refuted: {claimed} is not the gradient. Smallest sizes where it fails: {text}.")
+    print(
+        f"At {name}[{element}]: the chain rule gives {example.left}; the claim gives {example.right}."
+    )
+    return 1
 
 
 class _HelpWithExamples(argparse.Action):
@@ -366,6 +434,10 @@ def run_verify(args) -> int:
             layers.append(layer)
     else:
         layers = [_layer(name) for name in args.layer or list(LAYERS)]
+    if getattr(args, "all_sizes", False):
+        if args.seed_size:
+            raise _usage_error("--all-sizes and --seed-size exclude each other: choose one")
+        return run_verify_all_sizes(args, layers)
     if args.seed_size:
         layers = [layer for layer in layers if layer.seed_size]
         if not layers:
@@ -424,4 +496,66 @@ def run_verify(args) -> int:
         print(
             f"\n{'all closed forms proven' if ok else 'SOME PROOFS FAILED'}; {what} took {elapsed:.1f} s wall time"
         )
+    return 0 if ok else 1
+
+
+def run_verify_all_sizes(args, layers) -> int:
+    """``verify --all-sizes``: symbolic sizes where the prover can, the sweep where it
+    cannot (said, with the reason)."""
+    from derive.allsizes import prove_layer, summary, to_json
+    from derive.verify import verify_layers
+
+    start = time.perf_counter()
+    results = [prove_layer(layer) for layer in layers]
+    # Layers the prover could not decide for all sizes are proven on the sweep instead.
+    fallback = [
+        layer for layer, r in zip(layers, results) if r.route == "sweep" or r.status == "undecided"
+    ]
+    sweeps = {}
+    if fallback:
+        from cnnderive.cli import proof_progress
+
+        with proof_progress() as progress:
+            sweeps = {r.name: r for r in verify_layers(fallback, progress=progress)}
+    elapsed = time.perf_counter() - start
+    ok = all(r.status == "proven" or (r.layer in sweeps and sweeps[r.layer].ok) for r in results)
+    if args.json:
+        payload = {"ok": ok, "seconds": round(elapsed, 3), "layers": []}
+        for r in results:
+            entry = to_json(r)
+            if r.layer in sweeps:
+                entry["sweep"] = {
+                    "ok": sweeps[r.layer].ok,
+                    "configurations": len(sweeps[r.layer].configurations),
+                    "error": sweeps[r.layer].error,
+                }
+            payload["layers"].append(entry)
+        print(json.dumps(payload, indent=2))
+        return 0 if ok else 1
+    print(f"{'layer':<24}{'route':<17}{'status':<11}{'seconds':>8}")
+    for r in results:
+        status = r.status
+        if r.layer in sweeps:
+            status = "swept" if sweeps[r.layer].ok else "FAILED"
+        seconds = r.seconds + (sweeps[r.layer].seconds if r.layer in sweeps else 0.0)
+        print(f"{r.layer:<24}{r.route:<17}{status:<11}{seconds:>8.2f}")
+    print()
+    for r in results:
+        for line in summary(r):
+            print(line)
+        if r.layer in sweeps:
+            sweep = sweeps[r.layer]
+            if sweep.ok:
+                print(
+                    f"{r.layer}: proven on the sweep instead: {len(sweep.configurations)} "
+                    "configurations"
+                )
+            else:
+                print(f"{r.layer}: the sweep FAILED: {sweep.error}")
+    proven = sum(1 for r in results if r.status == "proven")
+    verdict = "all closed forms proven" if ok else "SOME PROOFS FAILED"
+    print(
+        f"\n{verdict}: {proven} of {len(results)} layers for all sizes, "
+        f"{len(fallback)} on the sweep; {elapsed:.1f} s wall time"
+    )
     return 0 if ok else 1

@@ -90,7 +90,8 @@ class IndexDefinition(Definition):
     """``lhs[indices] = rhs`` in SymPy ``Indexed`` notation.
 
     ``arrays`` maps the inputs to the arrays the definition indexes (for conv2d the
-    zero-padded input); ``auxiliary`` adds LaTeX lines that define those arrays.
+    zero-padded input); ``auxiliary`` adds LaTeX lines that define those arrays, and
+    ``meanings`` the trees that build them.
     """
 
     lhs: sympy.Expr
@@ -98,6 +99,9 @@ class IndexDefinition(Definition):
     indices: tuple[sympy.Symbol, ...]
     arrays: Callable[[Mapping[str, np.ndarray], Mapping[sympy.Symbol, int]], dict[str, np.ndarray]]
     auxiliary: tuple[str, ...] = ()
+    # Arrays the definition reads that are not inputs (the padded input of a convolution),
+    # each as the tree that builds it: the all-sizes proof (derive.allsizes) reads them so.
+    meanings: Mapping[str, Node] = field(default_factory=dict)
 
     @property
     def latex_lines(self) -> tuple[str, ...]:
@@ -115,6 +119,13 @@ class CustomDefinition(Definition):
 
     latex_lines: tuple[str, ...]
     build: Callable[[Mapping[str, np.ndarray], Mapping[sympy.Symbol, int], tuple], np.ndarray]
+    # The same statement in Indexed/Sum notation, for the all-sizes proof
+    # (derive.allsizes): the output element at ``indices``, in which the arrays named in
+    # ``indicators`` (max pooling's first-maximum indicator, with the tree that computes
+    # it) are held constant by the chain rule, as the tie rule says.
+    index_form: sympy.Expr | None = None
+    indices: tuple[sympy.Symbol, ...] = ()
+    indicators: Mapping[str, Node] = field(default_factory=dict)
 
     def expand(self, inputs, sizes, shape):
         return self.build(inputs, sizes, shape)

@@ -28,10 +28,12 @@ from derive.ir import (
     Flatten,
     LogSumExp,
     Operand,
+    Pad,
     Param,
     ReshapeLike,
     Softmax,
     Sum,
+    WindowArgmax,
     pointwise,
 )
 from derive.layer import (
@@ -134,6 +136,7 @@ conv2d = Layer(
             "W": a["w"],
             "b": a["b"],
         },
+        meanings={r"\tilde{X}": Pad(x, PADDING, PADDING)},
         auxiliary=(
             r"\tilde{X}_{n,h,w,c} = \begin{cases} X_{n,h-p,w-p,c} & \text{if } p \le h < H + p,\ p \le w < W + p \\"
             r" 0 & \text{otherwise} \end{cases}",
@@ -279,6 +282,10 @@ class first_max_indicator(sympy.Function):
         return r"\mathbf{1}^{\mathrm{first\,max}}_{%s}" % printer._print(self.args[0])
 
 
+# 1 at the first maximum (u, v) of window (n, i, j, c), else 0.
+_FIRST_MAX = IndexedBase(r"\mathbf{1}^{\mathrm{first\,max}}")
+
+
 def _first_max_definition(inputs, sizes, shape):
     """P = sum over the window of element * indicator(element is the first maximum)."""
     a = inputs["x"]
@@ -330,6 +337,13 @@ maxpool2d = Layer(
             r"X_{n,si+u,sj+v,c} = \max_{0 \le u',v' < k} X_{n,si+u',sj+v',c}",
         ),
         build=_first_max_definition,
+        index_form=sympy.Sum(
+            _X[n, STRIDE * i + u, STRIDE * j + v, c] * _FIRST_MAX[n, i, j, c, u, v],
+            (u, 0, SIZE - 1),
+            (v, 0, SIZE - 1),
+        ),
+        indices=(n, i, j, c),
+        indicators={_FIRST_MAX.name: WindowArgmax(x, SIZE, STRIDE)},
     ),
     forward=_maxpool_forward,
     gradients=_maxpool_gradients,

@@ -15,6 +15,7 @@ import numpy as np
 import sympy
 
 from derive.layer import Configuration, Layer
+from derive.steps import general_steps
 from derive.treelatex import operand_latex, primitive_definitions, tree_latex
 from derive.verify import Proof, VerificationError, prove, substituted
 
@@ -247,6 +248,18 @@ def derivation(layer: Layer, config: Configuration) -> list[Block]:
         )
     for line in layer.chain_rule:
         blocks.append(math(line))
+
+    steps = general_steps(layer.name)
+    if steps:
+        blocks.append(heading("From the chain rule to the closed form, for every size"))
+        for kind, latex in steps:
+            blocks.append(paragraph(latex) if kind == "text" else math(latex))
+        blocks.append(
+            paragraph(
+                "`cnnderive verify --all-sizes` proves the chain rule's sum and the closed form "
+                "equal for symbolic sizes. The worked example follows."
+            )
+        )
 
     try:
         proof = prove(layer, config)

@@ -1,76 +1,104 @@
-"""Adding a layer, as the README's "Adding a layer" describes, for one the catalogue lacks:
-leaky ReLU. Its entry is written the way derive/layers.py writes its own activations; the
-rest is the pipeline's: the proof, the generated NumPy module, and no backward by hand."""
+"""Adding a layer, as the README's "Add a layer with one equation" describes: the engineer
+writes only the forward pass; cnnderive derives, proves and generates the rest, and the
+generated module trains a network.  No gradient is written anywhere in this file."""
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 import numpy as np
 import pytest
-import sympy
 
-from codegen.render import UnverifiedError, render, verified_results
-from derive import layers as catalogue
-from derive.verify import VerificationError, prove
+from cnnderive.cli import main
 
-SLOPE = sympy.Rational(1, 100)  # below zero
-
-
-def leaky_relu(slope_in_backward=SLOPE):
-    """The catalogue entry: definition, forward pass and gradient, as in derive/layers.py."""
-    z, da = catalogue._zs, catalogue._das
-    return catalogue._activation(
-        "leaky_relu",
-        "Leaky ReLU",
-        lambda z_: sympy.Piecewise((z_, z_ > 0), (SLOPE * z_, True)),  # the definition
-        sympy.Max(z, 0) + SLOPE * sympy.Min(z, 0),  # the forward pass the code runs
-        sympy.Piecewise((da, z > 0), (slope_in_backward * da, True)),  # the closed form
-        {"da": catalogue._da, "z": catalogue._z},
-        (r"\frac{\partial L}{\partial Z_{n,k}} = \delta_{n,k}\,(\mathbf{1}[Z_{n,k} > 0]"
-         r" + \tfrac{1}{100}\,\mathbf{1}[Z_{n,k} \le 0])",),
-    )  # fmt: skip
+LEAKY_RELU = "leaky_relu: Z[n,i,j,c] = relu(X[n,i,j,c]) - relu(-X[n,i,j,c]) / 100"
+CONV = "conv: Z[n,i,j,o] = b[o] + sum[c,u,v](pad(X,0,1,1,0)[n, 2*i+u, 2*j+v, c] * W[u,v,c,o])"
+POOL = "pool: Z[n,i,j,c] = max[u<3, v<3](X[n, 2*i+u, 2*j+v, c])"
+DENSE = "dense: Z[n,o] = b[o] + sum[f](X[n,f] * W[f,o])"
 
 
-def import_generated(files: dict[str, str], folder, name: str, monkeypatch):
-    """Write the rendered files as the package ``name`` in ``folder``; import its activations."""
-    (folder / name).mkdir()
-    for filename, text in files.items():
-        (folder / name / filename).write_text(text, encoding="utf-8")
-    monkeypatch.syspath_prepend(str(folder))
-    return importlib.import_module(f"{name}.activations")
+@pytest.fixture(scope="module")
+def mylayers(tmp_path_factory):
+    """``cnnderive generate --equation ... --output mylayers``, then ``import mylayers``."""
+    folder = tmp_path_factory.mktemp("project")
+    arguments = ["generate", "--output", str(folder / "mylayers")]
+    for equation in (LEAKY_RELU, CONV, POOL, DENSE):
+        arguments += ["--equation", equation]
+    assert main(arguments) == 0
+    sys.path.insert(0, str(folder))
+    try:
+        yield importlib.import_module("mylayers")
+    finally:
+        sys.path.remove(str(folder))
+        for name in list(sys.modules):
+            if name.split(".")[0] == "mylayers":
+                del sys.modules[name]
 
 
-def test_a_new_layer_is_proven_generated_and_its_gradient_is_right(tmp_path, monkeypatch):
-    layer = leaky_relu()
-    files = render([layer], verified_results([layer]))
-    source = files["activations.py"]
-    assert "def leaky_relu_forward" in source and "def leaky_relu_backward" in source
-    assert "sympy" not in source and "jinja2" not in source  # generated/ needs NumPy only
+def test_leaky_relu_from_its_equation(mylayers):
+    from mylayers import leaky_relu
 
-    activations = import_generated(files, tmp_path, "generated_with_leaky_relu", monkeypatch)
-    z = np.random.default_rng(3).standard_normal((4, 7))
-    out, cache = activations.leaky_relu_forward(z)
-    # Reference: the definition in NumPy; z * (1/100) and z / 100 may differ in the last bit.
-    np.testing.assert_allclose(out, np.where(z > 0, z, z / 100), rtol=1e-15, atol=0)
-    # Reference: central differences of L = sum(δ * A) in float64, to 1e-8.
-    delta = np.random.default_rng(4).standard_normal(z.shape)
-    dz = activations.leaky_relu_backward(delta, cache)
-    eps = 1e-6
-    numeric = np.empty_like(z)
-    for index in np.ndindex(*z.shape):
-        step = np.zeros_like(z)
-        step[index] = eps
-        plus = activations.leaky_relu_forward(z + step)[0]
-        minus = activations.leaky_relu_forward(z - step)[0]
-        numeric[index] = np.sum(delta * (plus - minus)) / (2 * eps)
-    np.testing.assert_allclose(dz, numeric, rtol=1e-8, atol=1e-8)
+    x = np.random.default_rng(3).standard_normal((2, 4, 5, 3))
+    out, cache = leaky_relu.forward(X=x)
+    np.testing.assert_allclose(out, np.where(x > 0, x, x / 100), rtol=1e-15, atol=1e-18)
+    delta = np.random.default_rng(4).standard_normal(x.shape)
+    dx = leaky_relu.backward(delta, cache)["X"]
+    np.testing.assert_allclose(dx, np.where(x > 0, delta, delta / 100), rtol=1e-15, atol=1e-18)
 
 
-def test_a_new_layer_with_a_wrong_gradient_is_not_generated():
-    wrong = leaky_relu(slope_in_backward=sympy.Rational(1, 10))
-    with pytest.raises(VerificationError, match="leaky_relu dz"):
-        prove(wrong, wrong.example)
-    with pytest.raises(UnverifiedError, match="nothing was generated") as info:
-        render([wrong])
-    assert "leaky_relu dz" in str(info.value)
+def test_a_network_of_equation_layers_learns(mylayers):
+    """conv (stride 2, padding 1) -> leaky ReLU -> overlapping max pool -> dense, softmax
+    cross-entropy from generated/, SGD on 2,000 shipped MNIST images for three epochs."""
+    from mylayers import conv, dense, leaky_relu, pool
+
+    from cnnderive.train.data import load_dataset
+    from generated import losses
+
+    data = load_dataset("mnist", allow_download=False, log=lambda line: None)
+    rng = np.random.default_rng(0)
+    chosen = rng.permutation(len(data.train.labels))[:2000]  # the subset is sorted by class
+    images, labels = data.train.images[chosen].astype(np.float64), data.train.labels[chosen]
+    params = {
+        "conv_W": rng.standard_normal((3, 3, 1, 8)) * 0.3,
+        "conv_b": np.zeros(8),
+        "dense_W": rng.standard_normal((8 * 6 * 6, 10)) * 0.05,
+        "dense_b": np.zeros(10),
+    }
+
+    def step(x, y, lr):
+        z1, c1 = conv.forward(X=x, W=params["conv_W"], b=params["conv_b"])  # 14 x 14
+        a1, c2 = leaky_relu.forward(X=z1)
+        p1, c3 = pool.forward(X=a1)  # 6 x 6
+        flat = p1.reshape(len(x), -1)
+        logits, c4 = dense.forward(X=flat, W=params["dense_W"], b=params["dense_b"])
+        loss, c5 = losses.softmax_cross_entropy_forward(logits, np.eye(10)[y])
+        g4 = dense.backward(losses.softmax_cross_entropy_backward(c5), c4)
+        g3 = pool.backward(g4["X"].reshape(p1.shape), c3)
+        g2 = leaky_relu.backward(g3["X"], c2)
+        g1 = conv.backward(g2["X"], c1)
+        for name, gradient in (
+            ("conv_W", g1["W"]),
+            ("conv_b", g1["b"]),
+            ("dense_W", g4["W"]),
+            ("dense_b", g4["b"]),
+        ):
+            params[name] -= lr * gradient
+        return float(loss), np.mean(np.argmax(logits, axis=1) == y)  # fmt: skip
+
+    first = None
+    for _ in range(3):
+        order = rng.permutation(len(images))
+        for start in range(0, len(images), 32):
+            batch = order[start : start + 32]
+            loss, _ = step(images[batch], labels[batch], lr=0.3)
+            first = loss if first is None else first
+    held_out = rng.permutation(len(data.validation.labels))[:300]
+    validation = data.validation.images[held_out].astype(np.float64)
+    z1, _ = conv.forward(X=validation, W=params["conv_W"], b=params["conv_b"])
+    p1, _ = pool.forward(X=leaky_relu.forward(X=z1)[0])
+    logits, _ = dense.forward(
+        X=p1.reshape(len(validation), -1), W=params["dense_W"], b=params["dense_b"]
+    )
+    accuracy = np.mean(np.argmax(logits, axis=1) == data.validation.labels[held_out])
+    assert loss < first / 2 and accuracy > 0.8, (first, loss, accuracy)

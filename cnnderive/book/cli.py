@@ -34,6 +34,13 @@ def add_parsers(commands) -> None:
         help="only this catalogue layer (repeatable; default: all of them)",
     )
     book.add_argument(
+        "--equation",
+        action="append",
+        default=[],
+        metavar='"NAME: EQ"',
+        help="also a page for the layer this equation defines (repeatable)",
+    )
+    book.add_argument(
         "--katex",
         type=Path,
         default=None,
@@ -51,6 +58,17 @@ def run_book(args) -> int:
     unknown = [name for name in names if name not in LAYERS]
     if unknown:
         raise UsageError(f"unknown layer {unknown[0]!r}; choose one of: {', '.join(LAYERS)}")
+    from derive.cli import equation_layer
+    from derive.equation import split_name
+
+    equations = []
+    for text in args.equation:
+        if split_name(text, "")[0] == "":
+            raise UsageError(f'name the layer: --equation "NAME: {text.strip()}"')
+        layer = equation_layer(text)
+        if layer.name in LAYERS or any(layer.name == e.name for e in equations):
+            raise UsageError(f"the name {layer.name!r} is taken; give the equation another name")
+        equations.append(layer)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"{args.out} is a file; name a folder for the book")
     problem = folder_problem(args.out)
@@ -68,7 +86,7 @@ def run_book(args) -> int:
         with proof_progress() as progress:
             book = build.build(
                 args.out,
-                [LAYERS[name] for name in names],
+                [LAYERS[name] for name in names] + equations,
                 args.runs,
                 katex_folder=args.katex,
                 progress=progress,

@@ -95,7 +95,9 @@ def check(layer: Layer, module: types.ModuleType, config: Configuration, seed: i
             r"with $\delta$ drawn from N(0, 1)"
         )
         grads = backward(upstream, cache)
-    if len(layer.gradients) == 1:
+    if layer.gradient_dict:  # an equation layer's backward: {array name: gradient}
+        grads = tuple(grads[gradient.wrt] for gradient in layer.gradients)
+    elif len(layer.gradients) == 1:
         grads = (grads,)
     results = []
     for gradient, got in zip(layer.gradients, grads):

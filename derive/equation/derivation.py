@@ -219,13 +219,9 @@ class Lowering:
             )
         else:
             body = self.expression(node.body, inner)
-            factors = self.monomial(body)
-            if factors is not None:
-                coefficient, elements = factors
-                views = [self.minimal_view(e, inner) for e in elements]
-                value = ir.Contract(tuple(v for v, _ in views), tuple(s for _, s in views), scope)
-                if coefficient != 1:
-                    value = ir.pointwise(coefficient * sympy.Symbol("t"), t=value)
+            terms = self.polynomial(body)
+            if terms is not None:
+                value = self.contractions(terms, scope, inner)
             else:
                 arguments = {str(s): self.values[s] for s in body.free_symbols}
                 value = ir.Sum(
@@ -243,17 +239,42 @@ class Lowering:
     def count(self, node: Reduction) -> sympy.Expr:
         return sympy.Mul(*self.extents(node.indices))
 
-    def monomial(self, body: sympy.Expr):
-        """(coefficient, elements) when ``body`` is a constant times distinct elements."""
-        coefficient, factors = sympy.S.One, []
-        for factor in sympy.Mul.make_args(body):
-            if factor.is_number:
-                coefficient *= factor
-            elif factor in self.element_of and factor not in factors:
-                factors.append(factor)
-            else:
+    def polynomial(self, body: sympy.Expr):
+        """``body`` as a sum of monomials, each (coefficient, elements with repeats), when it
+        is a polynomial in the elements without a constant term; else None.  Each monomial
+        is then one contraction: ``sum[f]((X[n,f] - Y[m,f])**2)`` becomes three, and no
+        array over all of n, m and f is ever made."""
+        elements = sorted(body.free_symbols, key=lambda s: s.name)
+        if not elements or any(e not in self.element_of for e in elements):
+            return None
+        if not body.is_polynomial(*elements):
+            return None
+        poly = sympy.Poly(sympy.expand(body), *elements)
+        terms = []
+        for powers, coefficient in poly.terms():
+            factors = [e for e, power in zip(elements, powers) for _ in range(power)]
+            if not factors or not coefficient.is_number:
                 return None
-        return coefficient, factors
+            terms.append((coefficient, factors))
+        return terms if len(terms) <= 8 else None
+
+    def contractions(self, terms, scope, inner) -> ir.Node:
+        """The sum over the reduced indices of a polynomial body: one contraction per
+        monomial, each broadcast back to ``scope`` when it leaves out some of its indices."""
+        parts = []
+        for coefficient, factors in terms:
+            views = [self.minimal_view(e, inner) for e in factors]
+            used = {n for _, subscript in views for n in subscript}
+            present = tuple(n for n in scope if n in used)
+            value = ir.Contract(tuple(v for v, _ in views), tuple(s for _, s in views), present)
+            if present != scope:
+                value = ir.IndexView(value, _identity_map(present), scope, self.extents(scope))
+            parts.append((coefficient, value))
+        if len(parts) == 1 and parts[0][0] == 1:
+            return parts[0][1]
+        names = [f"t{k}" for k in range(len(parts))]
+        total = sympy.Add(*[c * sympy.Symbol(n) for (c, _), n in zip(parts, names)])
+        return ir.pointwise(total, **{n: value for (_, value), n in zip(parts, names)})
 
     def lower(self) -> Lowered:
         rhs = self.expression(self.model.equation.rhs, self.out)
@@ -352,38 +373,46 @@ class Lowering:
             return
         if node.kind == "mean":
             g = ir.pointwise(sympy.Symbol("g") / self.count(node), g=g)
-        factors = self.monomial(body)
+        terms = self.polynomial(body)
+        if terms is not None:
+            for coefficient, factors in terms:
+                for element_symbol in dict.fromkeys(factors):
+                    element, _ = self.element_of[element_symbol]
+                    weight = coefficient * factors.count(element_symbol)
+                    others = list(factors)
+                    others.remove(element_symbol)
+                    views = [self.minimal_view(e, inner) for e in others]
+                    weighted = g if weight == 1 else ir.pointwise(weight * sympy.Symbol("g"), g=g)
+                    tree = ir.ScatterContract(
+                        (weighted, *[v for v, _ in views]),
+                        (scope, *[s for _, s in views]),
+                        index_map(element.indices),
+                        inner,
+                        self.extents(inner),
+                        self.source_shape(element),
+                    )
+                    contributions[element.array].append(
+                        _Contribution(
+                            (ir.Case(tree, name=_generic_name(tree)),), self.padded(element)
+                        )
+                    )
+            return
         for element_symbol in sorted(body.free_symbols, key=lambda s: s.name):
             element, _ = self.element_of[element_symbol]
-            if factors is not None:
-                coefficient, elements = factors
-                weighted = (
-                    g if coefficient == 1 else ir.pointwise(coefficient * sympy.Symbol("g"), g=g)
-                )
-                others = [self.minimal_view(e, inner) for e in elements if e != element_symbol]
-                tree = ir.ScatterContract(
-                    (weighted, *[v for v, _ in others]),
-                    (scope, *[s for _, s in others]),
-                    index_map(element.indices),
-                    inner,
-                    self.extents(inner),
-                    self.source_shape(element),
-                )
-            else:
-                derivative = sympy.diff(body, element_symbol)
-                spread = ir.IndexView(g, _identity_map(scope), inner, self.extents(inner))
-                arguments = {str(s): self.values[s] for s in derivative.free_symbols}
-                local = ir.pointwise(
-                    sympy.Symbol("g_spread") * derivative, g_spread=spread, **arguments
-                )
-                tree = ir.ScatterContract(
-                    (local,),
-                    (inner,),
-                    index_map(element.indices),
-                    inner,
-                    self.extents(inner),
-                    self.source_shape(element),
-                )
+            derivative = sympy.diff(body, element_symbol)
+            spread = ir.IndexView(g, _identity_map(scope), inner, self.extents(inner))
+            arguments = {str(s): self.values[s] for s in derivative.free_symbols}
+            local = ir.pointwise(
+                sympy.Symbol("g_spread") * derivative, g_spread=spread, **arguments
+            )
+            tree = ir.ScatterContract(
+                (local,),
+                (inner,),
+                index_map(element.indices),
+                inner,
+                self.extents(inner),
+                self.source_shape(element),
+            )
             contributions[element.array].append(
                 _Contribution((ir.Case(tree, name=_generic_name(tree)),), self.padded(element))
             )

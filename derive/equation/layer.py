@@ -182,7 +182,7 @@ def _elements(model: Model, config) -> int:
     return int(np.prod([extents[i] for i in extents]))
 
 
-def configurations(model: Model, count: int = 8, limit: int = 4000) -> list[dict]:
+def configurations(model: Model, count: int = 8, limit: int = 1500) -> list[dict]:
     """Up to ``count`` valid size assignments, small enough to prove quickly: the smallest
     valid one, one with every length at least 2, and others drawn with a fixed seed."""
     dims = _free_dims(model)
@@ -226,8 +226,10 @@ def _samples(model: Model):
     return draw
 
 
-def layer_from_model(name: str, model: Model) -> Layer:
-    lowered = lower(model)
+def layer_from_model(name: str, model: Model, named: bool = True) -> Layer:
+    """The layer ``model`` defines; ``named=False`` keeps the generic index-space closed
+    forms even where a rule of ``derive.equation.named`` would name them."""
+    lowered = lower(model, named)
     inputs = tuple(
         Input(array, tuple(info.dims), array, f"array {array} of the equation ({info.rank}-D)")
         for array, info in model.arrays.items()
@@ -259,10 +261,24 @@ def layer_from_model(name: str, model: Model) -> Layer:
         configurations=lambda: configs,
         example=configs[0] if len(configs) == 1 else _example(model, configs),
         chain_rule=chain_rule_lines(model),
-        notes=notes(model),
+        notes=notes(model, generic=_has_generic(gradients))
+        + tuple(
+            f"Named closed form: the reduction is {rule}. The trees above are that rule's "
+            "primitives, proven like any other closed form."
+            for rule in lowered.named
+        ),
         samples=_samples(model) if has_max else None,
         upstream=UPSTREAM,
         gradient_dict=True,
+    )
+
+
+def _has_generic(gradients) -> bool:
+    from derive import ir
+
+    generic = (ir.ScatterContract, ir.RouteView, ir.Contract)
+    return any(
+        isinstance(node, generic) for g in gradients for c in g.cases for node in c.tree.walk()
     )
 
 

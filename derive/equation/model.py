@@ -165,7 +165,7 @@ def build_model(equation: Equation, parameters=(), dims=None) -> Model:
         elif info.rank != rank:
             raise _error(
                 equation,
-                f"array {element.array!r} is used with {info.rank} indices and with {rank}; "
+                f"array {element.array!r} is used with {_indices(info.rank)} and with {rank}; "
                 "an array has one rank",
                 element,
             )
@@ -256,6 +256,14 @@ def build_model(equation: Equation, parameters=(), dims=None) -> Model:
             if name is not None and name not in extents:
                 extents[name] = dim + 2 * width
                 defining[name] = (dim, dim + 2 * width)
+    # An index standing alone only in a later read of an array ranges over that axis too.
+    for read in reads:
+        element = read.element
+        info = arrays[element.array]
+        for axis, affine in enumerate(element.indices):
+            name = affine.standalone()
+            if name is not None and name not in extents:
+                extents[name] = info.padded_extent(axis)
     for read in reads:
         element = read.element
         info = arrays[element.array]
@@ -341,6 +349,10 @@ def build_model(equation: Equation, parameters=(), dims=None) -> Model:
         (condition, message) for condition, message in requirements if condition is not sympy.true
     ]
     return Model(equation, arrays, extents, reads, reductions, requirements)
+
+
+def _indices(count: int) -> str:
+    return "1 index" if count == 1 else f"{count} indices"
 
 
 def _nonnegative(expr, parameters=()) -> bool:

@@ -110,17 +110,22 @@ def chain_rule_lines(model: Model) -> tuple[str, ...]:
     return tuple(lines)
 
 
-def notes(model: Model) -> tuple[str, ...]:
+def notes(model: Model, generic: bool = True) -> tuple[str, ...]:
+    """The prose under the closed forms; ``generic`` when some closed form is the generic
+    index-space one, whose way of running is then explained."""
     texts = [
         "Each line above is the chain rule in scatter form: every output element that read an "
         "array element adds its share to that element's gradient. Solving each index equation "
         "for an output index turns it into a gather form: the kernel offsets stay free, and a "
         "coefficient $c$ other than 1 restricts the position to one residue class modulo $c$.",
-        "The generated code runs the gather form one kernel offset at a time: with the offsets "
-        "fixed, the positions that receive a contribution form one strided block of the "
-        "gradient (start: the offset, step: the coefficient), on which the solved index runs "
-        "with step 1. No element is tested for divisibility and skipped.",
     ]
+    if generic:
+        texts.append(
+            "The generated code runs the gather form one kernel offset at a time: with the offsets "
+            "fixed, the positions that receive a contribution form one strided block of the "
+            "gradient (start: the offset, step: the coefficient), on which the solved index runs "
+            "with step 1. No element is tested for divisibility and skipped."
+        )
     if any(r.kind == "max" for r in model.reductions):
         texts.append(
             "A max passes the gradient to the first maximum of its window in row-major order; "

@@ -211,7 +211,7 @@ class _Parser:
                     self.text,
                     opener.start,
                 )
-            raise self.error(f"expected {text!r} {what}, found {found}")
+            raise self.error(f"expected {text!r}{' ' + what if what else ''}, found {found}")
         return token
 
     def opening(self, text: str) -> Token:
@@ -231,6 +231,11 @@ class _Parser:
         if name is None:
             raise self.error(
                 "an equation starts with the output and its indices, e.g. Z[n,i,j,o] = ..."
+            )
+        if self.token.text != "[":
+            raise self.error(
+                f"the output needs its indices, e.g. {name.text}[n,o] = ...; write the output "
+                "and its indices on the left"
             )
         self.opening("[")
         indices = [self.index_name("an output index")]
@@ -319,6 +324,10 @@ class _Parser:
                 return self.reduction()
             if token.text == "pad" and following == "(":
                 return self.element()
+            if following == "(" and token.text in REDUCTIONS:
+                raise self.error(
+                    f"{token.text} needs its indices before its body: {token.text}[u,v](...)"
+                )
             if following == "(":
                 return self.call()
             if following == "[":
@@ -456,6 +465,14 @@ class _Parser:
                     self.text,
                     first.start,
                     self.index_end(),
+                )
+            if (bad.kind == "end" or bad.text == ")") and self.open:
+                opener = self.open[-1]
+                raise EquationError(
+                    f"the {opener.text!r} opened here is not closed: expected ',' or ']' after "
+                    "an index",
+                    self.text,
+                    opener.start,
                 )
             raise self.error("expected ',' or ']' after an index")
         del last
