@@ -119,10 +119,15 @@ def contract(subscripts, out_indices, *factors):
     return np.einsum(spec, *factors, optimize="greedy")
 
 
-def _write_plan(axes, extents: dict[str, int]):
+def view_lists_split(view_lists):
+    return [_names(names) for names in view_lists]
+
+
+def _write_plan(axes, extents: dict[str, int], in_factors=frozenset()):
     """Which written indices to loop over so that, with those fixed, every axis holds at
     most one of the others (the kept ones): each loop step then writes one strided
-    block without collisions.  In an axis with several indices the longest is kept."""
+    block without collisions.  In an axis with several indices the longest one that the
+    factors vary along is kept (an index no factor has only repeats the same block)."""
     kept: list[str] = []
     loops: list[str] = []
     for terms in axes:
@@ -131,7 +136,9 @@ def _write_plan(axes, extents: dict[str, int]):
             kept += [name for name in free if name not in kept]
             continue
         chosen = [name for name in free if name in kept]
-        keep = chosen[0] if chosen else max(free, key=lambda name: extents[name])
+        keep = (
+            chosen[0] if chosen else max(free, key=lambda name: (name in in_factors, extents[name]))
+        )
         if keep not in kept:
             kept.append(keep)
         loops += [name for name in free if name != keep and name not in loops]
@@ -145,7 +152,7 @@ def scatter_contract(shape, write, names, extents, subscripts, *factors):
     axes, offsets = parse_map(write)
     lists = [_names(s) for s in subscripts]
     lengths = dict(zip(_names(names), extents))
-    kept, loops = _write_plan(axes, lengths)
+    kept, loops = _write_plan(axes, lengths, frozenset(itertools.chain(*lists)))
     out = np.zeros(tuple(shape), dtype=np.result_type(*factors))
     for values in itertools.product(*[range(lengths[name]) for name in loops]):
         fixed = dict(zip(loops, values))
@@ -154,7 +161,12 @@ def scatter_contract(shape, write, names, extents, subscripts, *factors):
             index = tuple(fixed[name] if name in fixed else slice(None) for name in names_k)
             views.append(factor[index])
             view_lists.append(" ".join(name for name in names_k if name not in fixed))
-        block = contract(view_lists, " ".join(kept), *views)
+        varying = [
+            name for name in kept if any(name in names for names in view_lists_split(view_lists))
+        ]
+        block = contract(view_lists, " ".join(varying), *views)
+        # Kept indices that no factor has: the block is the same along them (broadcast).
+        block = block.reshape([lengths[name] if name in varying else 1 for name in kept])
         start = tuple(
             offset + sum(c * fixed[name] for name, c in terms if name in fixed)
             for terms, offset in zip(axes, offsets)
