@@ -82,7 +82,14 @@ def run_generate_equations(args) -> int:
 def run_generate(args) -> int:
     if args.equation:
         return run_generate_equations(args)
-    from codegen.render import DEFAULT_OUTPUT, UnverifiedError, foreign_files, generate
+    from codegen.render import (
+        DEFAULT_OUTPUT,
+        UnverifiedError,
+        differences,
+        foreign_files,
+        render,
+        write_generated,
+    )
 
     output = args.output or DEFAULT_OUTPUT
     problem = None if args.check else folder_problem(output)
@@ -90,7 +97,11 @@ def run_generate(args) -> int:
         raise UsageError(f"cannot write to {output}: {problem}; choose another --output")
     try:
         with proof_progress() as progress:
-            diffs = generate(output=output, check=args.check, progress=progress)
+            files = render(progress=progress)
+        diffs = differences(files, output)
+        foreign = foreign_files(files, output)
+        if not args.check:
+            write_generated(files, output)
     except UnverifiedError as error:
         print(f"cnnderive generate: {error}", file=sys.stderr)
         return 1
@@ -101,7 +112,6 @@ def run_generate(args) -> int:
             file=sys.stderr,
         )
         return 1
-    foreign = foreign_files(output)
     listing = ", ".join(str(output / name) for name in foreign)
     if args.check:
         if diffs or foreign:

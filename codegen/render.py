@@ -570,14 +570,14 @@ def _generated_before(output: Path) -> set[str]:
     return found
 
 
-def foreign_files(output: Path) -> list[str]:
-    """Names of the files in ``output`` that no generation made (every generated file
-    starts with the header): a stray ``generated/extra.py`` would be shipped and imported
-    with the generated package, so ``generate --check`` reports it.  Hidden files and
-    folders (``__pycache__``) are left out."""
+def foreign_files(files: dict[str, str], output: Path) -> list[str]:
+    """Names of the files in ``output`` that a generation neither writes (``files``) nor
+    wrote before (the header says so): a stray ``generated/extra.py`` would be shipped
+    and imported with the generated package, so ``generate --check`` reports it.  Hidden
+    files and folders (``__pycache__``) are left out."""
     if not output.is_dir():
         return []
-    made = _generated_before(output)
+    made = set(files) | _generated_before(output)
     return sorted(
         path.name
         for path in output.iterdir()
@@ -614,10 +614,16 @@ def generate(output: Path = DEFAULT_OUTPUT, check: bool = False, progress=None) 
     files = render(progress=progress)
     diffs = differences(files, output)
     if not check:
-        for name, content in files.items():
-            path = output / name
-            if not path.exists() or path.read_text(encoding="utf-8") != content:
-                write_atomically(path, content)
-        for stale in sorted(_generated_before(output) - set(files)):
-            (output / stale).unlink()
+        write_generated(files, output)
     return diffs
+
+
+def write_generated(files: dict[str, str], output: Path) -> None:
+    """Write the changed ``files`` into ``output`` and remove the generated files that a
+    generation no longer makes."""
+    for name, content in files.items():
+        path = output / name
+        if not path.exists() or path.read_text(encoding="utf-8") != content:
+            write_atomically(path, content)
+    for stale in sorted(_generated_before(output) - set(files)):
+        (output / stale).unlink()
