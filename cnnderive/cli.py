@@ -34,15 +34,16 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 SIBLING_PACKAGES = ("derive", "codegen", "generated")
 
 
-def shadowing_problem() -> str | None:
-    """Why one of cnnderive's top-level packages would not be cnnderive's own, or None.
+def shadowing_problem(names=SIBLING_PACKAGES) -> str | None:
+    """Why one of cnnderive's top-level packages ``names`` would not be cnnderive's own,
+    or None.
 
     ``python -m cnnderive`` puts the current folder first on the import path, so a
     user's ``derive.py`` (or ``codegen/``, ``generated.py``) there would be imported in
     place of the package installed beside ``cnnderive``, and fail far from the cause.
     """
     home = Path(__file__).resolve().parent.parent
-    for name in SIBLING_PACKAGES:
+    for name in names:
         module = sys.modules.get(name)
         if module is not None:
             origin = getattr(module, "__file__", None)
@@ -168,8 +169,11 @@ def _add_unavailable_training(commands, error: Exception) -> None:
     where = getattr(error, "filename", None) or getattr(error, "name", None) or ""
     detail = str(error).splitlines()[0] if str(error) else ""
     reason = f"{type(error).__name__}{' in ' + str(where) if where else ''}: {detail}"
+    shadowed = shadowing_problem(("generated",))
 
     def unavailable(args) -> int:
+        if shadowed is not None:  # another generated package came first: not ours to rewrite
+            raise UsageError(f"the generated layers cannot be imported: {shadowed}")
         raise UsageError(
             f"the generated layers cannot be imported ({reason}); run `cnnderive generate` "
             "to write generated/ again"
@@ -182,7 +186,9 @@ def _add_unavailable_training(commands, error: Exception) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    problem = shadowing_problem()
+    # The parser needs derive and codegen; a shadowed generated stops only the training
+    # commands (see _add_unavailable_training), and derive still works.
+    problem = shadowing_problem(("derive", "codegen"))
     if problem is not None:
         print(f"cnnderive: error: {problem}", file=sys.stderr)
         return 2

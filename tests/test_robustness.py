@@ -111,16 +111,27 @@ def test_an_ascii_terminal_gets_ascii_names(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "shadow", ["derive.py", "codegen.py", "generated/__init__.py"], ids=lambda s: s.split("/")[0]
+    ("shadow", "command"),
+    [
+        ("derive.py", "--help"),
+        ("codegen.py", "--help"),
+        ("generated/__init__.py", "train --net toy"),
+        ("generated.py", "evaluate r"),
+    ],
+    ids=["derive", "codegen", "generated-package", "generated-module"],
 )
-def test_a_users_module_that_shadows_a_package_is_named(tmp_path, shadow):
+def test_a_users_module_that_shadows_a_package_is_named(tmp_path, shadow, command):
+    """derive and codegen build the parser: every command stops.  generated serves the
+    training commands only: they stop, and derive works on."""
     (tmp_path / shadow).parent.mkdir(exist_ok=True)
     (tmp_path / shadow).write_text("# the user's own\n")
-    done = shell(tmp_path, "$CNNDERIVE --help")
+    done = shell(tmp_path, f"$CNNDERIVE {command}")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path / shadow) in lines[0]
     assert "rename that file or run cnnderive from another folder" in lines[0]
+    if shadow.startswith("generated"):
+        assert shell(tmp_path, "$CNNDERIVE derive relu").returncode == 0
     # ... and so does the library's entry point.
     done = subprocess.run(
         [sys.executable, "-c", "import cnnderive; cnnderive.load_run('r')"],
