@@ -119,10 +119,6 @@ def contract(subscripts, out_indices, *factors):
     return np.einsum(spec, *factors, optimize="greedy")
 
 
-def view_lists_split(view_lists):
-    return [_names(names) for names in view_lists]
-
-
 def _write_plan(axes, extents: dict[str, int], in_factors=frozenset()):
     """Which written indices to loop over so that, with those fixed, every axis holds at
     most one of the others (the kept ones): each loop step then writes one strided
@@ -161,9 +157,7 @@ def scatter_contract(shape, write, names, extents, subscripts, *factors):
             index = tuple(fixed[name] if name in fixed else slice(None) for name in names_k)
             views.append(factor[index])
             view_lists.append(" ".join(name for name in names_k if name not in fixed))
-        varying = [
-            name for name in kept if any(name in names for names in view_lists_split(view_lists))
-        ]
+        varying = [name for name in kept if any(name in _names(n) for n in view_lists)]
         block = contract(view_lists, " ".join(varying), *views)
         # Kept indices that no factor has: the block is the same along them (broadcast).
         block = block.reshape([lengths[name] if name in varying else 1 for name in kept])

@@ -11,8 +11,10 @@ import itertools
 import numpy as np
 import sympy
 
+from derive import ir
 from derive.equation.derivation import FUNCTIONS, UPSTREAM, lower
 from derive.equation.model import Model, affine_expr, index_symbol, model_of
+from derive.equation.steps import chain_rule_lines, notes
 from derive.equation.syntax import Call, Element, EquationError, Node, Number, Reduction
 from derive.layer import Definition, Gradient, Input, Layer, Requirement
 
@@ -242,8 +244,6 @@ def layer_from_model(name: str, model: Model, named: bool = True) -> Layer:
     gradients = tuple(
         Gradient(gradient_name, array, cases) for gradient_name, array, cases in lowered.gradients
     )
-    from derive.equation.steps import chain_rule_lines, notes  # the derivation's text
-
     return Layer(
         name=name,
         title=f"{name}: {model.equation.text.strip()}",
@@ -274,8 +274,6 @@ def layer_from_model(name: str, model: Model, named: bool = True) -> Layer:
 
 
 def _has_generic(gradients) -> bool:
-    from derive import ir
-
     generic = (ir.ScatterContract, ir.RouteView, ir.Contract)
     return any(
         isinstance(node, generic) for g in gradients for c in g.cases for node in c.tree.walk()

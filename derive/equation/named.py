@@ -13,7 +13,7 @@ A reduction no rule recognises keeps the generic form of ``derivation``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import sympy
@@ -32,7 +32,6 @@ class NamedForm:
     value: ir.Node
     # upstream gradient node -> {array name: cases of its gradient}
     gradients: Callable[[ir.Node], dict[str, tuple[ir.Case, ...]]]
-    identity: tuple[str, ...] = field(default_factory=tuple)  # LaTeX lines: why
 
 
 def _standalone(element: Element) -> list:
