@@ -7,10 +7,100 @@ Each subcommand's module is imported only when that subcommand runs, so that
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import os
+import signal
 import sys
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from cnnderive_common.commandline import UsageError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived.  A KeyboardInterrupt, so that every place that tidies up after
+    Ctrl-C (a training run keeps its checkpoint and draws its plots) does so for it too."""
+
+
+# Exit codes of a command stopped by a signal, as a shell reports them (128 + signal number).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+# The top-level packages that cnnderive installs beside itself.
+SIBLING_PACKAGES = ("derive", "codegen", "generated")
+
+
+def shadowing_problem(names=SIBLING_PACKAGES) -> str | None:
+    """Why one of cnnderive's top-level packages ``names`` would not be cnnderive's own,
+    or None.
+
+    ``python -m cnnderive`` puts the current folder first on the import path, so a
+    user's ``derive.py`` (or ``codegen/``, ``generated.py``) there would be imported in
+    place of the package installed beside ``cnnderive``, and fail far from the cause.
+    """
+    home = Path(__file__).resolve().parent.parent
+    for name in names:
+        module = sys.modules.get(name)
+        if module is not None:
+            origin = getattr(module, "__file__", None)
+        else:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            origin = spec.origin if spec is not None else None
+        if origin is None:  # missing (generated/ deleted, say): each command says so
+            continue
+        found = Path(origin).resolve()
+        if found != home / name / "__init__.py":
+            return (
+                f"{found} shadows cnnderive's package '{name}'; rename that file or run "
+                "cnnderive from another folder"
+            )
+    return None
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _default_sigterm_in_child() -> None:
+    """In a forked child (a proof or training worker), SIGTERM ends the process again:
+    process pools stop their workers with it, and a worker that raised Terminated
+    instead would not stop."""
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second
+    BrokenPipeError (the reader went away; nothing more can reach it)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is no real file (pytest, say)
+        pass
 
 
 def _version() -> str:
@@ -31,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cnnderive {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from cnnderive.book import cli as book_cli
     from codegen import cli as codegen_cli
     from derive import cli as derive_cli
-    from cnnderive.book import cli as book_cli
 
     derive_cli.add_parsers(commands)
     codegen_cli.add_parsers(commands)
@@ -57,8 +147,11 @@ def _add_unavailable_training(commands, error: Exception) -> None:
     where = getattr(error, "filename", None) or getattr(error, "name", None) or ""
     detail = str(error).splitlines()[0] if str(error) else ""
     reason = f"{type(error).__name__}{' in ' + str(where) if where else ''}: {detail}"
+    shadowed = shadowing_problem(("generated",))
 
     def unavailable(args) -> int:
+        if shadowed is not None:  # another generated package came first: not ours to rewrite
+            raise UsageError(f"the generated layers cannot be imported: {shadowed}")
         raise UsageError(
             f"the generated layers cannot be imported ({reason}); run `cnnderive generate` "
             "to write generated/ again"
@@ -71,22 +164,55 @@ def _add_unavailable_training(commands, error: Exception) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The parser needs derive and codegen; a shadowed generated stops only the training
+    # commands (see _add_unavailable_training), and derive still works.
+    problem = shadowing_problem(("derive", "codegen"))
+    if problem is not None:
+        print(f"cnnderive: error: {problem}", file=sys.stderr)
+        return 2
+    with sigterm_as_interrupt():
+        try:
+            parser = build_parser()  # imports the subcommands' modules: Ctrl-C may come here
+        except KeyboardInterrupt as stop:
+            return _stopped(stop)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and not getattr(args, "takes_any_arguments", False):
+            parser.parse_args(argv)  # argparse's own message, from the subcommand's parser
+        return _run(args)
+
+
+def _stopped(stop: KeyboardInterrupt) -> int:
+    terminated = isinstance(stop, Terminated)
+    print("terminated" if terminated else "interrupted", file=sys.stderr)
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+
+
+def _run(args) -> int:
     try:
-        parser = build_parser()  # imports the subcommands' modules: Ctrl-C may come here
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and not getattr(args, "takes_any_arguments", False):
-        parser.parse_args(argv)  # argparse's own message, from the subcommand's parser
-    try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        # Output to a pipe is buffered: flushed here, a reader that went away shows now,
+        # where it is handled, and not in the interpreter's exit, which would print an
+        # "Exception ignored" message.
+        sys.stdout.flush()
+        return code
     except UsageError as error:
         print(f"cnnderive {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return _stopped(stop)
+    except BrokenPipeError:
+        # The reader of our output went away (`cnnderive evaluate RUN | head -1`): stop
+        # quietly, as command-line tools do.
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except UnicodeEncodeError as error:
+        encoding = getattr(sys.stdout, "encoding", None) or error.encoding
+        print(
+            f"cnnderive {args.command}: error: the output encoding ({encoding}) cannot show "
+            f"{error.object[error.start : error.end]!a}; set PYTHONIOENCODING=utf-8",
+            file=sys.stderr,
+        )
+        return 2
     except BrokenProcessPool:
         print(
             f"cnnderive {args.command}: a proof worker process died (killed, or out of "

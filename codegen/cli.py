@@ -83,7 +83,14 @@ def run_generate(args) -> int:
     if args.equation:
         return run_generate_equations(args)
     from codegen.conformance import KernelConformanceError
-    from codegen.render import DEFAULT_OUTPUT, UnverifiedError, generate
+    from codegen.render import (
+        DEFAULT_OUTPUT,
+        UnverifiedError,
+        differences,
+        foreign_files,
+        render,
+        write_generated,
+    )
     from codegen.translation import TranslationError
 
     output = args.output or DEFAULT_OUTPUT
@@ -92,7 +99,11 @@ def run_generate(args) -> int:
         raise UsageError(f"cannot write to {output}: {problem}; choose another --output")
     try:
         with proof_progress() as progress:
-            diffs = generate(output=output, check=args.check, progress=progress)
+            files = render(progress=progress)
+        diffs = differences(files, output)
+        foreign = foreign_files(files, output)
+        if not args.check:
+            write_generated(files, output)
     except (UnverifiedError, KernelConformanceError, TranslationError) as error:
         print(f"cnnderive generate: {error}", file=sys.stderr)
         return 1
@@ -103,15 +114,30 @@ def run_generate(args) -> int:
             file=sys.stderr,
         )
         return 1
+    listing = ", ".join(str(output / name) for name in foreign)
     if args.check:
-        if diffs:
+        if diffs or foreign:
             sys.stdout.write("".join(diffs))
-            print(
-                f"\n{output} differs from what the proofs and templates generate; run `cnnderive generate`.",
-                file=sys.stderr,
-            )
+            if foreign:
+                print(
+                    f"{output} holds files that cnnderive does not generate: {listing}; "
+                    "remove them (they would be shipped and imported with the package).",
+                    file=sys.stderr,
+                )
+            if diffs:
+                print(
+                    f"\n{output} differs from what the proofs and templates generate; run "
+                    "`cnnderive generate`.",
+                    file=sys.stderr,
+                )
             return 1
         print(f"{output} is up to date.")
         return 0
     print(f"wrote {output} ({len(diffs)} file(s) changed)")
+    if foreign:
+        print(
+            f"note: {output} also holds files that cnnderive does not generate, left as they "
+            f"are: {listing}",
+            file=sys.stderr,
+        )
     return 0

@@ -121,7 +121,9 @@ class IntegerPrinter(PythonCodePrinter):
         numerator, denominator = sympy.fraction(sympy.together(expr.args[0]))
         if denominator == 1:
             return self._print(numerator)
-        return f"(({self._print(numerator)}) // {self.parenthesize(denominator, PRECEDENCE['Mul'])})"
+        return (
+            f"(({self._print(numerator)}) // {self.parenthesize(denominator, PRECEDENCE['Mul'])})"
+        )
 
 
 def array_code(expr: sympy.Expr, expected_errors: dict[str, str] | None = None) -> str:

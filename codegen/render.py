@@ -123,6 +123,18 @@ def forward_docstring(layer: Layer) -> str:
         )
         lines.append(f"        {param.symbol.name}: {param.description} (default {default})")
     lines += _wrap(f"{WORKSPACE}: {WORKSPACE_TEXT}", indent="        ")
+    refused = []
+    if layer.kind == "loss":
+        refused.append("an empty batch (the mean loss over no example is undefined)")
+    for item in layer.inputs:
+        if item.open_interval is not None:
+            low, high = item.open_interval
+            refused.append(
+                f"values of {item.name} outside the open interval ({low}, {high}), where the "
+                f"loss or its gradient is infinite or undefined ({item.interval_advice})"
+            )
+    if refused:
+        lines += [""] + _wrap("Raises ValueError on " + "; and on ".join(refused) + ".")
     result = "loss, cache" if layer.kind == "loss" else "out, cache"
     lines += ["", f"    Returns ({result}); pass cache to {layer.backward_function}."]
     return "\n".join(lines)
@@ -239,6 +251,7 @@ def forward_function(layer: Layer) -> Function:
         )
         arrays.append(f'"{item.name}": ({item.name}, {axes})')
     body.append(f'_k.check_arrays("{where}", {{{", ".join(arrays)}}})')
+    body.append(f'_k.check_workspace("{where}", {WORKSPACE})')
     if layer.params:
         keywords = ", ".join(f"{p.symbol.name}={p.symbol.name}" for p in layer.params)
         body.append(f'_k.check_integers("{where}", {keywords})')
@@ -260,6 +273,21 @@ def forward_function(layer: Layer) -> Function:
             f"if not ({integer_code(requirement.condition)}):",
             f'    raise ValueError(f"{where}: {message}")',
         ]
+    if layer.kind == "loss":
+        # A mean over the batch: with no example it would be 0/0 (NaN and a warning).
+        first = layer.inputs[0].name
+        body += [
+            f"if {first}.shape[0] == 0:",
+            f'    raise ValueError(f"{where}: the batch is empty ({first} has shape '
+            f'{{{first}.shape}}); a mean loss needs at least one example")',
+        ]
+    for item in layer.inputs:
+        if item.open_interval is not None:
+            low, high = item.open_interval
+            body.append(
+                f'_k.check_open_interval("{where}", "{item.name}", {item.name}, {low!r}, '
+                f"{high!r}, {item.interval_advice!r})"
+            )
     emitter = Emitter(
         names={item.name for item in layer.inputs}
         | {p.symbol.name for p in layer.params}
@@ -276,7 +304,8 @@ def forward_function(layer: Layer) -> Function:
         emitter.assign(name, tree)
     body += emitter.lines
     cached = _cached_names(layer)
-    entries = [f'"{name}": {name}' for name in cached]
+    # "function" marks whose cache it is, so that backward can refuse another layer's.
+    entries = [f'"function": "{where}"'] + [f'"{name}": {name}' for name in cached]
     if layer.kind != "loss":
         entries.append(f'"out_shape": {layer.output}.shape')
     body.append("cache = {" + ", ".join(entries) + "}")
@@ -333,7 +362,12 @@ def _emit_cases(emitter: Emitter, gradient) -> list[str]:
 
 def backward_function(layer: Layer, result: LayerResult) -> Function:
     where = _where(layer, layer.backward_function)
-    body = [f'{name} = cache["{name}"]' for name in _cached_names(layer)]
+    forward_where = _where(layer, layer.forward_function)
+    body = [
+        f'_k.check_cache("{where}", cache, "{forward_where}")',
+        f'_k.check_workspace("{where}", {WORKSPACE})',
+    ]
+    body += [f'{name} = cache["{name}"]' for name in _cached_names(layer)]
     if layer.kind != "loss":
         body.append(
             f'_k.check_upstream("{where}", "{layer.upstream}", {layer.upstream}, cache["out_shape"])'
@@ -589,6 +623,21 @@ def _generated_before(output: Path) -> set[str]:
     return found
 
 
+def foreign_files(files: dict[str, str], output: Path) -> list[str]:
+    """Names of the files in ``output`` that a generation neither writes (``files``) nor
+    wrote before (the header says so): a stray ``generated/extra.py`` would be shipped
+    and imported with the generated package, so ``generate --check`` reports it.  Hidden
+    files and folders (``__pycache__``) are left out."""
+    if not output.is_dir():
+        return []
+    made = set(files) | _generated_before(output)
+    return sorted(
+        path.name
+        for path in output.iterdir()
+        if path.is_file() and not path.name.startswith(".") and path.name not in made
+    )
+
+
 def differences(files: dict[str, str], output: Path) -> list[str]:
     """Unified diffs between ``files`` and what is on disk (missing files, and stale files
     that a generation left, included)."""
@@ -604,7 +653,8 @@ def differences(files: dict[str, str], output: Path) -> list[str]:
                     difflib.unified_diff(
                         old.splitlines(keepends=True),
                         new.splitlines(keepends=True),
-                        fromfile=f"{output.name}/{name} (committed)",
+                        # What is in the folder now, committed or not, against the proofs'.
+                        fromfile=f"{output.name}/{name} (on disk)",
                         tofile=f"{output.name}/{name} (generated)",
                     )
                 )
@@ -617,10 +667,16 @@ def generate(output: Path = DEFAULT_OUTPUT, check: bool = False, progress=None) 
     files = render(progress=progress)
     diffs = differences(files, output)
     if not check:
-        for name, content in files.items():
-            path = output / name
-            if not path.exists() or path.read_text(encoding="utf-8") != content:
-                write_atomically(path, content)
-        for stale in sorted(_generated_before(output) - set(files)):
-            (output / stale).unlink()
+        write_generated(files, output)
     return diffs
+
+
+def write_generated(files: dict[str, str], output: Path) -> None:
+    """Write the changed ``files`` into ``output`` and remove the generated files that a
+    generation no longer makes."""
+    for name, content in files.items():
+        path = output / name
+        if not path.exists() or path.read_text(encoding="utf-8") != content:
+            write_atomically(path, content)
+    for stale in sorted(_generated_before(output) - set(files)):
+        (output / stale).unlink()

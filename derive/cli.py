@@ -6,6 +6,7 @@ is built, so the training commands stay free of it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -46,10 +47,25 @@ MAX_DERIVATION_ELEMENTS = (
     400  # input elements: beyond this a step-by-step derivation is unreadable and slow
 )
 
+# Layers whose proof, not their size, limits a derivation: every output of a softmax row
+# depends on all K inputs of the row, and the whole derivation of one row grows about as
+# K**power even with the row's sum held as one symbol (derive.verify.is_zero).  The
+# seconds per row are fitted to measured derivations (AMD EPYC, one core: softmax, 1 row
+# of 40 / 100 features, 4.2 / 53.5 s; softmax cross-entropy, 3 rows of 20 / 50 classes,
+# 6.5 / 51.4 s).  A derivation estimated above MAX_DERIVATION_SECONDS is refused, naming
+# the largest K that fits.
+ROW_COUPLED = {
+    # layer: (option of the row length K, seconds per row at K = 1, power of K)
+    "softmax": ("features", 1.45e-4, 2.78),
+    "softmax_cross_entropy": ("classes", 2.47e-3, 2.26),
+}
+MAX_DERIVATION_SECONDS = 60
+
 
 def add_parsers(commands) -> None:
     derive = commands.add_parser(
         "derive",
+        add_help=False,
         help="print the derivation of one layer's gradients, step by step",
         description="Derive a layer's gradients with SymPy and print the derivation: the forward "
         "equation, the chain rule, the partials element by element, the matrix form, the closed "
@@ -67,13 +83,20 @@ def add_parsers(commands) -> None:
         help="a layer written as one equation in index notation, e.g. "
         '"Z[n,o] = sum[f](X[n,f] * W[f,o])" (see the README\'s grammar)',
     )
+    derive.add_argument(
+        "-h", "--help", action=_HelpWithExamples, help="show this help message and exit"
+    )
+    sizes = derive.add_argument_group(
+        "sizes",
+        "A size left out takes the value of the layer's worked example (listed below).",
+    )
     for option in SIZE_OPTIONS:
-        derive.add_argument(
+        sizes.add_argument(
             "--" + option.replace("_", "-"),
             dest=option,
             type=int,
             metavar="N",
-            help=f"{SIZE_HELP[option]} (default: the layer's worked example)",
+            help=SIZE_HELP[option],
         )
     derive.add_argument("--latex", action="store_true", help="print LaTeX instead of plain text")
     derive.add_argument(
@@ -180,6 +203,44 @@ def run_check(args) -> int:
     return 1
 
 
+class _HelpWithExamples(argparse.Action):
+    """``derive --help``, with each layer's worked-example sizes (the defaults) added.
+    They come from the catalogue, which imports SymPy: so only when help is asked for,
+    not whenever the parser is built."""
+
+    def __init__(
+        self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None
+    ):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import textwrap
+
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.description = textwrap.fill(parser.description, 79)
+        parser.epilog = "defaults (each layer's worked example):\n" + "\n".join(
+            "  " + line for line in _example_defaults()
+        )
+        parser.print_help()
+        parser.exit()
+
+
+def _example_defaults() -> list[str]:
+    """Each layer's worked-example sizes, as 'conv2d: --batch 1 --height 3 ...'."""
+    from derive.layers import LAYERS
+
+    parts = []
+    for layer in LAYERS.values():
+        by_name = {symbol.name: value for symbol, value in layer.example.items()}
+        flags = []
+        for option, names in SIZE_OPTIONS.items():
+            value = next((by_name[n] for n in names if n in by_name), None)
+            if value is not None:
+                flags.append(f"--{option.replace('_', '-')} {value}")
+        parts.append(f"{layer.name + ':':<23}{' '.join(flags)}")
+    return parts
+
+
 def _usage_error(message: str):
     from cnnderive_common.commandline import UsageError
 
@@ -239,7 +300,96 @@ def configuration_from(layer, args):
             f"derivation is limited to {MAX_DERIVATION_ELEMENTS}: choose smaller sizes "
             f"(`cnnderive verify --seed-size` proves the seed network's size)"
         )
+    _refuse_slow_proofs(layer, config)
     return config
+
+
+def estimated_seconds(layer, config) -> float | None:
+    """About how long the proof of a row-coupled layer (ROW_COUPLED) takes, or None."""
+    from derive.layers import LAYERS
+
+    if layer.name not in ROW_COUPLED or LAYERS.get(layer.name) is not layer:
+        return None  # (an equation layer may take a catalogue name)
+    option, per_row, power = ROW_COUPLED[layer.name]
+    by_name = {symbol.name: value for symbol, value in config.items()}
+    row = by_name[SIZE_OPTIONS[option][0]]
+    rows = by_name.get("batch", 1)
+    return per_row * rows * row**power
+
+
+def _refuse_slow_proofs(layer, config) -> None:
+    seconds = estimated_seconds(layer, config)
+    if seconds is None or seconds <= MAX_DERIVATION_SECONDS:
+        return
+    option, per_row, power = ROW_COUPLED[layer.name]
+    rows = {symbol.name: value for symbol, value in config.items()}.get("batch", 1)
+    largest = int((MAX_DERIVATION_SECONDS / (per_row * rows)) ** (1 / power))
+    flag = "--" + option.replace("_", "-")
+    raise _usage_error(
+        f"{layer.name} with {layer.describe(config)} would take an estimated "
+        f"{_duration(seconds)} (a row's every output depends on all its {option}, and the "
+        f"time grows about as {option}^{power:g} per row); derivations are "
+        f"limited to about {MAX_DERIVATION_SECONDS} s: choose {flag} {largest} or less "
+        f"at this batch size, or a smaller --batch"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.0f} hours"
+
+
+# Plain-text symbols written another way where the output cannot encode them
+# (PYTHONIOENCODING=ascii, an old terminal).
+ASCII_NAMES = {
+    "δ": "delta",
+    "∂": "d",
+    "Σ": "sum",
+    "×": "x",
+    "≤": "<=",
+    "≥": ">=",
+    "≠": "!=",
+    "⌊": "floor(",
+    "⌋": ")",
+    "⌈": "ceil(",
+    "⌉": ")",
+    "…": "...",
+    "−": "-",
+    "·": "*",
+    "→": "->",
+    "\u0303": "~",  # combining tilde (X̃, the padded input)
+}
+
+
+def _encodable(text: str) -> str:
+    """``text``, with ASCII names for its symbols if stdout's encoding lacks them (and a
+    note saying so on stderr); a character still unencodable then is an error."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+        return text
+    except UnicodeEncodeError:
+        pass
+    except LookupError:  # an encoding Python does not know: leave it to the write
+        return text
+    spelled = "".join(ASCII_NAMES.get(char, char) for char in text)
+    try:
+        spelled.encode(encoding)
+    except UnicodeEncodeError as error:
+        raise _usage_error(
+            f"the output encoding ({encoding}) cannot show "
+            f"{error.object[error.start : error.end]!a}; set PYTHONIOENCODING=utf-8"
+        ) from None
+    print(
+        f"note: the output encoding ({encoding}) cannot show Greek letters and math "
+        "symbols; they are spelled in ASCII (delta, d, sum, <=, ...); "
+        "PYTHONIOENCODING=utf-8 shows them",
+        file=sys.stderr,
+    )
+    return spelled
 
 
 def run_derive(args) -> int:
@@ -255,11 +405,16 @@ def run_derive(args) -> int:
     if args.standalone and not args.latex:
         raise _usage_error("--standalone wraps LaTeX output: use it with --latex")
     config = configuration_from(layer, args)
+    seconds = estimated_seconds(layer, config)
+    if seconds is not None and seconds >= 5:
+        print(f"note: this derivation takes an estimated {_duration(seconds)}", file=sys.stderr)
     blocks = report.derivation(layer, config)
-    if args.latex:
-        sys.stdout.write(report.to_latex(blocks, standalone=args.standalone))
-    else:
-        sys.stdout.write(report.to_text(blocks))
+    text = (
+        report.to_latex(blocks, standalone=args.standalone)
+        if args.latex
+        else report.to_text(blocks)
+    )
+    sys.stdout.write(_encodable(text))
     failed = any(block.kind == "text" and block.text.startswith("FAILED") for block in blocks)
     return 1 if failed else 0
 
@@ -344,6 +499,14 @@ def run_verify(args) -> int:
         for r in results:
             status = "proven" if r.ok else "FAILED"
             print(f"{r.name:<24}{len(r.configurations):>15}  {status:<8}{r.seconds:>12.2f}")
+        if any(r.name == "stable forms" for r in results):
+            from derive import functions
+
+            print(
+                "\nstable forms: the overflow-free forms in which the generated code evaluates "
+                f"{', '.join(functions.STABLE_FORMS)}, proven equal to the textbook functions "
+                "for a positive and for a negative argument (one configuration per function)."
+            )
         for r in results:
             if not r.ok:
                 print(f"\n{r.name}: {r.error}")

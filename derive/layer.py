@@ -28,6 +28,10 @@ class Input:
     any_rank: bool = (
         False  # elementwise functions accept any shape; ``axes`` is then only the sweep's
     )
+    # Values strictly between these bounds, where the formulas are finite (BCE's
+    # probabilities: log(0) at 0 and 1), and what to do instead; None: any value.
+    open_interval: tuple[float, float] | None = None
+    interval_advice: str = ""
 
 
 @dataclass(frozen=True)

@@ -644,9 +644,12 @@ def _loss(
     gradient_args,
     chain_rule,
     notes=(),
+    open_interval=None,
+    interval_advice="",
 ):
     """A loss L = (1/m) sum_{n,k} summand(P[n,k], Y[n,k]); ``forward_summand`` is the form the
-    code evaluates (numerically stable), ``gradient`` the closed form of dL/dinput."""
+    code evaluates (numerically stable), ``gradient`` the closed form of dL/dinput.
+    ``open_interval``: the input's values must lie strictly inside it (see Input)."""
     inp = Operand(input_name)
     return Layer(
         name=name,
@@ -655,7 +658,14 @@ def _loss(
         module="losses",
         prefix=f"{name}_",
         inputs=(
-            Input(input_name, (_LN, _LK), input_latex, f"{input_name} (N, K)"),
+            Input(
+                input_name,
+                (_LN, _LK),
+                input_latex,
+                f"{input_name} (N, K)",
+                open_interval=open_interval,
+                interval_advice=interval_advice,
+            ),
             _targets,
         ),
         params=(),
@@ -712,9 +722,12 @@ bce = _loss(
         r" + \frac{1 - Y_{n,k}}{1 - P_{n,k}}\right) = \frac{P_{n,k} - Y_{n,k}}{m\,P_{n,k}(1 - P_{n,k})}",
     ),
     notes=(
-        "Probabilities of exactly 0 or 1 give an infinite loss; after a sigmoid, use "
-        "bce_with_logits, which never evaluates log(0).",
+        "Probabilities of exactly 0 or 1 give an infinite or undefined loss and gradient, "
+        "so the generated code refuses them (and any value outside [0, 1]) with a "
+        "ValueError; after a sigmoid, use bce_with_logits, which never evaluates log(0).",
     ),
+    open_interval=(0, 1),
+    interval_advice="after a sigmoid, use bce_with_logits on the logits instead",
 )
 
 bce_with_logits = _loss(

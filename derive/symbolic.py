@@ -320,7 +320,6 @@ class Evaluator:
         exps = np.vectorize(sympy.exp, otypes=[object])(self(node.z))
         return np.vectorize(sympy.log, otypes=[object])(add_reduce(exps, (-1,)))[..., None]
 
-
     # index-space primitives (equation layers), element by element ----------------
     def _integers(self, exprs) -> tuple[int, ...]:
         return tuple(self.integer(e) for e in exprs)

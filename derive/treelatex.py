@@ -160,16 +160,31 @@ def _index_space_latex(node: ir.Node, go) -> str:
             summed = [n for s in node.subscripts for n in s if n not in node.out_indices]
             summed = list(dict.fromkeys(summed))
             return (r"\sum_{" + ",".join(summed) + "} " if summed else "") + product
-        return r"\operatorname{scatter}_{" + _map_latex(node.write) + r"}\left(" + product + r"\right)"
+        return (
+            r"\operatorname{scatter}_{" + _map_latex(node.write) + r"}\left(" + product + r"\right)"
+        )
     reduced = ",".join(node.reduced)
     element = go(node.a if hasattr(node, "a") else node.g)
     if isinstance(node, ir.ArgmaxView):
-        return r"\operatorname{first\,argmax}_{" + reduced + "} " + element + "_{" + _map_latex(node.read) + "}"
+        return (
+            r"\operatorname{first\,argmax}_{"
+            + reduced
+            + "} "
+            + element
+            + "_{"
+            + _map_latex(node.read)
+            + "}"
+        )
     if isinstance(node, ir.TakeView):
         return r"\max_{" + reduced + "} " + element + "_{" + _map_latex(node.read) + "}"
     return (
-        r"\operatorname{route}_{" + _map_latex(node.read) + r"}\left(" + element
-        + r"\ \to\ " + go(node.index) + r"\right)"
+        r"\operatorname{route}_{"
+        + _map_latex(node.read)
+        + r"}\left("
+        + element
+        + r"\ \to\ "
+        + go(node.index)
+        + r"\right)"
     )
 
 

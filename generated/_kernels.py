@@ -64,10 +64,52 @@ def check_integers(where, **values):
 
 
 def check_upstream(where, name, gradient, shape):
-    if not isinstance(gradient, np.ndarray) or gradient.shape != tuple(shape):
-        got = gradient.shape if isinstance(gradient, np.ndarray) else type(gradient).__name__
+    if not isinstance(gradient, np.ndarray):
+        raise TypeError(
+            f"{where}: {name} must be a NumPy array of the forward output's shape "
+            f"{tuple(shape)}, got {type(gradient).__name__}"
+        )
+    if gradient.dtype.kind != "f":  # as forward refuses integer and complex inputs
+        raise TypeError(
+            f"{where}: {name} has dtype {gradient.dtype}; gradients are real floating-point "
+            f"arrays, pass {name}.astype(np.float32) or np.float64"
+        )
+    if gradient.shape != tuple(shape):
         raise ValueError(
-            f"{where}: {name} must have the forward output's shape {tuple(shape)}, got {got}"
+            f"{where}: {name} must have the forward output's shape {tuple(shape)}, "
+            f"got {gradient.shape}"
+        )
+
+
+def check_cache(where, cache, forward):
+    """``cache`` must be what ``forward`` returned (its "function" entry says whose it is)."""
+    if isinstance(cache, dict) and cache.get("function") == forward:
+        return
+    if isinstance(cache, dict) and "function" in cache:
+        got = f"the cache of {cache['function']}"
+    elif isinstance(cache, dict):
+        got = "a dict that no cnnderive forward function made"
+    else:
+        got = type(cache).__name__
+    raise TypeError(
+        f"{where}: cache must be the cache that {forward} returned (its second result), got {got}"
+    )
+
+
+def check_workspace(where, workspace):
+    if workspace is not None and not isinstance(workspace, dict):
+        raise TypeError(
+            f"{where}: workspace must be None or a dict that the caller keeps for this layer, "
+            f"got {type(workspace).__name__}"
+        )
+
+
+def check_open_interval(where, name, array, low, high, advice):
+    """Every value of ``array`` strictly between ``low`` and ``high`` (NaN fails too)."""
+    if array.size and not (array.min() > low and array.max() < high):
+        raise ValueError(
+            f"{where}: {name} must lie strictly between {low} and {high}, got values from "
+            f"{array.min()} to {array.max()}; {advice}"
         )
 
 

@@ -31,6 +31,7 @@ def sigmoid_forward(z, *, workspace=None):
     Returns (out, cache); pass cache to sigmoid_backward.
     """
     _k.check_arrays("activations.sigmoid_forward", {"z": (z, None)})
+    _k.check_workspace("activations.sigmoid_forward", workspace)
     # sigmoid: exp(-x) overflowing to inf or underflowing to 0 gives its limits 0 and 1
     with np.errstate(over="ignore", under="ignore"):
         out = _k.buffer(workspace, "sigmoid_forward.out", z.shape, z.dtype)
@@ -38,7 +39,7 @@ def sigmoid_forward(z, *, workspace=None):
         np.exp(out, out=out)
         np.add(out, 1, out=out)
         np.divide(1, out, out=out)
-    cache = {"out": out, "out_shape": out.shape}
+    cache = {"function": "activations.sigmoid_forward", "out": out, "out_shape": out.shape}
     return out, cache
 
 
@@ -62,6 +63,8 @@ def sigmoid_backward(da, cache, *, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("activations.sigmoid_backward", cache, "activations.sigmoid_forward")
+    _k.check_workspace("activations.sigmoid_backward", workspace)
     out = cache["out"]
     _k.check_upstream("activations.sigmoid_backward", "da", da, cache["out_shape"])
     dz = _k.buffer(
@@ -98,9 +101,10 @@ def relu_forward(z, *, workspace=None):
     Returns (out, cache); pass cache to relu_backward.
     """
     _k.check_arrays("activations.relu_forward", {"z": (z, None)})
+    _k.check_workspace("activations.relu_forward", workspace)
     out = _k.buffer(workspace, "relu_forward.out", z.shape, z.dtype)
     _k.with_scalar(np.maximum, 0, z, out)
-    cache = {"z": z, "out_shape": out.shape}
+    cache = {"function": "activations.relu_forward", "z": z, "out_shape": out.shape}
     return out, cache
 
 
@@ -128,6 +132,8 @@ def relu_backward(da, cache, *, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("activations.relu_backward", cache, "activations.relu_forward")
+    _k.check_workspace("activations.relu_backward", workspace)
     z = cache["z"]
     _k.check_upstream("activations.relu_backward", "da", da, cache["out_shape"])
     dz = _k.buffer(
@@ -159,9 +165,10 @@ def tanh_forward(z, *, workspace=None):
     Returns (out, cache); pass cache to tanh_backward.
     """
     _k.check_arrays("activations.tanh_forward", {"z": (z, None)})
+    _k.check_workspace("activations.tanh_forward", workspace)
     out = _k.buffer(workspace, "tanh_forward.out", z.shape, z.dtype)
     np.tanh(z, out=out)
-    cache = {"out": out, "out_shape": out.shape}
+    cache = {"function": "activations.tanh_forward", "out": out, "out_shape": out.shape}
     return out, cache
 
 
@@ -182,6 +189,8 @@ def tanh_backward(da, cache, *, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("activations.tanh_backward", cache, "activations.tanh_forward")
+    _k.check_workspace("activations.tanh_backward", workspace)
     out = cache["out"]
     _k.check_upstream("activations.tanh_backward", "da", da, cache["out_shape"])
     dz = _k.buffer(
@@ -218,8 +227,9 @@ def softmax_forward(z, *, workspace=None):
     Returns (out, cache); pass cache to softmax_backward.
     """
     _k.check_arrays("activations.softmax_forward", {"z": (z, None)})
+    _k.check_workspace("activations.softmax_forward", workspace)
     out = _k.softmax(z=z)
-    cache = {"out": out, "out_shape": out.shape}
+    cache = {"function": "activations.softmax_forward", "out": out, "out_shape": out.shape}
     return out, cache
 
 
@@ -244,6 +254,8 @@ def softmax_backward(da, cache, *, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("activations.softmax_backward", cache, "activations.softmax_forward")
+    _k.check_workspace("activations.softmax_backward", workspace)
     out = cache["out"]
     _k.check_upstream("activations.softmax_backward", "da", da, cache["out_shape"])
     weighted_sum = (da * out).sum(axis=-1, keepdims=True)

@@ -35,6 +35,7 @@ def forward(x, *, size=2, stride=None, workspace=None):
     if stride is None:
         stride = size
     _k.check_arrays("avgpool2d.forward", {"x": (x, ("batch", "in_height", "in_width", "channels"))})
+    _k.check_workspace("avgpool2d.forward", workspace)
     _k.check_integers("avgpool2d.forward", size=size, stride=stride)
     in_height = x.shape[1]
     in_width = x.shape[2]
@@ -51,7 +52,13 @@ def forward(x, *, size=2, stride=None, workspace=None):
     )
     out = _k.buffer(workspace, "forward.out", window_sum.shape, window_sum.dtype)
     np.divide(window_sum, (size**2), out=out)
-    cache = {"x": x, "size": size, "stride": stride, "out_shape": out.shape}
+    cache = {
+        "function": "avgpool2d.forward",
+        "x": x,
+        "size": size,
+        "stride": stride,
+        "out_shape": out.shape,
+    }
     return out, cache
 
 
@@ -86,6 +93,8 @@ def backward(dout, cache, *, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("avgpool2d.backward", cache, "avgpool2d.forward")
+    _k.check_workspace("avgpool2d.backward", workspace)
     x = cache["x"]
     size = cache["size"]
     stride = cache["stride"]

@@ -45,6 +45,7 @@ def forward(x, w, b, *, stride=1, padding=0, workspace=None):
             "b": (b, ("out_channels",)),
         },
     )
+    _k.check_workspace("conv2d.forward", workspace)
     _k.check_integers("conv2d.forward", stride=stride, padding=padding)
     in_height = x.shape[1]
     in_width = x.shape[2]
@@ -69,6 +70,7 @@ def forward(x, w, b, *, stride=1, padding=0, workspace=None):
     )
     _k.with_vector(np.add, b, z, out)
     cache = {
+        "function": "conv2d.forward",
         "x": x,
         "w": w,
         "x_padded": x_padded,
@@ -123,6 +125,8 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("conv2d.backward", cache, "conv2d.forward")
+    _k.check_workspace("conv2d.backward", workspace)
     x = cache["x"]
     w = cache["w"]
     x_padded = cache["x_padded"]

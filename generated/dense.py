@@ -40,12 +40,13 @@ def forward(x, w, b, *, workspace=None):
             "b": (b, ("out_features",)),
         },
     )
+    _k.check_workspace("dense.forward", workspace)
     z = x @ w
     out = _k.buffer(
         workspace, "forward.out", np.broadcast_shapes(b.shape, z.shape), np.result_type(b, z)
     )
     _k.with_vector(np.add, b, z, out)
-    cache = {"x": x, "w": w, "out_shape": out.shape}
+    cache = {"function": "dense.forward", "x": x, "w": w, "out_shape": out.shape}
     return out, cache
 
 
@@ -78,6 +79,8 @@ def backward(dout, cache, *, input_gradient=True, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("dense.backward", cache, "dense.forward")
+    _k.check_workspace("dense.backward", workspace)
     x = cache["x"]
     w = cache["w"]
     _k.check_upstream("dense.backward", "dout", dout, cache["out_shape"])

@@ -29,8 +29,9 @@ def forward(x, *, workspace=None):
     Returns (out, cache); pass cache to backward.
     """
     _k.check_arrays("flatten.forward", {"x": (x, ("batch", "in_height", "in_width", "channels"))})
+    _k.check_workspace("flatten.forward", workspace)
     out = x.reshape(x.shape[0], -1)
-    cache = {"x": x, "out_shape": out.shape}
+    cache = {"function": "flatten.forward", "x": x, "out_shape": out.shape}
     return out, cache
 
 
@@ -56,6 +57,8 @@ def backward(dout, cache, *, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("flatten.backward", cache, "flatten.forward")
+    _k.check_workspace("flatten.backward", workspace)
     x = cache["x"]
     _k.check_upstream("flatten.backward", "dout", dout, cache["out_shape"])
     dx = dout.reshape(x.shape)

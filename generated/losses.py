@@ -29,17 +29,34 @@ def bce_forward(probs, targets, *, workspace=None):
         previous call): a training loop makes no large new arrays step after step. Do not pass a
         result of a call back into the same workspace.
 
+    Raises ValueError on an empty batch (the mean loss over no example is undefined); and on
+    values of probs outside the open interval (0, 1), where the loss or its gradient is infinite
+    or undefined (after a sigmoid, use bce_with_logits on the logits instead).
+
     Returns (loss, cache); pass cache to bce_backward.
     """
     _k.check_arrays(
         "losses.bce_forward",
         {"probs": (probs, ("batch", "classes")), "targets": (targets, ("batch", "classes"))},
     )
+    _k.check_workspace("losses.bce_forward", workspace)
     batch = targets.shape[0]
+    if probs.shape[0] == 0:
+        raise ValueError(
+            f"losses.bce_forward: the batch is empty (probs has shape {probs.shape}); a mean loss needs at least one example"
+        )
+    _k.check_open_interval(
+        "losses.bce_forward",
+        "probs",
+        probs,
+        0,
+        1,
+        "after a sigmoid, use bce_with_logits on the logits instead",
+    )
     total = (-targets * np.log(probs) - (1 - targets) * np.log(1 - probs)).sum()
     loss = _k.buffer(workspace, "bce_forward.loss", total.shape, total.dtype)
     np.divide(total, batch, out=loss)
-    cache = {"probs": probs, "targets": targets}
+    cache = {"function": "losses.bce_forward", "probs": probs, "targets": targets}
     return loss, cache
 
 
@@ -52,8 +69,9 @@ def bce_backward(cache, *, workspace=None):
 
     dprobs: proven on 4 configurations: batch 1-2, classes 1-3.
 
-    Probabilities of exactly 0 or 1 give an infinite loss; after a sigmoid, use bce_with_logits,
-    which never evaluates log(0).
+    Probabilities of exactly 0 or 1 give an infinite or undefined loss and gradient, so the
+    generated code refuses them (and any value outside [0, 1]) with a ValueError; after a
+    sigmoid, use bce_with_logits, which never evaluates log(0).
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
     this layer. Results, the cache and work arrays are then written into arrays kept in it and
@@ -61,6 +79,8 @@ def bce_backward(cache, *, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("losses.bce_backward", cache, "losses.bce_forward")
+    _k.check_workspace("losses.bce_backward", workspace)
     probs = cache["probs"]
     targets = cache["targets"]
     batch = targets.shape[0]
@@ -101,17 +121,24 @@ def bce_with_logits_forward(logits, targets, *, workspace=None):
         previous call): a training loop makes no large new arrays step after step. Do not pass a
         result of a call back into the same workspace.
 
+    Raises ValueError on an empty batch (the mean loss over no example is undefined).
+
     Returns (loss, cache); pass cache to bce_with_logits_backward.
     """
     _k.check_arrays(
         "losses.bce_with_logits_forward",
         {"logits": (logits, ("batch", "classes")), "targets": (targets, ("batch", "classes"))},
     )
+    _k.check_workspace("losses.bce_with_logits_forward", workspace)
     batch = targets.shape[0]
+    if logits.shape[0] == 0:
+        raise ValueError(
+            f"losses.bce_with_logits_forward: the batch is empty (logits has shape {logits.shape}); a mean loss needs at least one example"
+        )
     total = (-logits * targets + np.logaddexp(0, logits)).sum()
     loss = _k.buffer(workspace, "bce_with_logits_forward.loss", total.shape, total.dtype)
     np.divide(total, batch, out=loss)
-    cache = {"logits": logits, "targets": targets}
+    cache = {"function": "losses.bce_with_logits_forward", "logits": logits, "targets": targets}
     return loss, cache
 
 
@@ -135,6 +162,8 @@ def bce_with_logits_backward(cache, *, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("losses.bce_with_logits_backward", cache, "losses.bce_with_logits_forward")
+    _k.check_workspace("losses.bce_with_logits_backward", workspace)
     logits = cache["logits"]
     targets = cache["targets"]
     batch = targets.shape[0]
@@ -175,18 +204,29 @@ def softmax_cross_entropy_forward(logits, targets, *, workspace=None):
         previous call): a training loop makes no large new arrays step after step. Do not pass a
         result of a call back into the same workspace.
 
+    Raises ValueError on an empty batch (the mean loss over no example is undefined).
+
     Returns (loss, cache); pass cache to softmax_cross_entropy_backward.
     """
     _k.check_arrays(
         "losses.softmax_cross_entropy_forward",
         {"logits": (logits, ("batch", "classes")), "targets": (targets, ("batch", "classes"))},
     )
+    _k.check_workspace("losses.softmax_cross_entropy_forward", workspace)
     batch = targets.shape[0]
+    if logits.shape[0] == 0:
+        raise ValueError(
+            f"losses.softmax_cross_entropy_forward: the batch is empty (logits has shape {logits.shape}); a mean loss needs at least one example"
+        )
     row_logsumexp = _k.logsumexp(z=logits)
     total = (targets * (-logits + row_logsumexp)).sum()
     loss = _k.buffer(workspace, "softmax_cross_entropy_forward.loss", total.shape, total.dtype)
     np.divide(total, batch, out=loss)
-    cache = {"logits": logits, "targets": targets}
+    cache = {
+        "function": "losses.softmax_cross_entropy_forward",
+        "logits": logits,
+        "targets": targets,
+    }
     return loss, cache
 
 
@@ -212,6 +252,10 @@ def softmax_cross_entropy_backward(cache, *, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache(
+        "losses.softmax_cross_entropy_backward", cache, "losses.softmax_cross_entropy_forward"
+    )
+    _k.check_workspace("losses.softmax_cross_entropy_backward", workspace)
     logits = cache["logits"]
     targets = cache["targets"]
     batch = targets.shape[0]
@@ -249,17 +293,24 @@ def mse_forward(pred, targets, *, workspace=None):
         previous call): a training loop makes no large new arrays step after step. Do not pass a
         result of a call back into the same workspace.
 
+    Raises ValueError on an empty batch (the mean loss over no example is undefined).
+
     Returns (loss, cache); pass cache to mse_backward.
     """
     _k.check_arrays(
         "losses.mse_forward",
         {"pred": (pred, ("batch", "classes")), "targets": (targets, ("batch", "classes"))},
     )
+    _k.check_workspace("losses.mse_forward", workspace)
     batch = targets.shape[0]
+    if pred.shape[0] == 0:
+        raise ValueError(
+            f"losses.mse_forward: the batch is empty (pred has shape {pred.shape}); a mean loss needs at least one example"
+        )
     total = ((pred - targets) ** 2).sum()
     loss = _k.buffer(workspace, "mse_forward.loss", total.shape, total.dtype)
     np.divide(total, batch, out=loss)
-    cache = {"pred": pred, "targets": targets}
+    cache = {"function": "losses.mse_forward", "pred": pred, "targets": targets}
     return loss, cache
 
 
@@ -280,6 +331,8 @@ def mse_backward(cache, *, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("losses.mse_backward", cache, "losses.mse_forward")
+    _k.check_workspace("losses.mse_backward", workspace)
     pred = cache["pred"]
     targets = cache["targets"]
     batch = targets.shape[0]

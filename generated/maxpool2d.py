@@ -36,6 +36,7 @@ def forward(x, *, size=2, stride=None, workspace=None):
     if stride is None:
         stride = size
     _k.check_arrays("maxpool2d.forward", {"x": (x, ("batch", "in_height", "in_width", "channels"))})
+    _k.check_workspace("maxpool2d.forward", workspace)
     _k.check_integers("maxpool2d.forward", size=size, stride=stride)
     in_height = x.shape[1]
     in_width = x.shape[2]
@@ -58,7 +59,14 @@ def forward(x, *, size=2, stride=None, workspace=None):
         workspace=workspace,
         key="forward.gather_windows2",
     )
-    cache = {"x": x, "argmax": argmax, "size": size, "stride": stride, "out_shape": out.shape}
+    cache = {
+        "function": "maxpool2d.forward",
+        "x": x,
+        "argmax": argmax,
+        "size": size,
+        "stride": stride,
+        "out_shape": out.shape,
+    }
     return out, cache
 
 
@@ -95,6 +103,8 @@ def backward(dout, cache, *, workspace=None):
     previous call): a training loop makes no large new arrays step after step. Do not pass a
     result of a call back into the same workspace.
     """
+    _k.check_cache("maxpool2d.backward", cache, "maxpool2d.forward")
+    _k.check_workspace("maxpool2d.backward", workspace)
     x = cache["x"]
     argmax = cache["argmax"]
     size = cache["size"]

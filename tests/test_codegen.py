@@ -422,3 +422,30 @@ def test_names_taken_in_a_branch_are_not_reused_as_workspace_keys_later():
     assert np.array_equal(fresh[0], 2 * dout_values)
     assert np.array_equal(kept[0], 2 * dout_values), source
     assert np.array_equal(kept[1], 3 * dout_values)
+
+
+def test_generate_check_reports_a_stray_file_and_labels_the_folder_as_on_disk(
+    rendered, tmp_path, monkeypatch, capsys
+):
+    """Issue 14: an extra generated/extra.py (no header) made `generate --check` say "up to
+    date", and its diffs called a working-tree file "(committed)"."""
+    from cnnderive.cli import main
+
+    monkeypatch.setattr(render_module, "render", lambda progress=None: dict(rendered))
+    output = tmp_path / "generated"
+    for name, content in rendered.items():
+        write_atomically(output / name, content)
+    assert main(["generate", "--check", "--output", str(output)]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+    (output / "extra.py").write_text("x = 1\n", encoding="utf-8")
+    assert main(["generate", "--check", "--output", str(output)]) == 1
+    out, err = capsys.readouterr()
+    assert "up to date" not in out
+    assert str(output / "extra.py") in err and "does not generate" in err
+
+    (output / "extra.py").unlink()
+    (output / "dense.py").write_text("# edited\n", encoding="utf-8")
+    assert main(["generate", "--check", "--output", str(output)]) == 1
+    out, _ = capsys.readouterr()
+    assert "generated/dense.py (on disk)" in out and "(committed)" not in out

@@ -461,7 +461,7 @@ def test_offline_mnist_falls_back_with_log(tmp_path):
     assert "could not be downloaded" in fallback
     assert "5,000-image MNIST subset" in fallback
     assert str(tmp_path / "cache" / "mnist") in fallback
-    assert IMAGES in fallback
+    assert "\n" not in fallback  # one line (issue 14)
 
 
 def test_unreachable_mirrors_are_not_asked_again_for_an_hour(
@@ -508,10 +508,28 @@ def test_a_download_that_breaks_off_is_tried_again_next_run(tmp_path, server, sh
 
 def test_download_disabled_mnist_falls_back(tmp_path):
     logs: list[str] = []
-    bundle = load_dataset("mnist", tmp_path, allow_download=False, log=logs.append)
+    bundle = load_dataset("mnist", allow_download=False, log=logs.append)
     assert bundle.name == "mnist-5k"
-    assert len(logs) == 1 and "turned off" in logs[0] and str(tmp_path) in logs[0]
+    assert len(logs) == 1 and "turned off" in logs[0] and str(tmp_path / "cache") in logs[0]
     assert not (tmp_path / "cache" / "mnist").exists()
+
+
+@pytest.mark.parametrize("allow_download", [False, True])
+def test_a_data_dir_without_the_data_is_an_error_not_a_fallback(tmp_path, allow_download):
+    """The user asked for a folder: the shipped subset (or a download) is not what they meant."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as info:
+        load_dataset("mnist", tmp_path / "empty", allow_download=allow_download)
+    message = str(info.value)
+    assert str(tmp_path / "empty") in message and "holds no MNIST training files" in message
+    assert IMAGES in message and "leave the data directory out" in message
+
+
+def test_a_data_cache_variable_naming_a_file_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "afile"))
+    with pytest.raises(DataError, match=f"{data.ENV_VAR}=.*afile is a file, not a folder"):
+        load_dataset("mnist", allow_download=False)
 
 
 def test_offline_fashion_is_an_error(tmp_path):
@@ -524,9 +542,10 @@ def test_offline_fashion_is_an_error(tmp_path):
 
 
 def test_unwritable_cache_falls_back(tmp_path, monkeypatch):
-    blocker = tmp_path / "blocker"
+    # (A $CNNDERIVE_DATA that is itself a file is refused: see the test above.)
+    blocker = tmp_path / "cache" / "mnist"
+    blocker.parent.mkdir()
     blocker.write_text("a file where the cache folder should be")
-    monkeypatch.setenv(data.ENV_VAR, str(blocker))
     logs: list[str] = []
     assert load_dataset("mnist", log=logs.append).name == "mnist-5k"
     assert str(blocker) in logs[-1]

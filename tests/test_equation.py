@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -461,14 +462,19 @@ def test_derive_and_verify_an_equation(capsys):
 
 
 def test_the_training_commands_say_how_to_recover_from_a_broken_generated(tmp_path):
-    """A generated/ that cannot be imported (here a shadowing copy with a syntax error):
-    train says so in one line and names `cnnderive generate`; derive still works."""
-    (tmp_path / "generated").mkdir()
-    (tmp_path / "generated" / "__init__.py").write_text("this is not python(\n")
-    env = {"PYTHONPATH": f"{tmp_path}:{sys.path[0] if sys.path[0] else '.'}"}
+    """A generated/ that cannot be imported (here a copy of the packages whose
+    generated/__init__.py has a syntax error): train says so in one line and names
+    `cnnderive generate`; derive still works.  (A user's generated/ that shadows
+    cnnderive's is named as such: tests/test_robustness.py.)"""
     import os
+    import shutil
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
+    repository = Path(__file__).resolve().parent.parent
+    copy = tmp_path / "copy"
+    for package in ("cnnderive", "derive", "codegen", "generated"):
+        shutil.copytree(repository / package, copy / package)
+    (copy / "generated" / "__init__.py").write_text("this is not python(\n")
+    env = {**os.environ, "PYTHONPATH": str(copy)}
     train = subprocess.run(
         [sys.executable, "-m", "cnnderive", "train", "--net", "toy"],
         capture_output=True, text=True, env=env, check=False, cwd=tmp_path,

@@ -4,6 +4,7 @@ function, what was received and what was expected."""
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import numpy as np
 import pytest
@@ -302,12 +303,113 @@ def test_upstream_gradient_of_wrong_shape(name):
         str(out.shape),
         str(wrong[..., None].shape),
     )
-    raises(
-        ValueError,
+    raises(  # not an array at all: a TypeError, as forward gives for its inputs
+        TypeError,
         lambda: backward(np.zeros(out.shape).tolist(), cache),
         str(out.shape),
         "got list",
     )
+
+
+# ---------------------------------------------------------------------------
+# Issue 14: the backward passes' other arguments, workspaces and the losses' domains
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n, layer in LAYERS.items() if layer.kind != "loss"])
+@pytest.mark.parametrize("dtype", [np.int64, np.complex128, bool])
+def test_backward_refuses_a_gradient_that_is_not_real_floating_point(name, dtype):
+    """Forward refuses integer and complex inputs; backward refuses such a gradient too
+    (a complex one used to come back as a complex dx)."""
+    layer = LAYERS[name]
+    module, arrays, keywords = valid_call(layer)
+    out, cache = call_forward(layer, module, arrays, keywords)
+    backward = getattr(module, layer.backward_function)
+    raises(
+        TypeError,
+        lambda: backward(np.ones(out.shape, dtype=dtype), cache),
+        f"{layer.module}.{layer.backward_function}: {layer.upstream} has dtype",
+        ".astype(np.float32)",
+    )
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_backward_refuses_a_missing_or_foreign_cache(name):
+    layer = LAYERS[name]
+    module, arrays, keywords = valid_call(layer)
+    out, cache = call_forward(layer, module, arrays, keywords)
+    backward = getattr(module, layer.backward_function)
+    where = f"{layer.module}.{layer.backward_function}"
+    forward = f"{layer.module}.{layer.forward_function}"
+
+    def call(bad_cache):
+        return backward(bad_cache) if layer.kind == "loss" else backward(out, bad_cache)
+
+    raises(TypeError, lambda: call(None), where, f"the cache that {forward} returned", "NoneType")
+    raises(TypeError, lambda: call({"x": 1}), where, "a dict that no cnnderive forward")
+    other = "maxpool2d" if name != "maxpool2d" else "conv2d"
+    other_layer = LAYERS[other]
+    other_module, other_arrays, other_keywords = valid_call(other_layer)
+    _, other_cache = call_forward(other_layer, other_module, other_arrays, other_keywords)
+    raises(TypeError, lambda: call(other_cache), where, f"the cache of {other}.forward")
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("workspace", [[], (), "ws", 0])
+def test_a_workspace_that_is_not_a_dict_is_refused(name, workspace):
+    layer = LAYERS[name]
+    module, arrays, keywords = valid_call(layer)
+    forward = getattr(module, layer.forward_function)
+    raises(
+        TypeError,
+        lambda: forward(*arrays.values(), **keywords, workspace=workspace),
+        f"{layer.module}.{layer.forward_function}: workspace must be None or a dict",
+        type(workspace).__name__,
+    )
+    out, cache = call_forward(layer, module, arrays, keywords)
+    backward = getattr(module, layer.backward_function)
+    args = (cache,) if layer.kind == "loss" else (np.ones_like(out), cache)
+    raises(TypeError, lambda: backward(*args, workspace=workspace), "workspace must be None")
+
+
+@pytest.mark.parametrize(
+    "probs",
+    [[[1.5, 0.5]], [[-0.1, 0.5]], [[0.0, 0.5]], [[1.0, 0.5]], [[np.nan, 0.5]]],
+    ids=["above-1", "below-0", "zero", "one", "nan"],
+)
+def test_bce_refuses_probabilities_where_its_loss_is_not_finite(probs):
+    """The rule (issue 14): BCE on probabilities needs 0 < p < 1; 0 or 1 (infinite or
+    0/0 loss and gradient) and values outside are a ValueError pointing to bce_with_logits,
+    instead of a NaN with a RuntimeWarning."""
+    targets = np.array([[1.0, 0.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning on the way
+        raises(
+            ValueError,
+            lambda: losses.bce_forward(np.array(probs), targets),
+            "losses.bce_forward: probs must lie strictly between 0 and 1",
+            "bce_with_logits",
+        )
+
+
+def test_bce_accepts_probabilities_close_to_0_and_1():
+    loss, _ = losses.bce_forward(np.array([[1e-12, 1 - 1e-12]]), np.array([[0.0, 1.0]]))
+    assert np.isfinite(loss) and loss < 1e-9
+
+
+@pytest.mark.parametrize("name", [n for n, layer in LAYERS.items() if layer.kind == "loss"])
+def test_every_loss_refuses_an_empty_batch(name):
+    layer = LAYERS[name]
+    forward = getattr(losses, layer.forward_function)
+    empty = np.zeros((0, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        raises(
+            ValueError,
+            lambda: forward(empty, empty),
+            f"losses.{layer.forward_function}: the batch is empty",
+            "at least one example",
+        )
 
 
 def test_activations_accept_any_rank_but_not_other_types():

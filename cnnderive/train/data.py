@@ -67,6 +67,18 @@ class DataBundle:
     validation: Split
     test: Split | None  # None when there were no t10k files
 
+    @property
+    def fingerprint(self) -> str:
+        """A short digest of the training and validation files' content (all labels and
+        the first images), recorded by a run so that ``evaluate`` can tell whether the
+        data it finds is the data the run trained on: MNIST and Fashion-MNIST files are
+        alike in every other respect."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.validation):
+            digest.update(np.ascontiguousarray(split.labels).tobytes())
+            digest.update(np.ascontiguousarray(split.images[:64]).tobytes())
+        return digest.hexdigest()[:16]
+
 
 DATASETS = ("mnist", "fashion-mnist")
 TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
@@ -323,7 +335,13 @@ def _cache_root() -> tuple[Path, bool]:
     """The cache directory, and whether the user chose it through ``$CNNDERIVE_DATA``."""
     env = os.environ.get(ENV_VAR)
     if env:
-        return Path(env).expanduser(), True
+        chosen = Path(env).expanduser()
+        if chosen.exists() and not chosen.is_dir():
+            raise DataError(
+                f"{ENV_VAR}={env} is a file, not a folder; point {ENV_VAR} to a folder "
+                "(it is made if missing) or unset it"
+            )
+        return chosen, True
     return Path.home() / ".cache" / "cnnderive", False
 
 
@@ -579,6 +597,16 @@ def load_dataset(
     title = TITLES[name]
     cache_dir = _cache_root()[0] / name
     searched = _search_dirs(name, data_dir)
+    if data_dir is not None:
+        # The user asked for this folder: data found elsewhere would not be what they meant.
+        given = searched[:2]
+        if all(_find_pair(directory, TRAIN_FILES) is None for directory in given):
+            raise DataError(
+                f"data directory {given[1]} holds no {title} training files "
+                f"({' and '.join(TRAIN_FILES)}, with or without .gz, in it or in "
+                f"{given[0]}); put them there, or leave the data directory out to use "
+                f"the cache ({cache_dir})"
+            )
     for directory in searched:
         is_cache = directory == cache_dir
         try:
@@ -630,10 +658,9 @@ def load_dataset(
     wanted = ", ".join(TRAIN_FILES + TEST_FILES)
     if name == "mnist":
         log(
-            f"Full MNIST was not found in {_listing(searched)} and {why}, so cnnderive is "
-            "using the 5,000-image MNIST subset it ships with (4,500 training and 500 "
-            f"validation images, no test set). To use full MNIST, put {wanted} in "
-            f"{cache_dir} or in a folder you pass as the data directory."
+            f"note: full MNIST is not in {_listing(searched)} and {why}: using the "
+            f"5,000-image MNIST subset shipped with cnnderive (for full MNIST, put its "
+            f"four files in {cache_dir})"
         )
         return _load_subset()
     raise DataError(

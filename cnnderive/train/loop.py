@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -187,12 +188,14 @@ def shift_images(images: np.ndarray, offsets: np.ndarray, shift: int) -> np.ndar
 def prepare_splits(
     net: Network, bundle: DataBundle, limit: int | None = None
 ) -> tuple[Split, Split, Split | None]:
-    """(train, validation, test) as ``net``'s task sees them; ``limit`` cuts the training set."""
-    train = bundle.train
+    """(train, validation, test) as ``net``'s task sees them; ``limit`` cuts the training set
+    after the task has chosen its images (the toy network's ``--limit 10`` is 10 images of
+    its two classes, not the two of them among the first 10 of all ten digits)."""
+    train = net.prepare(bundle.train)
     if limit is not None:
         train = first_of_each_class(train, limit)
     test = net.prepare(bundle.test) if bundle.test is not None else None
-    return net.prepare(train), net.prepare(bundle.validation), test
+    return train, net.prepare(bundle.validation), test
 
 
 def evaluate(net: Network, split: Split, batch_size: int = 500) -> tuple[float, int, int]:
@@ -204,6 +207,10 @@ def evaluate(net: Network, split: Split, batch_size: int = 500) -> tuple[float, 
     return correct / count, correct, count
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def _write_json(path: Path, data) -> None:
     text = json.dumps(data, indent=2) + "\n"
     replace_atomically(path, lambda handle: handle.write(text.encode()))
@@ -211,6 +218,21 @@ def _write_json(path: Path, data) -> None:
 
 def _finite(params: dict[str, np.ndarray]) -> bool:
     return all(bool(np.isfinite(p).all()) for p in params.values())
+
+
+def metrics_recipe(recipe: Recipe, optimizer) -> dict:
+    """The recipe as metrics.json records it: SGD's momentum as the schedule it follows
+    (a single number would read as a constant momentum), none for Adam, which has none."""
+    recipe_dict = asdict(recipe)
+    if isinstance(optimizer, optim.SGD):
+        recipe_dict["momentum"] = {
+            "start": optimizer.momentum_start,
+            "end": optimizer.momentum,
+            "rises_over_steps": int(optimizer.momentum_steps),
+        }
+    else:
+        del recipe_dict["momentum"]
+    return recipe_dict
 
 
 def write_plots(run_dir: Path, net: Network, history: list[dict], title: str) -> None:
@@ -235,6 +257,7 @@ def train(
     resume_from: ckpt.Checkpoint | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
+    note: Callable[[str], None] = _to_stderr,
     dtype=np.float32,
 ) -> tuple[Network, list[dict]]:
     """Train ``recipe.net`` on ``bundle`` for epochs up to ``recipe.epochs``.
@@ -242,7 +265,8 @@ def train(
     With ``resume_from``, parameters, optimiser state and history come from that
     checkpoint and training continues after its epoch; the recipe's ``lr`` and
     ``batch_size`` apply from there on (keep them unchanged for an exact continuation).
-    ``progress`` shows a tqdm bar (None: only on a terminal). Returns the network and
+    ``progress`` shows a tqdm bar (None: only on a terminal). ``log`` receives the
+    lines of results, ``note`` the remarks on how the run goes. Returns the network and
     the metrics history. Raises :class:`TrainingDiverged` on a NaN / inf loss.
     """
     run_dir = Path(run_dir)
@@ -254,6 +278,11 @@ def train(
     if len(train_split.labels) == 0:
         raise ValueError(f"no training images left for the {recipe.net} network")
     used, offered = len(train_split.labels), len(bundle.train.labels)
+    if recipe.batch_size > used:
+        note(
+            f"note: the batch size {recipe.batch_size} is larger than the {used:,} training "
+            f"images: each epoch is a single step on all {used:,} of them"
+        )
     task = net.task(recipe.dataset)
     if used != offered or len(val_split.labels) != len(bundle.validation.labels):
         log(
@@ -289,6 +318,7 @@ def train(
             "source": bundle.source,
             "recipe": asdict(recipe),
             "history": history,
+            "data_fingerprint": bundle.fingerprint,
         }
         ckpt.save(
             checkpoint_path,
@@ -296,8 +326,8 @@ def train(
         )
         _write_json(
             run_dir / METRICS_NAME,
-            {k: meta[k] for k in ("net", "dataset", "data", "source", "seed", "recipe")}
-            | {"epochs": history},
+            {k: meta[k] for k in ("net", "dataset", "data", "source", "seed")}
+            | {"recipe": metrics_recipe(recipe, optimizer), "epochs": history},
         )
 
     if resume_from is None:

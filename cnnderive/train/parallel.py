@@ -111,7 +111,10 @@ class _Views:
 
 def _worker_main(connection, parent_ends, build_network, buffer, layout, index):
     """A worker's loop: one message in, one reply out, until the pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Ctrl-C and SIGTERM are the parent's to handle (it stops the run and keeps its
+    # checkpoint); its exit closes the pipe, which ends this loop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The parent's ends of this worker's pipe and of earlier workers' pipes came along
     # with the fork: closed here, the parent is their only holder, and its exit (even by
     # SIGKILL) ends this loop with EOF instead of leaving the worker waiting forever.
