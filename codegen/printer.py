@@ -87,6 +87,10 @@ class ArrayExpressionPrinter(NumPyPrinter):
         self.expected_errors.update(SIGMOID_EXPECTED_ERRORS)
         return f"({self._print(sigmoid_form(expr))})"
 
+    def _print_flush_subnormal(self, expr):
+        # derive.functions.flush_subnormal: subnormal values become 0 (see the kernel).
+        return f"_k.flush_subnormals({self._print(expr.args[0])})"
+
     def _print_softplus(self, expr):
         # Stable form: logaddexp(0, u) = max(u, 0) + log1p(exp(-|u|)).
         return f"np.logaddexp(0.0, {self._print(expr.args[0])})"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sympy
 
 from codegen.printer import SIGMOID_EXPECTED_ERRORS, ArrayExpressionPrinter, sigmoid_form
-from derive.functions import sigmoid, softplus
+from derive.functions import flush_subnormal, sigmoid, softplus
 
 # One-argument SymPy functions and their NumPy ufuncs.
 UNARY = {sympy.exp: "np.exp", sympy.log: "np.log", sympy.tanh: "np.tanh", sympy.Abs: "np.abs"}
@@ -120,6 +120,10 @@ class UfuncLowering:
         if isinstance(expr, sigmoid):
             self.expected_errors.update(SIGMOID_EXPECTED_ERRORS)
             return self.compute(sigmoid_form(expr), dest)
+        if isinstance(expr, flush_subnormal):
+            argument = self.operand(expr.args[0], dest, busy=False)
+            self.emit(f"_k.flush_subnormals({argument}, out={dest})")
+            return dest
         if isinstance(expr, softplus):
             argument = self.operand(expr.args[0], dest, busy=False)
             self.emit(f"np.logaddexp(0.0, {argument}, out={dest})")
