@@ -267,6 +267,14 @@ _pool_example = {_PN: 1, _PH: 4, _PW: 4, _PC: 1, SIZE: 2, STRIDE: 2}
 
 _scaled_dout = pointwise(sympy.Symbol("dout") / SIZE**2, dout=dout)
 
+_FLUSH_NOTE = (
+    "$\\operatorname{flush}(x) = x$: in exact arithmetic, where the proof works, it changes "
+    "nothing. The code sets every subnormal value of $x$ (nonzero and smaller in magnitude than "
+    "the smallest normal float, 1.2e-38 in float32) to 0, an absolute change below that bound. "
+    "Saturated exponentials (sigmoid, softmax) make such values, and so does averaging small "
+    "ones; arithmetic on them is slow on many CPUs."
+)
+
 avgpool2d = Layer(
     name="avgpool2d",
     title="2-D average pooling",
@@ -287,7 +295,12 @@ avgpool2d = Layer(
     forward=(
         (
             "out",
-            pointwise(sympy.Symbol("window_sum") / SIZE**2, window_sum=WindowSum(x, SIZE, STRIDE)),
+            # flush: a quarter of a window of small sigmoid outputs can fall below the
+            # smallest normal float (derive.functions.flush_subnormal; the proof drops it).
+            pointwise(
+                flush_subnormal(sympy.Symbol("window_sum") / SIZE**2),
+                window_sum=WindowSum(x, SIZE, STRIDE),
+            ),
         ),
     ),
     gradients=(
@@ -321,6 +334,7 @@ avgpool2d = Layer(
         r" \sum_{\substack{i,u:\ si+u=h\\ j,v:\ sj+v=w}} \delta_{n,i,j,c}",
     ),
     notes=(
+        _FLUSH_NOTE,
         "With stride = size the windows tile the input, every input element lies in at most one "
         "window, and the scatter-add is the Kronecker product with a k-by-k block of ones.",
         "Rows and columns that no window reaches get zero gradient: the last $(H - k) \\bmod s$ "
@@ -572,14 +586,6 @@ def _activation(
 
 
 _zs, _das, _as = sympy.symbols("z da a", real=True)
-
-_FLUSH_NOTE = (
-    "$\\operatorname{flush}(x) = x$: in exact arithmetic, where the proof works, it changes "
-    "nothing. The code sets every subnormal value of $x$ (nonzero and smaller in magnitude than "
-    "the smallest normal float, 1.2e-38 in float32) to 0, an absolute change below that bound. "
-    "Saturated exponentials (sigmoid, softmax) make such values, and arithmetic on them is slow "
-    "on many CPUs."
-)
 
 sigmoid_layer = _activation(
     "sigmoid",

@@ -130,7 +130,8 @@ def bce_with_logits_backward(cache, *, workspace=None):
     flush(x) = x: in exact arithmetic, where the proof works, it changes nothing. The code sets
     every subnormal value of x (nonzero and smaller in magnitude than the smallest normal float,
     1.2e-38 in float32) to 0, an absolute change below that bound. Saturated exponentials
-    (sigmoid, softmax) make such values, and arithmetic on them is slow on many CPUs.
+    (sigmoid, softmax) make such values, and so does averaging small ones; arithmetic on them is
+    slow on many CPUs.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
     this layer. Results, the cache and work arrays are then written into arrays kept in it and
@@ -211,7 +212,8 @@ def softmax_cross_entropy_backward(cache, *, workspace=None):
     flush(x) = x: in exact arithmetic, where the proof works, it changes nothing. The code sets
     every subnormal value of x (nonzero and smaller in magnitude than the smallest normal float,
     1.2e-38 in float32) to 0, an absolute change below that bound. Saturated exponentials
-    (sigmoid, softmax) make such values, and arithmetic on them is slow on many CPUs.
+    (sigmoid, softmax) make such values, and so does averaging small ones; arithmetic on them is
+    slow on many CPUs.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
     this layer. Results, the cache and work arrays are then written into arrays kept in it and

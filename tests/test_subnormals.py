@@ -119,7 +119,9 @@ def test_fused_losses_give_no_subnormal_gradient(dtype):
 def test_seed_network_batch_built_to_saturate_gives_the_convolution_no_subnormals():
     """Kernels 8 times the initial ones put the sigmoid's inputs far into both tails (as
     a long training run does): the unflushed gradient into the convolution would hold
-    hundreds of subnormal values; the generated one holds none, and is otherwise the same."""
+    hundreds of subnormal values; the generated one holds none, and is otherwise the same.
+    No layer's output or gradient holds any (the average pool's quarter of small values
+    is flushed too)."""
     net = build("seed", seed=0, dtype=np.float32, threads=1)
     net.params["conv1_w"] *= 8
     rng = np.random.default_rng(1)
@@ -140,7 +142,22 @@ def test_seed_network_batch_built_to_saturate_gives_the_convolution_no_subnormal
         return seen["dz"]
 
     sigmoid_layer.forward, sigmoid_layer.backward = record_forward, record_backward
+    found = {}
+
+    def counting(call, key):
+        def counted(*args):
+            result = call(*args)  # the first layer's backward returns None: no dx
+            found[key] = 0 if result is None else int(subnormal(result).sum())
+            return result
+
+        return counted
+
+    for index, layer in enumerate(net.layers):  # every layer's outputs and gradients
+        for part in ("forward", "backward"):
+            setattr(layer, part, counting(getattr(layer, part), (index, part)))
     _, _, grads = net.loss_and_gradients(images, labels)
+    assert len(found) == 2 * len(net.layers)
+    assert not any(found.values()), found
 
     with np.errstate(over="ignore", under="ignore"):
         textbook = 1 / (1 + np.exp(-seen["z"]))
