@@ -182,7 +182,7 @@ def run_torch(net_name, batch, epochs, threads, dataset, compiled):
         loss = loss_of(logits, y)
         loss.backward()
         optimizer.step()
-        return float(loss), int((logits.argmax(1) == y).sum())
+        return loss.item(), int((logits.argmax(1) == y).sum())
 
     def evaluate():
         correct = 0
@@ -323,7 +323,9 @@ def subnormals_per_layer(net, images, labels, batch, steps=4):
     originals = instrument(net, count)
     try:
         for s in range(steps):
-            net.loss_and_gradients(images[s * batch : (s + 1) * batch], labels[s * batch : (s + 1) * batch])
+            net.loss_and_gradients(
+                images[s * batch : (s + 1) * batch], labels[s * batch : (s + 1) * batch]
+            )
     finally:
         uninstrument(originals)
     return {key: value / steps for key, value in counts.items() if value}
@@ -392,7 +394,9 @@ def subnormal_step_times(net_name, batch, images, labels, repeats=15):
     results = {}
     try:
         for flushing in (True, False):
-            kernels.flush_subnormals = flush if flushing else (lambda a, out=None: a if out is None else out)
+            kernels.flush_subnormals = (
+                flush if flushing else (lambda a, out=None: a if out is None else out)
+            )
             for name, params in variants.items():
                 net.load_params(params)
                 times, found = [], 0
@@ -543,7 +547,10 @@ def main(argv=None):
                 found = subnormals_per_layer(trained, images, labels, batch)
                 trained.close()
                 text = (
-                    ", ".join(f"{label.strip()} {part} {count:,.0f}" for (label, part), count in found.items())
+                    ", ".join(
+                        f"{label.strip()} {part} {count:,.0f}"
+                        for (label, part), count in found.items()
+                    )
                     or "none"
                 )
                 print(
@@ -566,7 +573,9 @@ def main(argv=None):
                 f"epoch, {args.threads} threads ({total:.2f} ms/step instrumented; with two "
                 "threads this process's part of each batch)"
             )
-            print(f"  {'layer':<28} {'forward ms':>10} {'backward ms':>11} {'total ms':>9} {'share':>6}")
+            print(
+                f"  {'layer':<28} {'forward ms':>10} {'backward ms':>11} {'total ms':>9} {'share':>6}"
+            )
             accounted = 0.0
             for label, row in table.items():
                 both = row["forward"] + row["backward"]
@@ -576,7 +585,9 @@ def main(argv=None):
                     f"{both:>9.2f} {100 * both / total:>5.1f}%"
                 )
             other = total - accounted
-            print(f"  {'   other (Python, waiting)':<28} {'':>10} {'':>11} {other:>9.2f} {100 * other / total:>5.1f}%")
+            print(
+                f"  {'   other (Python, waiting)':<28} {'':>10} {'':>11} {other:>9.2f} {100 * other / total:>5.1f}%"
+            )
 
 
 if __name__ == "__main__":
