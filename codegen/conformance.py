@@ -685,6 +685,46 @@ def _elementwise_problems(module, rng) -> list[str]:
     return problems
 
 
+def _flush_problems(module, rng) -> list[str]:
+    """flush_subnormals against derive.functions.flush_subnormal: the identity (signed
+    zeros, infinities and NaNs too) on every value that is not subnormal, and
+    0 for every subnormal one, whatever the float type and wherever ``out`` points."""
+    problems = []
+    for dtype in (np.float16, np.float32, np.float64, np.longdouble):
+        info = np.finfo(dtype)
+        special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, info.tiny, -info.tiny], dtype)
+        subnormal = (info.tiny * rng.uniform(0.0, 1.0, size=40)).astype(dtype)
+        subnormal = subnormal[subnormal != 0] * np.where(
+            rng.random(subnormal[subnormal != 0].size) < 0.5, -1, 1
+        ).astype(dtype)
+        normal = rng.normal(size=60).astype(dtype)
+        values = np.concatenate([special, subnormal, normal])
+        values = values[rng.permutation(values.size)].reshape(-1, 1)
+        is_subnormal = (values != 0) & (np.abs(values) < info.tiny)
+        expected = np.where(is_subnormal, dtype(0), values)
+        for where in ("new", "in place", "other"):
+            a = values.copy()
+            if where == "new":
+                got = module.flush_subnormals(a)
+            elif where == "in place":
+                got = module.flush_subnormals(a, out=a)
+            else:
+                got = module.flush_subnormals(a, out=np.full_like(a, 7))
+            # Values and signs compared, not bytes: a long double's padding bytes are
+            # arbitrary.
+            same = np.array_equal(got, expected, equal_nan=True) and np.array_equal(
+                np.signbit(got), np.signbit(expected)
+            )
+            if got.dtype != dtype or not same:
+                problems.append(
+                    f"flush_subnormals ({np.dtype(dtype).name}, out: {where}) is not x with "
+                    "only its subnormal values set to 0"
+                )
+            if where != "in place" and not np.array_equal(a, values, equal_nan=True):
+                problems.append(f"flush_subnormals ({np.dtype(dtype).name}) changed its input")
+    return problems
+
+
 def all_checks(seed: int = 0) -> list[Check]:
     rng = np.random.default_rng(seed)
     return _convolution_checks(rng) + _window_checks(rng) + _shape_checks(rng) + _sum_checks(rng)
@@ -723,7 +763,8 @@ def check_kernels(source: Path = KERNELS_SOURCE, seed: int = 0) -> tuple[int, li
         {"_SCALAR_ROW_MIN_SIZE": _NEVER},
     ):
         failures += _elementwise_problems(_module_for_source(source, settings, cache), rng)
-    return len(prepared) + 2, failures
+    failures += _flush_problems(_module_for_source(source, {}, cache), rng)
+    return len(prepared) + 3, failures
 
 
 def _module_for_source(source: Path, settings: dict, cache: dict):

@@ -88,6 +88,10 @@ class ArrayExpressionPrinter(NumPyPrinter):
         self.expected_errors.update(SIGMOID_EXPECTED_ERRORS)
         return f"({self._print(stable_form(expr))})"
 
+    def _print_flush_subnormal(self, expr):
+        # derive.functions.flush_subnormal: subnormal values become 0 (see the kernel).
+        return f"_k.flush_subnormals({self._print(expr.args[0])})"
+
     def _print_softplus(self, expr):
         return self._print(stable_form(expr))
 

@@ -18,6 +18,8 @@ import random
 
 import sympy
 
+from derive.functions import flush_subnormal
+
 
 class TranslationError(RuntimeError):
     """Emitted code computes something other than the proven expression."""
@@ -200,6 +202,10 @@ class _Kernels:
     @staticmethod
     def with_scalar(ufunc, x, y, out):
         return ufunc(x, y, out=out)
+
+    # derive.functions.flush_subnormal, read back as itself; the kernel is checked
+    # against that function's meaning by codegen.conformance.
+    flush_subnormals = staticmethod(_ufunc(flush_subnormal))
 
 
 def _namespace(expr: sympy.Expr) -> dict:

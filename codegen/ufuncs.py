@@ -15,7 +15,7 @@ from __future__ import annotations
 import sympy
 
 from codegen.printer import SIGMOID_EXPECTED_ERRORS, ArrayExpressionPrinter, stable_form
-from derive.functions import logaddexp, sigmoid, softplus
+from derive.functions import flush_subnormal, logaddexp, sigmoid, softplus
 
 # One-argument SymPy functions and their NumPy ufuncs.
 UNARY = {sympy.exp: "np.exp", sympy.log: "np.log", sympy.tanh: "np.tanh", sympy.Abs: "np.abs"}
@@ -120,6 +120,10 @@ class UfuncLowering:
         if isinstance(expr, sigmoid):
             self.expected_errors.update(SIGMOID_EXPECTED_ERRORS)
             return self.compute(stable_form(expr), dest)
+        if isinstance(expr, flush_subnormal):
+            argument = self.operand(expr.args[0], dest, busy=False)
+            self.emit(f"_k.flush_subnormals({argument}, out={dest})")
+            return dest
         if isinstance(expr, softplus):
             return self.compute(stable_form(expr), dest)
         if isinstance(expr, logaddexp):

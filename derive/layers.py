@@ -21,7 +21,7 @@ import sympy
 from sympy import IndexedBase, exp, log
 
 from derive.equation.layer import derived_closed_forms
-from derive.functions import sigmoid, softplus
+from derive.functions import flush_subnormal, sigmoid, softplus
 from derive.ir import (
     Case,
     Dim,
@@ -30,6 +30,7 @@ from derive.ir import (
     Operand,
     Pad,
     Param,
+    Pointwise,
     ReshapeLike,
     Softmax,
     Sum,
@@ -230,6 +231,25 @@ _avgpool_forward, _avgpool_gradients = derived_closed_forms(
     dims={"x": (_PN, _PH, _PW, _PC)},
     order=("x",),
 )
+# flush: a quarter of a window of small sigmoid outputs can fall below the smallest normal
+# float (derive.functions.flush_subnormal: the identity in the proof's exact arithmetic).
+def _flushed(tree):
+    """``flush_subnormal`` around ``tree``: inside its expression when it is elementwise,
+    so that the flush runs on the array that expression writes, not on a copy."""
+    if isinstance(tree, Pointwise):
+        return Pointwise(flush_subnormal(tree.expr), tree.arguments)
+    return pointwise(flush_subnormal(sympy.Symbol("value")), value=tree)
+
+
+_avgpool_forward = tuple((name, _flushed(tree)) for name, tree in _avgpool_forward)
+
+_FLUSH_NOTE = (
+    "$\\operatorname{flush}(x) = x$: in exact arithmetic, where the proof works, it changes "
+    "nothing. The code sets every subnormal value of $x$ (nonzero and smaller in magnitude than "
+    "the smallest normal float, 1.2e-38 in float32) to 0, an absolute change below that bound. "
+    "Saturated exponentials (sigmoid, softmax) make such values, and so does averaging small "
+    "ones; arithmetic on them is slow on many CPUs."
+)
 
 avgpool2d = Layer(
     name="avgpool2d",
@@ -259,6 +279,7 @@ avgpool2d = Layer(
         r" \sum_{\substack{i,u:\ si+u=h\\ j,v:\ sj+v=w}} \delta_{n,i,j,c}",
     ),
     notes=(
+        _FLUSH_NOTE,
         "With stride = size the windows tile the input, every input element lies in at most one "
         "window, and the scatter-add is the Kronecker product with a k-by-k block of ones.",
         "Rows and columns that no window reaches get zero gradient: the last $(H - k) \\bmod s$ "
@@ -524,13 +545,18 @@ sigmoid_layer = _activation(
     "sigmoid",
     "Sigmoid",
     lambda z_: 1 / (1 + exp(-z_)),
-    sigmoid(_zs),
-    _das * _as * (1 - _as),
+    # Saturated, sigmoid's values and its gradient's products fall below the smallest
+    # normal float (a trained seed network's conv gradient held ~10,000 such values per
+    # 256-image batch), and on many x86 CPUs arithmetic on them is tens of times slower.
+    # flush(x) is x in the proof's exact arithmetic and sets those values to 0 in the code.
+    flush_subnormal(sigmoid(_zs)),
+    flush_subnormal(_das * _as * (1 - _as)),
     {"da": _da, "a": _a},
     (
         r"\frac{\partial L}{\partial Z_{n,k}} = \delta_{n,k}\,\frac{e^{-Z_{n,k}}}{(1+e^{-Z_{n,k}})^2}"
         r" = \delta_{n,k}\,A_{n,k}\,(1 - A_{n,k})",
     ),
+    notes=(_FLUSH_NOTE,),
 )
 
 relu = _activation(
@@ -740,7 +766,7 @@ bce_with_logits = _loss(
     ),
     softplus(_ps) - _ys * _ps,
     {"p": None, "y": _y_op},
-    (sigmoid(_ps) - _ys) / _LN,
+    flush_subnormal((sigmoid(_ps) - _ys) / _LN),
     {"p": Operand("logits"), "y": _y_op},
     (
         r"A = \sigma(Z),\quad \frac{\partial L}{\partial Z_{n,k}} = \frac{\partial L}{\partial A_{n,k}}"
@@ -750,6 +776,7 @@ bce_with_logits = _loss(
     notes=(
         "The code evaluates softplus(z) - y z, equal to the textbook form and finite for any "
         "logit (softplus(z) = logaddexp(0, z)).",
+        _FLUSH_NOTE,
     ),
 )
 
@@ -761,7 +788,7 @@ softmax_cross_entropy = _loss(
     lambda Z, y_: -y_ * log(exp(Z[n, k]) / sympy.Sum(exp(Z[n, j]), (j, 0, _LK - 1))),
     _ys * (_ls - _ps),
     {"p": None, "y": _y_op, "row_logsumexp": LogSumExp(Operand("logits"))},
-    (_softmax_s * _target_sum - _ys) / _LN,
+    flush_subnormal((_softmax_s * _target_sum - _ys) / _LN),
     {
         "softmax": Softmax(Operand("logits")),
         "target_sum": Sum(_y_op, (-1,), keepdims=True),
@@ -776,6 +803,7 @@ softmax_cross_entropy = _loss(
         "The closed form holds for any targets; for one-hot or probability targets "
         "(each row sums to 1) it is $(A - Y)/m$.",
         "The code evaluates y (logsumexp(z) - z), finite for any logits.",
+        _FLUSH_NOTE,
     ),
 )
 

@@ -972,6 +972,46 @@ def sum_leading(a, count):
 
 
 # ---------------------------------------------------------------------------
+# Subnormal values
+# ---------------------------------------------------------------------------
+
+# An unsigned integer type of each float size, to read a float's bits.
+_UNSIGNED_OF_SIZE = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def flush_subnormals(a, out=None):
+    """``a`` with every subnormal value replaced by 0, into ``out`` (a new array if None; may be ``a``).
+
+    The NumPy reading of ``derive.functions.flush_subnormal``. Normal values, zeros, infs
+    and NaNs pass unchanged; a subnormal value (nonzero, magnitude below
+    ``np.finfo(dtype).tiny``) becomes 0. The test reads each float's bits as an unsigned
+    integer: shifted left by one (the sign bit drops out) and less one (zero wraps round
+    to the largest integer), a subnormal value is exactly one below 2 * bits(tiny) - 1.
+    No arithmetic on a subnormal float, which is what is slow on many x86 CPUs. The
+    zeros are written only when a subnormal value is there (measured on a million
+    float32 values: 0.3 ms; a masked copy on every call took 1.8 ms when a tenth of the
+    values were zeros, as in a saturated sigmoid's gradient).
+    """
+    if out is None:
+        out = a.copy()
+    elif out is not a:
+        np.copyto(out, a)
+    unsigned = _UNSIGNED_OF_SIZE.get(out.dtype.itemsize)
+    if unsigned is None:  # long double: no integer of its size to read its bits with
+        np.copyto(out, 0, where=(out != 0) & (np.abs(out) < np.finfo(out.dtype).tiny))
+        return out
+    tiny_bits = int(np.array(np.finfo(out.dtype).tiny, dtype=out.dtype).view(unsigned))
+    bits = _scratch("flush_subnormals.bits", out.size, unsigned).reshape(out.shape)
+    np.left_shift(out.view(unsigned), 1, out=bits)
+    np.subtract(bits, 1, out=bits)
+    found = _scratch("flush_subnormals.found", out.size, bool).reshape(out.shape)
+    np.less(bits, (tiny_bits << 1) - 1, out=found)
+    if found.any():
+        np.copyto(out, 0, where=found)
+    return out
+
+
+# ---------------------------------------------------------------------------
 # Along the last axis
 # ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ def forward(x, *, size=2, stride=None, workspace=None):
 
     Computed as::
 
-        P = \frac{\left(\operatorname{window\_sum}_{k,s}\left(X\right)\right)}{k^{2}}
+        P = \operatorname{flush}\left(\frac{\left(\operatorname{window\_sum}_{k,s}\left(X\right)\right)}{k^{2}}\right)
 
     Arguments:
         x: input, NHWC
@@ -52,6 +52,7 @@ def forward(x, *, size=2, stride=None, workspace=None):
     )
     out = _k.buffer(workspace, "forward.out", window_sum.shape, window_sum.dtype)
     np.divide(window_sum, (size**2), out=out)
+    _k.flush_subnormals(out, out=out)
     cache = {
         "function": "avgpool2d.forward",
         "x": x,
@@ -79,6 +80,12 @@ def backward(dout, cache, *, workspace=None):
     `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
     the sizes the shipped networks use: batch 2, channels 20, in_height 20, in_width 20, size 2,
     stride 2 (seed).
+
+    flush(x) = x: in exact arithmetic, where the proof works, it changes nothing. The code sets
+    every subnormal value of x (nonzero and smaller in magnitude than the smallest normal float,
+    1.2e-38 in float32) to 0, an absolute change below that bound. Saturated exponentials
+    (sigmoid, softmax) make such values, and so does averaging small ones; arithmetic on them is
+    slow on many CPUs.
 
     With stride = size the windows tile the input, every input element lies in at most one
     window, and the scatter-add is the Kronecker product with a k-by-k block of ones.

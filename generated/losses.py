@@ -147,7 +147,7 @@ def bce_with_logits_backward(cache, *, workspace=None):
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
-        dlogits = \frac{- Y + \sigma\left(Z\right)}{m}
+        dlogits = \operatorname{flush}\left(\frac{- Y + \sigma\left(Z\right)}{m}\right)
 
     dlogits: proven on 4 configurations: batch 1-2, classes 1-3.
     `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
@@ -155,6 +155,12 @@ def bce_with_logits_backward(cache, *, workspace=None):
 
     The code evaluates softplus(z) - y z, equal to the textbook form and finite for any logit
     (softplus(z) = logaddexp(0, z)).
+
+    flush(x) = x: in exact arithmetic, where the proof works, it changes nothing. The code sets
+    every subnormal value of x (nonzero and smaller in magnitude than the smallest normal float,
+    1.2e-38 in float32) to 0, an absolute change below that bound. Saturated exponentials
+    (sigmoid, softmax) make such values, and so does averaging small ones; arithmetic on them is
+    slow on many CPUs.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
     this layer. Results, the cache and work arrays are then written into arrays kept in it and
@@ -181,6 +187,7 @@ def bce_with_logits_backward(cache, *, workspace=None):
         np.divide(1, dlogits, out=dlogits)
         np.subtract(dlogits, targets, out=dlogits)
         np.divide(dlogits, batch, out=dlogits)
+        _k.flush_subnormals(dlogits, out=dlogits)
     return dlogits
 
 
@@ -235,7 +242,7 @@ def softmax_cross_entropy_backward(cache, *, workspace=None):
 
     Closed forms, proven equal to SymPy's chain-rule derivative of the definition::
 
-        dlogits = \frac{- Y + \left(\operatorname{softmax}\left(Z\right)\right) \left(\textstyle\sum_{\text{axes } -1} Y\right)}{m}
+        dlogits = \operatorname{flush}\left(\frac{- Y + \left(\operatorname{softmax}\left(Z\right)\right) \left(\textstyle\sum_{\text{axes } -1} Y\right)}{m}\right)
 
     dlogits: proven on 4 configurations: batch 1-2, classes 1-3.
     `cnnderive verify --network-sizes` (run by CI, not by `cnnderive generate`) proves them at
@@ -245,6 +252,12 @@ def softmax_cross_entropy_backward(cache, *, workspace=None):
     1) it is (A - Y)/m.
 
     The code evaluates y (logsumexp(z) - z), finite for any logits.
+
+    flush(x) = x: in exact arithmetic, where the proof works, it changes nothing. The code sets
+    every subnormal value of x (nonzero and smaller in magnitude than the smallest normal float,
+    1.2e-38 in float32) to 0, an absolute change below that bound. Saturated exponentials
+    (sigmoid, softmax) make such values, and so does averaging small ones; arithmetic on them is
+    slow on many CPUs.
 
     workspace: None (default: every result is a new array), or a dict that the caller keeps for
     this layer. Results, the cache and work arrays are then written into arrays kept in it and
@@ -270,6 +283,7 @@ def softmax_cross_entropy_backward(cache, *, workspace=None):
     np.multiply(softmax, target_sum, out=dlogits)
     np.subtract(dlogits, targets, out=dlogits)
     np.divide(dlogits, batch, out=dlogits)
+    _k.flush_subnormals(dlogits, out=dlogits)
     return dlogits
 
 

@@ -471,7 +471,7 @@ def test_the_training_commands_say_how_to_recover_from_a_broken_generated(tmp_pa
 
     repository = Path(__file__).resolve().parent.parent
     copy = tmp_path / "copy"
-    for package in ("cnnderive", "derive", "codegen", "generated"):
+    for package in ("cnnderive", "cnnderive_common", "derive", "codegen", "generated"):
         shutil.copytree(repository / package, copy / package)
     (copy / "generated" / "__init__.py").write_text("this is not python(\n")
     env = {**os.environ, "PYTHONPATH": str(copy)}

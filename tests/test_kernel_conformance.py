@@ -96,6 +96,21 @@ MUTATIONS = [
         "partial = partial.reshape(joined, columns).sum(axis=0)",
         "partial = partial.reshape(joined, columns)[1:].sum(axis=0)",
     ),
+    (
+        "flush_subnormals also zeroing the smallest normal values",
+        "np.less(bits, (tiny_bits << 1) - 1, out=found)",
+        "np.less_equal(bits, (tiny_bits << 1) - 1, out=found)",
+    ),
+    (
+        "flush_subnormals zeroing only positive subnormal values",
+        "np.left_shift(out.view(unsigned), 1, out=bits)",
+        "np.copyto(bits, out.view(unsigned))",
+    ),
+    (
+        "flush_subnormals writing into its input when given another out",
+        "    elif out is not a:\n        np.copyto(out, a)",
+        "    elif out is not a:\n        out = a",
+    ),
 ]
 
 
