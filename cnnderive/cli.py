@@ -7,26 +7,20 @@ Each subcommand's module is imported only when that subcommand runs, so that
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import os
-import signal
 import sys
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from cnnderive_common.commandline import UsageError
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived.  A KeyboardInterrupt, so that every place that tidies up after
-    Ctrl-C (a training run keeps its checkpoint and draws its plots) does so for it too."""
-
-
-# Exit codes of a command stopped by a signal, as a shell reports them (128 + signal number).
-EXIT_INTERRUPTED = 128 + signal.SIGINT
-EXIT_TERMINATED = 128 + signal.SIGTERM
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+from cnnderive_common.commandline import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    Terminated,
+    UsageError,
+    sigterm_as_interrupt,
+    silence_stdout,
+)
 
 # The top-level packages that cnnderive installs beside itself.
 SIBLING_PACKAGES = ("derive", "codegen", "generated")
@@ -60,47 +54,6 @@ def shadowing_problem(names=SIBLING_PACKAGES) -> str | None:
                 "cnnderive from another folder"
             )
     return None
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-def _default_sigterm_in_child() -> None:
-    """In a forked child (a proof or training worker), SIGTERM ends the process again:
-    process pools stop their workers with it, and a worker that raised Terminated
-    instead would not stop."""
-    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_default_sigterm_in_child)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: leave SIGTERM alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def silence_stdout() -> None:
-    """Point stdout at /dev/null, so that flushing it at exit raises no second
-    BrokenPipeError (the reader went away; nothing more can reach it)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # stdout is no real file (pytest, say)
-        pass
 
 
 def _version() -> str:

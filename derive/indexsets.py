@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import sympy
 
 from derive import ir
+from derive.functions import without_flushes
 
 # A constraint is ("eq", e), meaning e = 0, or ("ge", e), meaning e >= 0; e is an integer
 # expression in index variables and sizes.
@@ -284,7 +285,8 @@ class TreeMeaning:
 
     def element_Pointwise(self, node, index):
         symbols = [symbol for symbol, _ in node.arguments]
-        expr = node.expr.xreplace(self.values)
+        # A proof is in exact arithmetic, where flush(x) is x (derive.functions).
+        expr = without_flushes(node.expr).xreplace(self.values)
         expr = expr.xreplace(
             {s: self.integer(s) for s in expr.free_symbols if isinstance(s, ir.Dim)}
         )

@@ -26,6 +26,7 @@ import itertools
 import sympy
 
 from derive import ir
+from derive.functions import without_flushes
 from derive.indexsets import NotAffine
 from derive.layer import IndexDefinition, Layer
 
@@ -119,7 +120,8 @@ def _tree_locals(node: ir.Node, layer: Layer, symbols) -> sympy.Expr:
                 return go(bindings[n.name])
             raise NotAffine(f"operand {n.name} is not known")
         if isinstance(n, ir.Pointwise):
-            return n.expr.xreplace({s: go(child) for s, child in n.arguments})
+            # A proof is in exact arithmetic, where flush(x) is x (derive.functions).
+            return without_flushes(n.expr).xreplace({s: go(child) for s, child in n.arguments})
         if isinstance(n, ir.Sum):
             if n.axes in ((-1,),) and n.keepdims:
                 return row_sum(go(n.a), local_symbols)

@@ -29,14 +29,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cnnderive.cli import (
+from cnnderive_common.commandline import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     Terminated,
+    UsageError,
     silence_stdout,
 )
-from cnnderive_common.commandline import UsageError
 from cnnderive_common.files import folder_problem
 
 from .data import DATASETS, DataError, load_dataset
