@@ -174,6 +174,49 @@ def _dense_from_flatten(w, h, wd, c):
     return w.reshape(h, wd, c, out).transpose(3, 2, 0, 1).reshape(out, c * h * wd)
 
 
+def torch_model(torch, net_name, params):
+    """The network in PyTorch (NCHW), with the generated network's initial parameters."""
+    nn = torch.nn
+    p = {k: np.array(v, dtype=F32) for k, v in params.items()}
+
+    def conv(w, b, padding=0):
+        layer = nn.Conv2d(w.shape[2], w.shape[3], w.shape[:2], padding=padding)
+        layer.weight.data = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))
+        layer.bias.data = torch.from_numpy(b.copy())
+        return layer
+
+    def linear(w, b):
+        layer = nn.Linear(w.shape[0], w.shape[1])
+        layer.weight.data = torch.from_numpy(np.ascontiguousarray(w))
+        layer.bias.data = torch.from_numpy(b.copy())
+        return layer
+
+    if net_name == "seed":
+        return nn.Sequential(
+            conv(p["conv1_w"], p["conv1_b"]),
+            nn.Sigmoid(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            linear(_dense_from_flatten(p["fc_w"], 10, 10, 20), p["fc_b"]),
+        )
+    if net_name != "lenet":
+        raise ValueError(f"no torch reference for the {net_name} network")
+    return nn.Sequential(
+        conv(p["conv1_w"], p["conv1_b"], padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        conv(p["conv2_w"], p["conv2_b"]),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        linear(_dense_from_flatten(p["fc1_w"], 5, 5, 16), p["fc1_b"]),
+        nn.ReLU(),
+        linear(p["fc2_w"].T, p["fc2_b"]),
+        nn.ReLU(),
+        linear(p["fc3_w"].T, p["fc3_b"]),
+    )
+
+
 class TorchStep:
     """The identical network in PyTorch eager (NCHW), from the generated network's parameters."""
 
@@ -181,47 +224,13 @@ class TorchStep:
 
     def __init__(self, net_name, params, images, labels):
         nn = torch.nn
-        p = {k: np.array(v, dtype=F32) for k, v in params.items()}
-
-        def conv(w, b, padding=0):
-            layer = nn.Conv2d(w.shape[2], w.shape[3], w.shape[:2], padding=padding)
-            layer.weight.data = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))
-            layer.bias.data = torch.from_numpy(b.copy())
-            return layer
-
-        def linear(w, b):
-            layer = nn.Linear(w.shape[0], w.shape[1])
-            layer.weight.data = torch.from_numpy(np.ascontiguousarray(w))
-            layer.bias.data = torch.from_numpy(b.copy())
-            return layer
-
+        self.model = torch_model(torch, net_name, params)
         n = len(labels)
         if net_name == "seed":
-            self.model = nn.Sequential(
-                conv(p["conv1_w"], p["conv1_b"]),
-                nn.Sigmoid(),
-                nn.AvgPool2d(2),
-                nn.Flatten(),
-                linear(_dense_from_flatten(p["fc_w"], 10, 10, 20), p["fc_b"]),
-            )
             bce = nn.BCEWithLogitsLoss(reduction="sum")
             self.target = torch.from_numpy(np.eye(10, dtype=F32)[labels])
             self.loss = lambda logits, target: bce(logits, target) / n
         elif net_name == "lenet":
-            self.model = nn.Sequential(
-                conv(p["conv1_w"], p["conv1_b"], padding=2),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-                conv(p["conv2_w"], p["conv2_b"]),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-                nn.Flatten(),
-                linear(_dense_from_flatten(p["fc1_w"], 5, 5, 16), p["fc1_b"]),
-                nn.ReLU(),
-                linear(p["fc2_w"].T, p["fc2_b"]),
-                nn.ReLU(),
-                linear(p["fc3_w"].T, p["fc3_b"]),
-            )
             self.target = torch.from_numpy(labels)
             self.loss = nn.CrossEntropyLoss()
         else:

@@ -50,7 +50,7 @@ from dataclasses import replace
 import numpy as np
 from _measure import OtherLoad, describe_environment, percent
 from threadpoolctl import threadpool_limits
-from train_step import _dense_from_flatten, layer_label
+from train_step import layer_label, torch_model
 
 from cnnderive.train import optim
 from cnnderive.train.data import load_dataset
@@ -107,47 +107,6 @@ def run_generated(net_name, batch, epochs, threads, dataset):
 
 
 # ----------------------------------------------------------------------------- torch
-
-
-def torch_model(torch, net_name, params):
-    """The network in PyTorch (NCHW), with the generated network's initial parameters."""
-    nn = torch.nn
-    p = {k: np.array(v, dtype=F32) for k, v in params.items()}
-
-    def conv(w, b, padding=0):
-        layer = nn.Conv2d(w.shape[2], w.shape[3], w.shape[:2], padding=padding)
-        layer.weight.data = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))
-        layer.bias.data = torch.from_numpy(b.copy())
-        return layer
-
-    def linear(w, b):
-        layer = nn.Linear(w.shape[0], w.shape[1])
-        layer.weight.data = torch.from_numpy(np.ascontiguousarray(w))
-        layer.bias.data = torch.from_numpy(b.copy())
-        return layer
-
-    if net_name == "seed":
-        return nn.Sequential(
-            conv(p["conv1_w"], p["conv1_b"]),
-            nn.Sigmoid(),
-            nn.AvgPool2d(2),
-            nn.Flatten(),
-            linear(_dense_from_flatten(p["fc_w"], 10, 10, 20), p["fc_b"]),
-        )
-    return nn.Sequential(
-        conv(p["conv1_w"], p["conv1_b"], padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        conv(p["conv2_w"], p["conv2_b"]),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        linear(_dense_from_flatten(p["fc1_w"], 5, 5, 16), p["fc1_b"]),
-        nn.ReLU(),
-        linear(p["fc2_w"].T, p["fc2_b"]),
-        nn.ReLU(),
-        linear(p["fc3_w"].T, p["fc3_b"]),
-    )
 
 
 def run_torch(net_name, batch, epochs, threads, dataset, compiled):
