@@ -512,3 +512,24 @@ def test_every_network_has_a_default_recipe_and_an_alternative_optimiser():
         assert recipe.net == name and recipe.epochs >= 1 and recipe.batch_size >= 1
         (other,) = {"sgd", "adam"} - {recipe.optimizer}
         assert set(ALTERNATIVE_OPTIMIZERS[name][other]) <= {"lr", "lr_decay", "momentum"}
+
+
+def test_a_waiting_process_polls_for_a_bounded_time_then_leaves_the_read_to_block(monkeypatch):
+    import multiprocessing
+    import time
+
+    from cnnderive.train import parallel
+
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    began = time.perf_counter()
+    parallel._await_message(reader, 0.02)  # nothing arrives: returns after the polling time
+    assert 0.02 <= time.perf_counter() - began < 1.0
+    writer.send("ready")
+    began = time.perf_counter()
+    parallel._await_message(reader, 10.0)  # a message waits: returns at once
+    assert time.perf_counter() - began < 1.0 and reader.recv() == "ready"
+    # Processes that would share a core do not poll: it would take time from the other one.
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert parallel._poll_seconds(2) == 0.0
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert parallel._poll_seconds(2) == parallel._POLL_SECONDS > 0

@@ -14,7 +14,8 @@ Shared memory, one anonymous mapping made before the workers are forked:
 - per worker: its part's images, its outputs (probabilities or logits) and its
   gradients, laid out like the parameters.
 
-Labels, the loss and control messages go through a pipe per worker. Each worker holds
+Labels, the loss and control messages go through a pipe per worker; a process waiting
+for one polls the pipe for a short while before it blocks (``_POLL_SECONDS``). Each worker holds
 BLAS to one thread, as the parent does while the parts run: the parts already keep
 every core busy.
 
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import mmap
 import multiprocessing
+import os
 import signal
+import time
 import traceback
 import warnings
 
@@ -49,6 +52,36 @@ def one_blas_thread():
 def parallel_supported() -> bool:
     """Whether worker processes can be forked here (not on Windows)."""
     return "fork" in multiprocessing.get_all_start_methods()
+
+
+# How long a process that waits for a message polls its pipe before it blocks on it.  A
+# blocked process is woken by the kernel when the message arrives, which took about 50 us
+# per message here; polling answers at once.  The waits inside a training step are shorter
+# than this (the parent's update and the next batch, or the slower part), so a step never
+# blocks; between epochs the wait ends in a blocking read after this long.  Measured on a
+# 2-core AMD EPYC: 2-4 % more images/s for seed and lenet at batch 64.
+_POLL_SECONDS = 2e-3
+
+
+def _poll_seconds(processes: int) -> float:
+    """The polling time for ``processes`` processes: none when they do not each have a
+    core of their own, where polling would take time from the process it waits for."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return _POLL_SECONDS if cores >= processes else 0.0
+
+
+def _await_message(connection, seconds: float) -> None:
+    """Return when ``connection`` has a message to read, or after ``seconds`` of polling
+    (the caller's recv() then blocks until one arrives)."""
+    if seconds <= 0.0:
+        return
+    deadline = time.perf_counter() + seconds
+    while not connection.poll(0):
+        if time.perf_counter() > deadline:
+            return
 
 
 class WorkerFailed(RuntimeError):
@@ -109,7 +142,7 @@ class _Views:
         return arrays
 
 
-def _worker_main(connection, parent_ends, build_network, buffer, layout, index):
+def _worker_main(connection, parent_ends, build_network, buffer, layout, index, poll_seconds):
     """A worker's loop: one message in, one reply out, until the pipe closes."""
     # Ctrl-C and SIGTERM are the parent's to handle (it stops the run and keeps its
     # checkpoint); its exit closes the pipe, which ends this loop.
@@ -128,6 +161,7 @@ def _worker_main(connection, parent_ends, build_network, buffer, layout, index):
     images, outputs, grads = views.images[index], views.outputs[index], views.grads[index]
     while True:
         try:
+            _await_message(connection, poll_seconds)
             message = connection.recv()
         except (EOFError, OSError):
             return
@@ -173,6 +207,7 @@ class PartWorkers:
         self.buffer = None
         self.views: _Views | None = None
         self.pending: list[int] = []
+        self.poll_seconds = _poll_seconds(count + 1)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -208,6 +243,7 @@ class PartWorkers:
                         self.buffer,
                         self.layout,
                         index,
+                        self.poll_seconds,
                     ),
                     name=f"cnnderive-{self.name}-part{index + 1}",
                     daemon=True,
@@ -268,6 +304,7 @@ class PartWorkers:
         replies, failures = [], []
         for index in self.pending:
             try:
+                _await_message(self.connections[index], self.poll_seconds)
                 status, value = self.connections[index].recv()
             except (EOFError, OSError):
                 status, value = "error", self._death(index)
