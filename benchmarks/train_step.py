@@ -443,6 +443,25 @@ class NumpyStep:
 # ---------------------------------------------------------------------------- driver
 
 
+def print_breakdown(table, total):
+    """The per-layer table of a step's ``total`` ms: forward, backward, their share, and
+    the rest of the step (Python between the layers, waiting for the other processes)."""
+    print(f"  {'layer':<28} {'forward ms':>10} {'backward ms':>11} {'total ms':>9} {'share':>6}")
+    accounted = 0.0
+    for label, row in table.items():
+        both = row["forward"] + row["backward"]
+        accounted += both
+        print(
+            f"  {label:<28} {row['forward']:>10.2f} {row['backward']:>11.2f} "
+            f"{both:>9.2f} {100 * both / total:>5.1f}%"
+        )
+    other = total - accounted
+    print(
+        f"  {'   other (Python, waiting)':<28} {'':>10} {'':>11} {other:>9.2f} "
+        f"{100 * other / total:>5.1f}%"
+    )
+
+
 def check_same(label, want, got):
     """A reference's first-step loss and gradients match the generated network's."""
     want_loss, want_grads = want
@@ -641,21 +660,7 @@ def main(argv=None):
         print(
             f"where the generated step's time goes: {net_name}, batch {n} ({total:.2f} ms/step instrumented)"
         )
-        print(
-            f"  {'layer':<28} {'forward ms':>10} {'backward ms':>11} {'total ms':>9} {'share':>6}"
-        )
-        accounted = 0.0
-        for label, row in table.items():
-            both = row["forward"] + row["backward"]
-            accounted += both
-            print(
-                f"  {label:<28} {row['forward']:>10.2f} {row['backward']:>11.2f} "
-                f"{both:>9.2f} {100 * both / total:>5.1f}%"
-            )
-        other = total - accounted
-        print(
-            f"  {'   other (Python, waiting)':<28} {'':>10} {'':>11} {other:>9.2f} {100 * other / total:>5.1f}%"
-        )
+        print_breakdown(table, total)
     shares = ", ".join(f"{impl} {percent(share)}" for impl, share in disturbed)
     print(
         f"\nCPU time other processes used during each worker run (share of the machine): {shares}."

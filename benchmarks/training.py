@@ -50,7 +50,7 @@ from dataclasses import replace
 import numpy as np
 from _measure import OtherLoad, describe_environment, percent
 from threadpoolctl import threadpool_limits
-from train_step import layer_label, torch_model
+from train_step import layer_label, print_breakdown, torch_model
 
 from cnnderive.train import optim
 from cnnderive.train.data import load_dataset
@@ -532,21 +532,7 @@ def main(argv=None):
                 f"epoch, {args.threads} threads ({total:.2f} ms/step instrumented; with two "
                 "threads this process's part of each batch)"
             )
-            print(
-                f"  {'layer':<28} {'forward ms':>10} {'backward ms':>11} {'total ms':>9} {'share':>6}"
-            )
-            accounted = 0.0
-            for label, row in table.items():
-                both = row["forward"] + row["backward"]
-                accounted += both
-                print(
-                    f"  {label:<28} {row['forward']:>10.2f} {row['backward']:>11.2f} "
-                    f"{both:>9.2f} {100 * both / total:>5.1f}%"
-                )
-            other = total - accounted
-            print(
-                f"  {'   other (Python, waiting)':<28} {'':>10} {'':>11} {other:>9.2f} {100 * other / total:>5.1f}%"
-            )
+            print_breakdown(table, total)
 
 
 if __name__ == "__main__":

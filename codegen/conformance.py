@@ -693,9 +693,9 @@ def _flush_problems(module, rng) -> list[str]:
     for dtype in (np.float16, np.float32, np.float64, np.longdouble):
         info = np.finfo(dtype)
         special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, info.tiny, -info.tiny], dtype)
-        subnormal = (info.tiny * rng.uniform(0.0, 1.0, size=40)).astype(dtype)
-        subnormal = subnormal[subnormal != 0] * np.where(
-            rng.random(subnormal[subnormal != 0].size) < 0.5, -1, 1
+        # Magnitudes from a hundredth of tiny up: above the smallest subnormal of every type.
+        subnormal = (
+            info.tiny * rng.uniform(0.01, 1.0, size=40) * rng.choice([-1.0, 1.0], size=40)
         ).astype(dtype)
         normal = rng.normal(size=60).astype(dtype)
         values = np.concatenate([special, subnormal, normal])

@@ -234,11 +234,11 @@ _avgpool_forward, _avgpool_gradients = derived_closed_forms(
 # flush: a quarter of a window of small sigmoid outputs can fall below the smallest normal
 # float (derive.functions.flush_subnormal: the identity in the proof's exact arithmetic).
 def _flushed(tree):
-    """``flush_subnormal`` around ``tree``: inside its expression when it is elementwise,
-    so that the flush runs on the array that expression writes, not on a copy."""
-    if isinstance(tree, Pointwise):
-        return Pointwise(flush_subnormal(tree.expr), tree.arguments)
-    return pointwise(flush_subnormal(sympy.Symbol("value")), value=tree)
+    """``flush_subnormal`` inside the elementwise ``tree``'s expression, so that the flush
+    runs on the array that expression writes, not on a copy."""
+    if not isinstance(tree, Pointwise):
+        raise TypeError(f"the derived average pool's forward is no longer elementwise: {tree}")
+    return Pointwise(flush_subnormal(tree.expr), tree.arguments)
 
 
 _avgpool_forward = tuple((name, _flushed(tree)) for name, tree in _avgpool_forward)
