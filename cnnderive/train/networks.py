@@ -6,9 +6,10 @@ it keeps each layer's cache from the forward pass and hands each layer's upstrea
 gradient to the layer's generated backward. No derivative is written out by hand.
 
 A network holds its parameters in ``params``, a dict of named arrays in ``dtype``
-(float32 for training; float64 is there for finite-difference checks). After
-``forward(images, labels)``, ``backward()`` returns a dict of gradients with the same
-names and shapes as ``params``. The generated losses already divide by the batch size,
+(float32 for training; float64 is there for finite-difference checks), kept as pieces
+of one flat array (:class:`train.flat.FlatArrays`: store into them, do not replace
+them). After ``forward(images, labels)``, ``backward()`` returns the gradients, a new
+FlatArrays with the same names and shapes as ``params``. The generated losses already divide by the batch size,
 so the gradients are those of the mean loss over the batch.
 
 Threads: a network built with ``threads=k`` (k > 1) cuts each batch into k contiguous
@@ -58,6 +59,7 @@ Networks:
 from __future__ import annotations
 
 import contextlib
+import mmap
 import numbers
 import weakref
 from collections.abc import Callable
@@ -67,6 +69,7 @@ import numpy as np
 from generated import activations, avgpool2d, conv2d, dense, flatten, losses, maxpool2d, rewrites
 
 from .data import Split
+from .flat import FlatArrays
 from .parallel import PartWorkers, one_blas_thread, parallel_supported
 
 __all__ = [
@@ -250,6 +253,14 @@ class Network:
         self._parallel = self.threads > 1 and parallel_supported()
         self.params: dict[str, np.ndarray] = {}
         self._build(np.random.default_rng(seed))
+        # The parameters as pieces of one array (train.flat), in a mapping that forked
+        # worker processes share when there are workers: they read them in place.
+        self._param_memory = None
+        if self._parallel:
+            size = FlatArrays.size_of({k: v.shape for k, v in self.params.items()})
+            self._param_memory = mmap.mmap(-1, max(1, size * self.dtype.itemsize))
+        self.params = FlatArrays.copy_of(self.params, self.dtype, self._param_memory)
+        self._shared_params = self.params
         self.layers = self._new_layers()
         self._loss_cache = None
         self._workers: PartWorkers | None = None
@@ -326,15 +337,17 @@ class Network:
             # Stop them when the network is garbage-collected without close().
             weakref.finalize(self, self._workers.close)
         workers = self._workers
+        if self.params is not self._shared_params:
+            # Someone gave the network other arrays: the workers read the shared ones.
+            for name, value in self.params.items():
+                self._shared_params[name] = value
         workers.ensure(
-            self.params,
+            self._shared_params,
             self.dtype,
             max(part.stop - part.start for part in parts),
             images.shape[1:],
             self.num_classes,
         )
-        for name, value in self.params.items():
-            workers.views.params[name][...] = value
         for index, part in enumerate(parts[1:]):
             workers.views.images[index][: part.stop - part.start] = images[part]
         return workers
@@ -444,22 +457,23 @@ class Network:
             return loss, np.concatenate(outputs), None
         return loss, np.concatenate(outputs), self._combined_gradients(parts, own_gradients)
 
-    def _own_backward(self) -> dict[str, np.ndarray]:
-        grads: dict[str, np.ndarray] = {}
+    def _own_backward(self) -> FlatArrays:
+        # Each layer stores its gradients into grads' pieces (FlatArrays copies them).
+        grads = FlatArrays(self.params.shapes(), self.dtype)
         g = self._loss_backward(self._loss_cache)
         for layer in reversed(self.layers):
             g = layer.backward(g, grads)
         self._loss_cache = None
         return grads
 
-    def _combined_gradients(self, parts, first) -> dict[str, np.ndarray]:
-        """d(sum_i w_i L_i) = sum_i w_i dL_i: part 0's gradients and the workers', in order."""
+    def _combined_gradients(self, parts, first: FlatArrays) -> FlatArrays:
+        """d(sum_i w_i L_i) = sum_i w_i dL_i: part 0's gradients and the workers', in order
+        (into ``first``)."""
         weights = self._weights(parts)
-        grads = {key: value * weights[0] for key, value in first.items()}
+        np.multiply(first.flat, weights[0], out=first.flat)
         for w, part in zip(weights[1:], self._workers.views.grads):
-            for key, value in part.items():
-                grads[key] += w * value
-        return grads
+            first.flat += w * part.flat
+        return first
 
     def predict(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
         """Predicted classes, computed in chunks of ``batch_size`` images."""

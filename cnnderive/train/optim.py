@@ -8,6 +8,11 @@ Both can shrink weights (parameters named ``*_w``, not biases) by
 ``lr(epoch) * weight_decay`` of themselves before each update: decoupled weight decay,
 an update rule of the optimiser, not a gradient.
 
+When the parameters and the gradients are :class:`train.flat.FlatArrays` of one layout
+(as a network's are), the update runs once over their flat arrays, with the
+optimiser's state joined the same way; otherwise array by array. The arithmetic on
+each element is the same either way.
+
 Both optimisers follow a per-epoch learning-rate schedule,
 ``lr(epoch) = lr * lr_decay ** (epoch - 1)`` for epochs counted from 1; the training
 loop calls :meth:`Optimizer.start_epoch` before each epoch. The schedule and the
@@ -21,6 +26,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .flat import FlatArrays, joined
 
 __all__ = ["OPTIMIZERS", "SGD", "Adam", "Optimizer", "build"]
 
@@ -49,6 +56,7 @@ class Optimizer:
         self.step_count = 0
         self.epoch = 0
         self.buffers: dict[str, np.ndarray] = {}
+        self._joined: dict[str, FlatArrays] = {}  # see _joined_buffer
         self._names = list(params)
 
     def _buffer(self, key: str, like: np.ndarray) -> np.ndarray:
@@ -65,16 +73,49 @@ class Optimizer:
     def current_lr(self) -> float:
         return self.lr * self.lr_decay ** max(self.epoch - 1, 0)
 
+    def _joined_buffer(self, prefix: str, params: FlatArrays) -> np.ndarray:
+        """The state ``prefix + name`` of every parameter as one flat array (a FlatArrays
+        laid out like ``params``, whose views are the entries of ``buffers``)."""
+        state = self._joined.get(prefix)
+        fits = state is not None and state.layout == params.layout
+        if fits:
+            fits = all(self.buffers.get(prefix + name) is view for name, view in state.items())
+        if not fits:
+            # First use, or the entries were replaced (load_state_dict): joined afresh.
+            state = FlatArrays(params.shapes(), params.flat.dtype)
+            for name in params:
+                kept = self.buffers.get(prefix + name)
+                if kept is not None:
+                    state[name] = kept
+                self.buffers[prefix + name] = dict.__getitem__(state, name)
+            self._joined[prefix] = state
+        return state.flat
+
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
         self.step_count += 1
-        shrink = 1.0 - self.current_lr * self.weight_decay
+        if self.weight_decay:
+            shrink = 1.0 - self.current_lr * self.weight_decay
+            for name in self._names:
+                if name.endswith("_w"):
+                    params[name] *= params[name].dtype.type(shrink)
+        flats = joined(params, grads)
+        if flats is not None:
+            # One update of all the parameters at once: the same arithmetic on every
+            # element as the update of each array below, in a few calls instead of a
+            # few per array (train.flat).
+            param, grad = flats
+            self._update(lambda prefix: self._joined_buffer(prefix, params), param, grad)
+            return
         for name in self._names:
             param = params[name]
-            if self.weight_decay and name.endswith("_w"):
-                param *= param.dtype.type(shrink)
-            self._update(name, param, grads[name])
+            self._update(
+                lambda prefix, name=name, param=param: self._buffer(prefix + name, param),
+                param,
+                grads[name],
+            )
 
-    def _update(self, name, param, grad):  # pragma: no cover - abstract
+    def _update(self, state, param, grad):  # pragma: no cover - abstract
+        """Update ``param`` in place; ``state(prefix)`` is its optimiser state named ``prefix``."""
         raise NotImplementedError
 
     def hyperparameters(self) -> dict[str, float]:
@@ -144,8 +185,8 @@ class SGD(Optimizer):
         self._lr_now = self.current_lr
         super().step(params, grads)
 
-    def _update(self, name, param, grad):
-        v = self._buffer(name, param)
+    def _update(self, state, param, grad):
+        v = state("")
         v *= param.dtype.type(self._mu)
         v -= param.dtype.type(self._lr_now) * grad
         param += v
@@ -184,10 +225,10 @@ class Adam(Optimizer):
         self._eps_t = self.eps * c2
         super().step(params, grads)
 
-    def _update(self, name, param, grad):
+    def _update(self, state, param, grad):
         f = param.dtype.type
-        m = self._buffer("m/" + name, param)
-        v = self._buffer("v/" + name, param)
+        m = state("m/")
+        v = state("v/")
         m *= f(self.beta1)
         m += f(1.0 - self.beta1) * grad
         v *= f(self.beta2)

@@ -8,14 +8,16 @@ arrays, and in one process the threads' page faults and mmap/munmap calls wait o
 another (measured here: two threads ran a LeNet step no faster than one). Separate
 processes share nothing but the memory set up for them.
 
-Shared memory, one anonymous mapping made before the workers are forked:
+Shared memory, anonymous mappings made before the workers are forked:
 
-- the parameters, written by the parent before every forward pass;
-- per worker: its part's images, its outputs (probabilities or logits) and its
-  gradients, laid out like the parameters.
+- the parameters: the network's own (a :class:`train.flat.FlatArrays` that it keeps
+  in a shared mapping from the start), which the optimiser updates in place between
+  steps, so nothing is copied to the workers;
+- per worker: its part's images and labels, its outputs (probabilities or logits) and
+  its gradients, a FlatArrays laid out like the parameters.
 
-Labels, the loss and control messages go through a pipe per worker; a process waiting
-for one polls the pipe for a short while before it blocks (``_POLL_SECONDS``). Each worker holds
+The loss and control messages go through a pipe per worker; a process waiting for one
+polls the pipe for a short while before it blocks (``_POLL_SECONDS``). Each worker holds
 BLAS to one thread, as the parent does while the parts run: the parts already keep
 every core busy.
 
@@ -25,6 +27,7 @@ them, with room for the largest part seen so far; a larger part restarts them.
 
 from __future__ import annotations
 
+import math
 import mmap
 import multiprocessing
 import os
@@ -35,6 +38,8 @@ import warnings
 
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_limits
+
+from .flat import FlatArrays
 
 __all__ = ["PartWorkers", "WorkerFailed", "one_blas_thread", "parallel_supported"]
 
@@ -89,60 +94,70 @@ class WorkerFailed(RuntimeError):
 
 
 class _Layout:
-    """Where each array lives in the shared mapping (offsets in elements of ``dtype``)."""
+    """Where each worker's arrays live in the shared mapping (offsets in bytes)."""
 
     def __init__(self, params, dtype, workers, capacity, image_shape, outputs):
         self.dtype = np.dtype(dtype)
-        self.names = list(params)
-        self.shapes = {name: params[name].shape for name in self.names}
-        self.param_size = sum(params[name].size for name in self.names)
+        self.shapes = dict(params.layout)
         self.capacity, self.image_shape, self.outputs = capacity, tuple(image_shape), outputs
-        self.image_size = capacity * int(np.prod(image_shape))
-        self.output_size = capacity * outputs
-        self.worker_size = self.image_size + self.output_size + self.param_size
+        item = self.dtype.itemsize
+        self.image_bytes = capacity * math.prod(image_shape) * item
+        self.output_bytes = capacity * outputs * item
+        self.label_bytes = capacity * _LABELS.itemsize
+        self.grad_bytes = FlatArrays.size_of(self.shapes) * item
+        # Each block starts on a multiple of 64 bytes: aligned for NumPy's and BLAS's
+        # vector loads, and no cache line is shared by two blocks.
+        self.worker_bytes = sum(
+            _aligned(size)
+            for size in (self.image_bytes, self.output_bytes, self.label_bytes, self.grad_bytes)
+        )
         self.workers = workers
-        self.total = self.param_size + workers * self.worker_size
+        self.total = workers * self.worker_bytes
 
     def fits(self, params, dtype, capacity, image_shape, outputs) -> bool:
         return (
             np.dtype(dtype) == self.dtype
-            and list(params) == self.names
+            and dict(params.layout) == self.shapes
             and capacity <= self.capacity
             and tuple(image_shape) == self.image_shape
             and outputs == self.outputs
         )
 
 
+_LABELS = np.dtype(np.int64)  # class labels travel in shared memory as int64
+_SHARED = "shared"  # in a message: the labels are in the worker's shared block
+
+
+def _aligned(size: int) -> int:
+    return -(-size // 64) * 64
+
+
 class _Views:
-    """NumPy views of the shared mapping, for the parent or for worker ``index``."""
+    """NumPy views of the shared mapping: each worker's images, labels, outputs and gradients."""
 
     def __init__(self, buffer, layout: _Layout):
-        flat = np.frombuffer(buffer, dtype=layout.dtype, count=layout.total)
-        self.params = self._split(flat[: layout.param_size], layout)
-        self.images, self.outputs, self.grads = [], [], []
-        offset = layout.param_size
+        self.images, self.labels, self.outputs, self.grads = [], [], [], []
+        memory = memoryview(buffer)
+        offset = 0
+
+        def block(size):
+            nonlocal offset
+            piece = memory[offset : offset + size]
+            offset += _aligned(size)
+            return piece
+
         for _ in range(layout.workers):
-            block = flat[offset : offset + layout.worker_size]
-            self.images.append(block[: layout.image_size].reshape(-1, *layout.image_shape))
-            self.outputs.append(
-                block[layout.image_size : layout.image_size + layout.output_size].reshape(
-                    -1, layout.outputs
-                )
-            )
-            self.grads.append(self._split(block[layout.image_size + layout.output_size :], layout))
-            offset += layout.worker_size
-
-    @staticmethod
-    def _split(flat, layout):
-        arrays, offset = {}, 0
-        for name in layout.names:
-            size = int(np.prod(layout.shapes[name]))
-            arrays[name] = flat[offset : offset + size].reshape(layout.shapes[name])
-            offset += size
-        return arrays
+            images = np.frombuffer(block(layout.image_bytes), dtype=layout.dtype)
+            self.images.append(images.reshape(-1, *layout.image_shape))
+            outputs = np.frombuffer(block(layout.output_bytes), dtype=layout.dtype)
+            self.outputs.append(outputs.reshape(-1, layout.outputs))
+            self.labels.append(np.frombuffer(block(layout.label_bytes), dtype=_LABELS))
+            self.grads.append(FlatArrays(layout.shapes, layout.dtype, block(layout.grad_bytes)))
 
 
-def _worker_main(connection, parent_ends, build_network, buffer, layout, index, poll_seconds):
+def _worker_main(
+    connection, parent_ends, build_network, params, buffer, layout, index, poll_seconds
+):
     """A worker's loop: one message in, one reply out, until the pipe closes."""
     # Ctrl-C and SIGTERM are the parent's to handle (it stops the run and keeps its
     # checkpoint); its exit closes the pipe, which ends this loop.
@@ -156,9 +171,11 @@ def _worker_main(connection, parent_ends, build_network, buffer, layout, index, 
     threadpool_limits(1, user_api="blas")
     net = build_network()
     views = _Views(buffer, layout)
-    # The network reads the parameters the parent writes before each call, in place.
-    net.params = views.params
+    # The parent's parameters, in the shared mapping it made them in: the optimiser
+    # updates them in place, while this worker waits for its next message.
+    net.params = params
     images, outputs, grads = views.images[index], views.outputs[index], views.grads[index]
+    shared_labels = views.labels[index]
     while True:
         try:
             _await_message(connection, poll_seconds)
@@ -168,21 +185,21 @@ def _worker_main(connection, parent_ends, build_network, buffer, layout, index, 
         kind, count, labels, errors = message
         if kind == "close":
             return
+        if isinstance(labels, str):  # _SHARED: written into shared memory by the parent
+            labels = shared_labels[:count]
         try:
             with np.errstate(**errors):
                 if kind in ("forward", "step"):
                     loss, out = net.forward(images[:count], labels)
                     outputs[:count] = out
                     if kind == "step":
-                        for name, value in net.backward().items():
-                            grads[name][...] = value
+                        np.copyto(grads.flat, net.backward().flat)
                     reply = ("ok", loss)
                 elif kind == "logits":
                     outputs[:count] = net.logits(images[:count])
                     reply = ("ok", None)
                 elif kind == "backward":
-                    for name, value in net.backward().items():
-                        grads[name][...] = value
+                    np.copyto(grads.flat, net.backward().flat)
                     reply = ("ok", None)
                 else:
                     reply = ("error", f"unknown message {kind!r}")
@@ -212,7 +229,10 @@ class PartWorkers:
     # -- life cycle ---------------------------------------------------------------------
 
     def ensure(self, params, dtype, capacity, image_shape, outputs) -> None:
-        """Workers running with room for ``capacity`` images of ``image_shape`` per part."""
+        """Workers running with room for ``capacity`` images of ``image_shape`` per part.
+
+        ``params`` is a FlatArrays in memory that forked processes share (its values are
+        read by the workers, in place, at every call)."""
         if self.layout is not None and self.layout.fits(
             params, dtype, capacity, image_shape, outputs
         ):
@@ -221,7 +241,7 @@ class PartWorkers:
             capacity = max(capacity, self.layout.capacity)
         self.close()
         self.layout = _Layout(params, dtype, self.count, capacity, image_shape, outputs)
-        self.buffer = mmap.mmap(-1, max(1, self.layout.total * self.layout.dtype.itemsize))
+        self.buffer = mmap.mmap(-1, max(1, self.layout.total))
         self.views = _Views(self.buffer, self.layout)
         context = multiprocessing.get_context("fork")
         with warnings.catch_warnings():
@@ -240,6 +260,7 @@ class PartWorkers:
                         child_end,
                         parent_ends,
                         self.build_network,
+                        params,
                         self.buffer,
                         self.layout,
                         index,
@@ -280,11 +301,16 @@ class PartWorkers:
     # -- one round ------------------------------------------------------------------------
 
     def send(self, kind: str, counts: list[int], labels: list | None = None) -> None:
-        """Ask worker i to run ``kind`` on its first ``counts[i]`` images."""
+        """Ask worker i to run ``kind`` on its first ``counts[i]`` images (and labels)."""
         errors = np.geterr()
         self.pending = []
         for index, count in enumerate(counts):
-            part_labels = None if labels is None else labels[index]
+            part_labels = None if labels is None else np.asarray(labels[index])
+            if part_labels is not None and part_labels.dtype.kind in "iu":
+                # Class labels go through shared memory: a pickled array in the message
+                # took about 30 us a step.
+                self.views.labels[index][:count] = part_labels
+                part_labels = _SHARED
             try:
                 self.connections[index].send((kind, count, part_labels, errors))
             except OSError:  # the worker is gone (killed between two calls, say)
