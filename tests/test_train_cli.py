@@ -401,7 +401,9 @@ def test_resuming_a_finished_run_needs_no_writable_folder(capsys, tmp_path, monk
 
     args = (*TRAIN, "--net", "toy", "--limit", "200", "--epochs", "1", "--out", "done")
     assert run(capsys, *args)[0] == 0
-    monkeypatch.setattr(cnnderive.train.cli, "folder_problem", lambda folder: "read-only file system")
+    monkeypatch.setattr(
+        cnnderive.train.cli, "folder_problem", lambda folder: "read-only file system"
+    )
     code, out, err = run(capsys, *args, "--resume")
     assert code == 0 and "nothing to do" in out, err
     assert_usage_error(capsys, *args[:-4], "--epochs", "2", "--out", "done", "--resume",

@@ -346,8 +346,11 @@ def train(
         # so NumPy's overflow warnings would only say the same thing less clearly.
         # --threads 1 is one core: BLAS at one thread too, for the whole run (measured: a
         # second BLAS thread makes a LeNet step 8-20 % faster on an idle machine, but 2-3
-        # times slower while another program keeps one core busy).
-        one_core = one_blas_thread() if recipe.threads == 1 else contextlib.nullcontext()
+        # times slower while another program keeps one core busy). With worker processes
+        # this process holds BLAS to one thread in every pass anyway; set once here, the
+        # passes need not set it and put it back at every step.
+        single = recipe.threads == 1 or net.uses_workers
+        one_core = one_blas_thread() if single else contextlib.nullcontext()
         with one_core, np.errstate(over="ignore", invalid="ignore"):
             for epoch in range(start + 1, recipe.epochs + 1):
                 optimizer.start_epoch(epoch)

@@ -59,6 +59,7 @@ Networks:
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import numbers
 import weakref
@@ -213,12 +214,18 @@ def apply_proven_swaps(layers: list) -> list:
 # ------------------------------------------------------------------------------ parts
 
 
-def split_batch(n: int, parts: int) -> list[slice]:
-    """``parts`` contiguous slices of range(n), sizes differing by at most one (none empty)."""
+@functools.lru_cache(maxsize=64)
+def _split_batch(n: int, parts: int) -> tuple[slice, ...]:
     parts = max(1, min(parts, n))
     sizes = [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
     bounds = np.cumsum([0, *sizes])
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return tuple(slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def split_batch(n: int, parts: int) -> list[slice]:
+    """``parts`` contiguous slices of range(n), sizes differing by at most one (none empty)."""
+    # Remembered: a training run asks for the same two or three splits at every step.
+    return list(_split_batch(n, parts))
 
 
 # ---------------------------------------------------------------------------- networks
@@ -265,6 +272,12 @@ class Network:
         self._loss_cache = None
         self._workers: PartWorkers | None = None
         self._parts: list[slice] = []
+
+    @property
+    def uses_workers(self) -> bool:
+        """Whether batches are split over worker processes (threads > 1 where fork exists):
+        this process then computes its own part with BLAS held to one thread."""
+        return self._parallel
 
     # -- set-up -------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ them, with room for the largest part seen so far; a larger part restarts them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import multiprocessing
@@ -46,12 +47,31 @@ __all__ = ["PartWorkers", "WorkerFailed", "one_blas_thread", "parallel_supported
 _BLAS = None  # a threadpoolctl controller, made on first use (it scans the loaded libraries)
 
 
+_blas_depth = 0  # how many one_blas_thread() contexts this process is in
+
+
+@contextlib.contextmanager
 def one_blas_thread():
-    """A context in which BLAS uses one thread."""
-    global _BLAS
+    """A context in which BLAS uses one thread.
+
+    Nested in another, it does nothing: setting the limit and putting it back takes
+    about 10 us, which the training loop's steps would otherwise pay every time."""
+    global _BLAS, _blas_depth
+    if _blas_depth:
+        _blas_depth += 1
+        try:
+            yield
+        finally:
+            _blas_depth -= 1
+        return
     if _BLAS is None:
         _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
+    with _BLAS.limit(limits=1, user_api="blas"):
+        _blas_depth += 1
+        try:
+            yield
+        finally:
+            _blas_depth -= 1
 
 
 def parallel_supported() -> bool:
