@@ -560,6 +560,23 @@ def test_every_network_has_a_default_recipe_and_an_alternative_optimiser():
         assert set(ALTERNATIVE_OPTIMIZERS[name][other]) <= {"lr", "lr_decay", "momentum"}
 
 
+def test_one_blas_thread_nests_and_puts_the_outer_setting_back():
+    from threadpoolctl import threadpool_info
+
+    from cnnderive.train.parallel import one_blas_thread
+
+    def blas_threads():
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    before = blas_threads()
+    with one_blas_thread():
+        assert all(n == 1 for n in blas_threads())
+        with one_blas_thread():
+            assert all(n == 1 for n in blas_threads())
+        assert all(n == 1 for n in blas_threads())  # the inner exit kept the limit
+    assert blas_threads() == before
+
+
 def test_a_waiting_process_polls_for_a_bounded_time_then_leaves_the_read_to_block(monkeypatch):
     import multiprocessing
     import time
