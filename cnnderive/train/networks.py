@@ -341,7 +341,8 @@ class Network:
         return split_batch(n, self.threads)
 
     def _start_workers(self, parts: list[slice], images: np.ndarray) -> PartWorkers:
-        """The worker processes, running, with ``images``'s parts 1.. and the parameters copied in."""
+        """The worker processes, running, with ``images``'s parts 1.. copied in (they read the
+        parameters where this process keeps them, in shared memory)."""
         if self._workers is None:
             cls, seed, dtype = type(self), self.seed, self.dtype
             self._workers = PartWorkers(
