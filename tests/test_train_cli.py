@@ -148,10 +148,10 @@ def test_a_worker_process_that_dies_stops_the_run_with_exit_1(capsys, monkeypatc
     parent = os.getpid()
     own_backward = Network._own_backward
 
-    def dying_in_the_worker(self):
+    def dying_in_the_worker(self, *args):
         if os.getpid() != parent:
             os._exit(3)
-        return own_backward(self)
+        return own_backward(self, *args)
 
     monkeypatch.setattr(Network, "_own_backward", dying_in_the_worker)
     args = (*TRAIN, "--net", "seed", "--limit", "64", "--epochs", "1", "--threads", "2")

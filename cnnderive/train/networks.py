@@ -9,8 +9,8 @@ A network holds its parameters in ``params``, a dict of named arrays in ``dtype`
 (float32 for training; float64 is there for finite-difference checks), kept as pieces
 of one flat array (:class:`train.flat.FlatArrays`: store into them, do not replace
 them). After ``forward(images, labels)``, ``backward()`` returns the gradients, a new
-FlatArrays with the same names and shapes as ``params``. The generated losses already divide by the batch size,
-so the gradients are those of the mean loss over the batch.
+FlatArrays with the same names and shapes as ``params``. The generated losses already
+divide by the batch size, so the gradients are those of the mean loss over the batch.
 
 Threads: a network built with ``threads=k`` (k > 1) cuts each batch into k contiguous
 parts of (nearly) equal size; it runs part 0 itself and hands the others to k - 1
@@ -262,11 +262,11 @@ class Network:
         self._build(np.random.default_rng(seed))
         # The parameters as pieces of one array (train.flat), in a mapping that forked
         # worker processes share when there are workers: they read them in place.
-        self._param_memory = None
+        memory = None  # kept alive by the arrays' views of it
         if self._parallel:
             size = FlatArrays.size_of({k: v.shape for k, v in self.params.items()})
-            self._param_memory = mmap.mmap(-1, max(1, size * self.dtype.itemsize))
-        self.params = FlatArrays.copy_of(self.params, self.dtype, self._param_memory)
+            memory = mmap.mmap(-1, max(1, size * self.dtype.itemsize))
+        self.params = FlatArrays.copy_of(self.params, self.dtype, memory)
         self._shared_params = self.params
         self.layers = self._new_layers()
         self._loss_cache = None
@@ -422,16 +422,17 @@ class Network:
         loss, outputs, _ = self._passes(images, labels, gradients=False)
         return loss, outputs
 
-    def backward(self) -> dict[str, np.ndarray]:
-        """Gradients of the last :meth:`forward`'s mean loss, keyed like ``params``."""
+    def backward(self, out: FlatArrays | None = None) -> FlatArrays:
+        """Gradients of the last :meth:`forward`'s mean loss, keyed like ``params``: in
+        ``out`` (a FlatArrays laid out like ``params``, overwritten) if given, else new."""
         if self._loss_cache is None:
             raise RuntimeError("backward() needs a forward() first")
         parts, self._parts = self._parts, []
         if len(parts) == 1:
-            return self._own_backward()
+            return self._own_backward(out)
         with self._exchange() as workers:
             workers.send("backward", self._counts(parts))
-            first = self._own_backward()
+            first = self._own_backward(out)
             workers.receive()
         return self._combined_gradients(parts, first)
 
@@ -471,9 +472,10 @@ class Network:
             return loss, np.concatenate(outputs), None
         return loss, np.concatenate(outputs), self._combined_gradients(parts, own_gradients)
 
-    def _own_backward(self) -> FlatArrays:
-        # Each layer stores its gradients into grads' pieces (FlatArrays copies them).
-        grads = FlatArrays(self.params.shapes(), self.dtype)
+    def _own_backward(self, out: FlatArrays | None = None) -> FlatArrays:
+        # Each layer stores its gradients into grads' pieces (FlatArrays copies them);
+        # every parameter belongs to one layer, so all of ``out`` is overwritten.
+        grads = FlatArrays(self.params.shapes(), self.dtype) if out is None else out
         g = self._loss_backward(self._loss_cache)
         for layer in reversed(self.layers):
             g = layer.backward(g, grads)

@@ -54,19 +54,16 @@ _blas_depth = 0  # how many one_blas_thread() contexts this process is in
 def one_blas_thread():
     """A context in which BLAS uses one thread.
 
-    Nested in another, it does nothing: setting the limit and putting it back takes
+    Nested in another, it leaves the limit alone: setting it and putting it back takes
     about 10 us, which the training loop's steps would otherwise pay every time."""
     global _BLAS, _blas_depth
     if _blas_depth:
-        _blas_depth += 1
-        try:
-            yield
-        finally:
-            _blas_depth -= 1
-        return
-    if _BLAS is None:
-        _BLAS = ThreadpoolController()
-    with _BLAS.limit(limits=1, user_api="blas"):
+        limit = contextlib.nullcontext()
+    else:
+        if _BLAS is None:
+            _BLAS = ThreadpoolController()
+        limit = _BLAS.limit(limits=1, user_api="blas")
+    with limit:
         _blas_depth += 1
         try:
             yield
@@ -113,11 +110,20 @@ class WorkerFailed(RuntimeError):
     """A worker process raised an error or died."""
 
 
+_LABELS = np.dtype(np.int64)  # class labels travel in shared memory as int64
+_SHARED = "shared"  # in a message: the labels are in the worker's shared block
+
+
+def _aligned(size: int) -> int:
+    return -(-size // 64) * 64
+
+
 class _Layout:
     """Where each worker's arrays live in the shared mapping (offsets in bytes)."""
 
     def __init__(self, params, dtype, workers, capacity, image_shape, outputs):
         self.dtype = np.dtype(dtype)
+        self.params_layout = params.layout
         self.shapes = dict(params.layout)
         self.capacity, self.image_shape, self.outputs = capacity, tuple(image_shape), outputs
         item = self.dtype.itemsize
@@ -137,19 +143,11 @@ class _Layout:
     def fits(self, params, dtype, capacity, image_shape, outputs) -> bool:
         return (
             np.dtype(dtype) == self.dtype
-            and dict(params.layout) == self.shapes
+            and params.layout == self.params_layout
             and capacity <= self.capacity
             and tuple(image_shape) == self.image_shape
             and outputs == self.outputs
         )
-
-
-_LABELS = np.dtype(np.int64)  # class labels travel in shared memory as int64
-_SHARED = "shared"  # in a message: the labels are in the worker's shared block
-
-
-def _aligned(size: int) -> int:
-    return -(-size // 64) * 64
 
 
 class _Views:
@@ -213,13 +211,13 @@ def _worker_main(
                     loss, out = net.forward(images[:count], labels)
                     outputs[:count] = out
                     if kind == "step":
-                        np.copyto(grads.flat, net.backward().flat)
+                        net.backward(out=grads)
                     reply = ("ok", loss)
                 elif kind == "logits":
                     outputs[:count] = net.logits(images[:count])
                     reply = ("ok", None)
                 elif kind == "backward":
-                    np.copyto(grads.flat, net.backward().flat)
+                    net.backward(out=grads)
                     reply = ("ok", None)
                 else:
                     reply = ("error", f"unknown message {kind!r}")
