@@ -314,6 +314,27 @@ def test_workers_stop_when_the_network_is_dropped_or_its_process_is_killed(tmp_p
     assert _wait_gone(orphan), "a worker outlived its killed parent"
 
 
+def test_a_script_that_never_closes_its_network_still_exits():
+    # At exit, multiprocessing's own handler would terminate() the workers (which ignore
+    # SIGTERM) and wait for them forever; parallel.py closes them first.
+    script = (
+        "import numpy as np\n"
+        "from cnnderive.train.networks import build\n"
+        "net = build('toy', threads=2)\n"
+        "net.forward(np.zeros((4, 6, 6, 1), np.float32), np.array([0, 1, 0, 1]))\n"
+        "net.backward()\n"
+        "print('computed', flush=True)\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the script hung at exit, waiting for its worker processes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "computed"
+
+
 def test_threads_must_be_a_whole_number_of_at_least_one():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads must be a whole number"):

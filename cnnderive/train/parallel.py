@@ -27,15 +27,18 @@ them, with room for the largest part seen so far; a larger part restarts them.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import mmap
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import time
 import traceback
 import warnings
+import weakref
 
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_limits
@@ -229,6 +232,26 @@ def _worker_main(
             return
 
 
+# Every PartWorkers not yet garbage-collected, stopped by _close_all() when Python exits.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_all() -> None:
+    """Stop every set of workers still running.
+
+    Registered after multiprocessing.util's exit function (imported above), so it runs
+    first (atexit runs the last registered first).  That function would otherwise
+    terminate() the daemonic workers and join them, but a worker ignores SIGTERM (the
+    parent handles it) and waits on its pipe, which the waiting parent still holds open:
+    a script that used a network with threads > 1 and did not close it never exited.
+    """
+    for workers in list(_LIVE):
+        workers.close()
+
+
+atexit.register(_close_all)
+
+
 class PartWorkers:
     """``count`` worker processes, each running one part of every batch for a network.
 
@@ -243,6 +266,7 @@ class PartWorkers:
         self.views: _Views | None = None
         self.pending: list[int] = []
         self.poll_seconds = _poll_seconds(count + 1)
+        _LIVE.add(self)
 
     # -- life cycle ---------------------------------------------------------------------
 
