@@ -985,28 +985,35 @@ def flush_subnormals(a, out=None):
     The NumPy reading of ``derive.functions.flush_subnormal``. Normal values, zeros, infs
     and NaNs pass unchanged; a subnormal value (nonzero, magnitude below
     ``np.finfo(dtype).tiny``) becomes 0. The test reads each float's bits as an unsigned
-    integer: shifted left by one (the sign bit drops out) and less one (zero wraps round
-    to the largest integer), a subnormal value is exactly one below 2 * bits(tiny) - 1.
-    No arithmetic on a subnormal float, which is what is slow on many x86 CPUs. The
-    zeros are written only when a subnormal value is there (measured on a million
-    float32 values: 0.3 ms; a masked copy on every call took 1.8 ms when a tenth of the
-    values were zeros, as in a saturated sigmoid's gradient).
+    integer: doubled (the sign bit drops out) and less one (zero wraps round to the
+    largest integer), a subnormal value is exactly one below 2 * bits(tiny) - 1. No
+    arithmetic on a subnormal float, which is what is slow on many x86 CPUs. Whether
+    any value is subnormal is read off the smallest of these integers (one reduction);
+    the values are compared and the zeros written only when one is (measured on a
+    million float32 values: 0.3 ms; a masked copy on every call took 1.8 ms when a
+    tenth of the values were zeros, as in a saturated sigmoid's gradient). The doubling
+    is an addition, not a shift by one: NumPy's shifts have no vector loop (measured on
+    256,000 float32 values: 0.071 -> 0.050 ms for the whole test).
     """
     if out is None:
         out = a.copy()
     elif out is not a:
         np.copyto(out, a)
+    if out.size == 0:
+        return out
     unsigned = _UNSIGNED_OF_SIZE.get(out.dtype.itemsize)
     if unsigned is None:  # long double: no integer of its size to read its bits with
         np.copyto(out, 0, where=(out != 0) & (np.abs(out) < np.finfo(out.dtype).tiny))
         return out
     tiny_bits = int(np.array(np.finfo(out.dtype).tiny, dtype=out.dtype).view(unsigned))
+    bound = unsigned((tiny_bits << 1) - 1)
     bits = _scratch("flush_subnormals.bits", out.size, unsigned).reshape(out.shape)
-    np.left_shift(out.view(unsigned), 1, out=bits)
-    np.subtract(bits, 1, out=bits)
-    found = _scratch("flush_subnormals.found", out.size, bool).reshape(out.shape)
-    np.less(bits, (tiny_bits << 1) - 1, out=found)
-    if found.any():
+    values = out.view(unsigned)
+    np.add(values, values, out=bits)
+    np.subtract(bits, unsigned(1), out=bits)
+    if bits.min() < bound:
+        found = _scratch("flush_subnormals.found", out.size, bool).reshape(out.shape)
+        np.less(bits, bound, out=found)
         np.copyto(out, 0, where=found)
     return out
 

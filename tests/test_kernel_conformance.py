@@ -98,13 +98,18 @@ MUTATIONS = [
     ),
     (
         "flush_subnormals also zeroing the smallest normal values",
-        "np.less(bits, (tiny_bits << 1) - 1, out=found)",
-        "np.less_equal(bits, (tiny_bits << 1) - 1, out=found)",
+        "np.less(bits, bound, out=found)",
+        "np.less_equal(bits, bound, out=found)",
     ),
     (
         "flush_subnormals zeroing only positive subnormal values",
-        "np.left_shift(out.view(unsigned), 1, out=bits)",
-        "np.copyto(bits, out.view(unsigned))",
+        "np.add(values, values, out=bits)",
+        "np.copyto(bits, values)",
+    ),
+    (
+        "flush_subnormals deciding that no value is subnormal from the largest bits",
+        "if bits.min() < bound:",
+        "if bits.max() < bound:",
     ),
     (
         "flush_subnormals writing into its input when given another out",

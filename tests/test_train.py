@@ -598,20 +598,37 @@ def test_one_blas_thread_nests_and_puts_the_outer_setting_back():
     assert blas_threads() == before
 
 
-def test_a_waiting_process_polls_for_a_bounded_time_then_leaves_the_read_to_block(monkeypatch):
+def test_a_waiting_process_tries_for_a_bounded_time_then_blocks_until_released_or_gone(
+    monkeypatch,
+):
     import multiprocessing
+    import threading
     import time
 
     from cnnderive.train import parallel
 
-    reader, writer = multiprocessing.Pipe(duplex=False)
+    monkeypatch.setattr(parallel, "_CHECK_SECONDS", 0.02)
+    semaphore = multiprocessing.get_context("fork").Semaphore(0)
+    semaphore.release()
     began = time.perf_counter()
-    parallel._await_message(reader, 0.02)  # nothing arrives: returns after the polling time
-    assert 0.02 <= time.perf_counter() - began < 1.0
-    writer.send("ready")
+    assert parallel._take(semaphore, 10.0, lambda: True)  # released: taken at once
+    assert time.perf_counter() - began < 1.0
+    # Never released, and the releasing process gone: False after the polling time and
+    # one check.
     began = time.perf_counter()
-    parallel._await_message(reader, 10.0)  # a message waits: returns at once
-    assert time.perf_counter() - began < 1.0 and reader.recv() == "ready"
+    assert not parallel._take(semaphore, 0.05, lambda: False)
+    assert 0.05 <= time.perf_counter() - began < 1.0
+    # Released while the waiter blocks (no polling): taken then.
+    threading.Timer(0.1, semaphore.release).start()
+    began = time.perf_counter()
+    assert parallel._take(semaphore, 0.0, lambda: True)
+    assert 0.1 <= time.perf_counter() - began < 2.0
+
+    class ReleasedAsItsProcessWent:  # the timed wait misses it, the last try finds it
+        def acquire(self, block=True, timeout=None):
+            return timeout is None
+
+    assert parallel._take(ReleasedAsItsProcessWent(), 0.0, lambda: False)
     # Processes that would share a core do not poll: it would take time from the other one.
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert parallel._poll_seconds(2) == 0.0

@@ -16,10 +16,13 @@ Shared memory, anonymous mappings made before the workers are forked:
 - per worker: its part's images and labels, its outputs (probabilities or logits) and
   its gradients, a FlatArrays laid out like the parameters.
 
-The loss and control messages go through a pipe per worker; a process waiting for one
-polls the pipe for a short while before it blocks (``_POLL_SECONDS``). Each worker holds
-BLAS to one thread, as the parent does while the parts run: the parts already keep
-every core busy.
+Each request and each reply is a few numbers in the worker's control block in that
+memory, announced by releasing a semaphore: the request's (kind of pass, images, the
+parent's floating-point error settings) by the parent, the reply's (status, loss) by the
+worker. A process that waits tries the semaphore for a short while before it blocks on
+it (``_POLL_SECONDS``). A pipe per worker carries what does not fit in numbers: an error's
+traceback, and labels that are not integers. Each worker holds BLAS to one thread, as
+the parent does while the parts run: the parts already keep every core busy.
 
 The workers are started with ``fork`` (POSIX), lazily, on the first call that needs
 them, with room for the largest part seen so far; a larger part restarts them.
@@ -79,13 +82,17 @@ def parallel_supported() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
-# How long a process that waits for a message polls its pipe before it blocks on it.  A
-# blocked process is woken by the kernel when the message arrives, which took about 50 us
-# per message here; polling answers at once.  The waits inside a training step are shorter
-# than this (the parent's update and the next batch, or the slower part), so a step never
-# blocks; between epochs the wait ends in a blocking read after this long.  Measured on a
-# 2-core AMD EPYC: 2-4 % more images/s for seed and lenet at batch 64.
+# How long a waiting process keeps trying to take the semaphore of the message it waits
+# for (a try is a few hundred nanoseconds, without a system call) before it blocks on it.
+# A blocked process is woken by the kernel when the semaphore is released, which took
+# about 30 us here, as did a message through a pipe (which the exchange used before,
+# polled: about 30 us to send and 30 us to receive each message, measured on a 2-core
+# AMD EPYC).  A tried semaphore answers within a microsecond.  The waits inside a training
+# step are shorter than this (the parent's update and the next batch, or the slower
+# part), so a step never blocks; between epochs the wait blocks after this long.
 _POLL_SECONDS = 2e-3
+# A blocked wait wakes this often to see whether the other process is still there.
+_CHECK_SECONDS = 0.1
 
 
 def _poll_seconds(processes: int) -> float:
@@ -98,15 +105,23 @@ def _poll_seconds(processes: int) -> float:
     return _POLL_SECONDS if cores >= processes else 0.0
 
 
-def _await_message(connection, seconds: float) -> None:
-    """Return when ``connection`` has a message to read, or after ``seconds`` of polling
-    (the caller's recv() then blocks until one arrives)."""
-    if seconds <= 0.0:
-        return
-    deadline = time.perf_counter() + seconds
-    while not connection.poll(0):
-        if time.perf_counter() > deadline:
-            return
+def _take(semaphore, poll_seconds: float, alive) -> bool:
+    """Take ``semaphore``: True once it is taken, False if ``alive()`` (the process that
+    would release it is still there) turns False first.
+
+    Tries without blocking for ``poll_seconds``, then blocks, waking every
+    ``_CHECK_SECONDS`` to ask ``alive()``.
+    """
+    deadline = time.perf_counter() + poll_seconds
+    while time.perf_counter() < deadline:
+        if semaphore.acquire(False):
+            return True
+    while True:
+        if semaphore.acquire(timeout=_CHECK_SECONDS):
+            return True
+        if not alive():
+            # One last try: it may have released the semaphore just before it went.
+            return semaphore.acquire(False)
 
 
 class WorkerFailed(RuntimeError):
@@ -114,7 +129,20 @@ class WorkerFailed(RuntimeError):
 
 
 _LABELS = np.dtype(np.int64)  # class labels travel in shared memory as int64
-_SHARED = "shared"  # in a message: the labels are in the worker's shared block
+
+# A request in the control block: _REQUEST_SLOTS int64 numbers.
+_KINDS = ("forward", "step", "logits", "backward", "close")
+_NO_LABELS, _SHARED_LABELS, _PIPED_LABELS = 0, 1, 2  # where the request's labels are
+# np.seterr's settings, in the order of the request's last four slots.
+_ERROR_CATEGORIES = ("divide", "over", "under", "invalid")
+_ERROR_MODES = ("ignore", "warn", "raise", "call", "print", "log")
+_KIND, _COUNT, _LABEL_PLACE, _ERRORS = 0, 1, 2, 3
+_REQUEST_SLOTS = _ERRORS + len(_ERROR_CATEGORIES)
+# A reply: its status (int64), then the part's mean loss (float64).
+_OK, _FAILED = 0, 1
+# Request and reply each have a cache line of their own: the parent writes one, the
+# worker the other.
+_CONTROL_BYTES = 128
 
 
 def _aligned(size: int) -> int:
@@ -138,7 +166,13 @@ class _Layout:
         # vector loads, and no cache line is shared by two blocks.
         self.worker_bytes = sum(
             _aligned(size)
-            for size in (self.image_bytes, self.output_bytes, self.label_bytes, self.grad_bytes)
+            for size in (
+                _CONTROL_BYTES,
+                self.image_bytes,
+                self.output_bytes,
+                self.label_bytes,
+                self.grad_bytes,
+            )
         )
         self.workers = workers
         self.total = workers * self.worker_bytes
@@ -154,9 +188,11 @@ class _Layout:
 
 
 class _Views:
-    """NumPy views of the shared mapping: each worker's images, labels, outputs and gradients."""
+    """NumPy views of the shared mapping: each worker's control block (request and reply),
+    images, labels, outputs and gradients."""
 
     def __init__(self, buffer, layout: _Layout):
+        self.requests, self.replies = [], []
         self.images, self.labels, self.outputs, self.grads = [], [], [], []
         memory = memoryview(buffer)
         offset = 0
@@ -168,6 +204,9 @@ class _Views:
             return piece
 
         for _ in range(layout.workers):
+            control = np.frombuffer(block(_CONTROL_BYTES), dtype=np.int64)
+            self.requests.append(control[:_REQUEST_SLOTS])
+            self.replies.append(control[_CONTROL_BYTES // 16 :])
             images = np.frombuffer(block(layout.image_bytes), dtype=layout.dtype)
             self.images.append(images.reshape(-1, *layout.image_shape))
             outputs = np.frombuffer(block(layout.output_bytes), dtype=layout.dtype)
@@ -176,60 +215,85 @@ class _Views:
             self.grads.append(FlatArrays(layout.shapes, layout.dtype, block(layout.grad_bytes)))
 
 
+def _request_errors(request) -> dict[str, str]:
+    """The np.seterr settings a request carries."""
+    return {
+        category: _ERROR_MODES[int(request[_ERRORS + i])]
+        for i, category in enumerate(_ERROR_CATEGORIES)
+    }
+
+
 def _worker_main(
-    connection, parent_ends, build_network, params, buffer, layout, index, poll_seconds
+    connection,
+    parent_ends,
+    build_network,
+    params,
+    buffer,
+    layout,
+    index,
+    semaphores,
+    poll_seconds,
 ):
-    """A worker's loop: one message in, one reply out, until the pipe closes."""
+    """A worker's loop: one request in, one reply out, until a close request or until
+    the parent is gone."""
     # Ctrl-C and SIGTERM are the parent's to handle (it stops the run and keeps its
-    # checkpoint); its exit closes the pipe, which ends this loop.
+    # checkpoint); it then closes the workers, or its exit leaves them without a parent,
+    # which ends this loop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
     # The parent's ends of this worker's pipe and of earlier workers' pipes came along
-    # with the fork: closed here, the parent is their only holder, and its exit (even by
-    # SIGKILL) ends this loop with EOF instead of leaving the worker waiting forever.
+    # with the fork: closed here, the parent is their only holder.
     for end in parent_ends:
         end.close()
     threadpool_limits(1, user_api="blas")
     net = build_network()
     views = _Views(buffer, layout)
     # The parent's parameters, in the shared mapping it made them in: the optimiser
-    # updates them in place, while this worker waits for its next message.
+    # updates them in place, while this worker waits for its next request.
     net.params = params
     images, outputs, grads = views.images[index], views.outputs[index], views.grads[index]
-    shared_labels = views.labels[index]
+    request, reply, shared_labels = views.requests[index], views.replies[index], views.labels[index]
+    loss_slot = reply[1:2].view(np.float64)
+    asked, answered = semaphores
+
+    def parent_alive():
+        return os.getppid() == parent
+
     while True:
-        try:
-            _await_message(connection, poll_seconds)
-            message = connection.recv()
-        except (EOFError, OSError):
+        if not _take(asked, poll_seconds, parent_alive):
             return
-        kind, count, labels, errors = message
+        kind = _KINDS[int(request[_KIND])]
         if kind == "close":
             return
-        if isinstance(labels, str):  # _SHARED: written into shared memory by the parent
-            labels = shared_labels[:count]
+        count, place = int(request[_COUNT]), int(request[_LABEL_PLACE])
+        status, loss = _OK, 0.0
         try:
-            with np.errstate(**errors):
+            labels = None
+            if place == _SHARED_LABELS:
+                labels = shared_labels[:count]
+            elif place == _PIPED_LABELS:
+                labels = connection.recv()
+            with np.errstate(**_request_errors(request)):
                 if kind in ("forward", "step"):
                     loss, out = net.forward(images[:count], labels)
                     outputs[:count] = out
                     if kind == "step":
                         net.backward(out=grads)
-                    reply = ("ok", loss)
                 elif kind == "logits":
                     outputs[:count] = net.logits(images[:count])
-                    reply = ("ok", None)
-                elif kind == "backward":
+                else:  # backward
                     net.backward(out=grads)
-                    reply = ("ok", None)
-                else:
-                    reply = ("error", f"unknown message {kind!r}")
         except BaseException:
-            reply = ("error", traceback.format_exc())
-        try:
-            connection.send(reply)
-        except OSError:  # the parent is gone or stopped listening (Ctrl-C): nothing to tell
-            return
+            status = _FAILED
+            try:
+                # Through the pipe before the reply is announced: the parent reads it then.
+                connection.send(traceback.format_exc())
+            except OSError:  # the parent is gone: nothing to tell
+                return
+        loss_slot[0] = loss
+        reply[0] = status
+        answered.release()
 
 
 # Every PartWorkers not yet garbage-collected, stopped by _close_all() when Python exits.
@@ -262,9 +326,11 @@ class PartWorkers:
         self.build_network, self.count, self.name = build_network, count, name
         self.layout: _Layout | None = None
         self.processes, self.connections = [], []
+        self.semaphores = []  # per worker: (request announced, reply announced)
         self.buffer = None
         self.views: _Views | None = None
         self.pending: list[int] = []
+        self.pending_kind = ""
         self.poll_seconds = _poll_seconds(count + 1)
         _LIVE.add(self)
 
@@ -295,6 +361,7 @@ class PartWorkers:
             for index in range(self.count):
                 parent_end, child_end = context.Pipe()
                 parent_ends = [*self.connections, parent_end]
+                semaphores = (context.Semaphore(0), context.Semaphore(0))
                 # Forked, not pickled: the child inherits the mapping itself.
                 process = context.Process(
                     target=_worker_main,
@@ -306,6 +373,7 @@ class PartWorkers:
                         self.buffer,
                         self.layout,
                         index,
+                        semaphores,
                         self.poll_seconds,
                     ),
                     name=f"cnnderive-{self.name}-part{index + 1}",
@@ -315,17 +383,18 @@ class PartWorkers:
                 child_end.close()
                 self.processes.append(process)
                 self.connections.append(parent_end)
+                self.semaphores.append(semaphores)
 
     def close(self) -> None:
         """Stop the workers and release the shared memory."""
         connections, processes, buffer = self.connections, self.processes, self.buffer
-        self.processes, self.connections, self.pending = [], [], []
+        views, semaphores = self.views, self.semaphores
+        self.processes, self.connections, self.semaphores, self.pending = [], [], [], []
         self.views, self.buffer, self.layout = None, None, None
-        for connection in connections:
-            try:
-                connection.send(("close", 0, None, {}))
-            except (OSError, ValueError):
-                pass
+        for index, connection in enumerate(connections):
+            # A worker busy with a part reads this once it has answered.
+            views.requests[index][_KIND] = _KINDS.index("close")
+            semaphores[index][0].release()
             connection.close()
         for process in processes:
             process.join(timeout=5)
@@ -345,40 +414,63 @@ class PartWorkers:
     def send(self, kind: str, counts: list[int], labels: list | None = None) -> None:
         """Ask worker i to run ``kind`` on its first ``counts[i]`` images (and labels)."""
         errors = np.geterr()
-        self.pending = []
+        error_modes = [_ERROR_MODES.index(errors[category]) for category in _ERROR_CATEGORIES]
+        self.pending, self.pending_kind = [], kind
         for index, count in enumerate(counts):
+            request = self.views.requests[index]
             part_labels = None if labels is None else np.asarray(labels[index])
-            if part_labels is not None and part_labels.dtype.kind in "iu":
-                # Class labels go through shared memory: a pickled array in the message
+            if part_labels is None:
+                place = _NO_LABELS
+            elif part_labels.dtype.kind in "iu":
+                # Class labels go through shared memory: a pickled array in a message
                 # took about 30 us a step.
                 self.views.labels[index][:count] = part_labels
-                part_labels = _SHARED
-            try:
-                self.connections[index].send((kind, count, part_labels, errors))
-            except OSError:  # the worker is gone (killed between two calls, say)
-                failure = self._death(index)
-                self.close()
-                raise WorkerFailed(
-                    f"a worker of the {self.name} network failed:\n{failure}"
-                ) from None
+                place = _SHARED_LABELS
+            else:
+                place = _PIPED_LABELS
+                try:
+                    self.connections[index].send(part_labels)
+                except OSError:  # the worker is gone (killed between two calls, say)
+                    failure = self._death(index)
+                    self.close()
+                    raise WorkerFailed(
+                        f"a worker of the {self.name} network failed:\n{failure}"
+                    ) from None
+            request[_KIND], request[_COUNT], request[_LABEL_PLACE] = (
+                _KINDS.index(kind),
+                count,
+                place,
+            )
+            request[_ERRORS:] = error_modes
+            # Released last: the worker reads the request once it takes the semaphore.
+            self.semaphores[index][0].release()
             self.pending.append(index)
 
     def _death(self, index: int) -> str:
-        self.processes[index].join(timeout=5)  # its pipe closes just before it exits
+        self.processes[index].join(timeout=5)
         return f"worker process {index + 1} died (exit code {self.processes[index].exitcode})"
 
     def receive(self) -> list:
-        """The replies of the last :meth:`send`, in the workers' order."""
+        """The replies of the last :meth:`send`, in the workers' order: each part's mean
+        loss for a forward pass or a step, else None."""
         replies, failures = [], []
         for index in self.pending:
-            try:
-                _await_message(self.connections[index], self.poll_seconds)
-                status, value = self.connections[index].recv()
-            except (EOFError, OSError):
-                status, value = "error", self._death(index)
-            if status != "ok":
-                failures.append(value)
-            replies.append(value)
+            reply = self.views.replies[index]
+            if not _take(
+                self.semaphores[index][1], self.poll_seconds, self.processes[index].is_alive
+            ):
+                failures.append(self._death(index))
+                replies.append(None)
+                continue
+            if reply[0] != _OK:
+                try:
+                    failures.append(self.connections[index].recv())
+                except (EOFError, OSError):
+                    failures.append(self._death(index))
+                replies.append(None)
+                continue
+            with_loss = self.pending_kind in ("forward", "step")
+            replies.append(float(reply[1:2].view(np.float64)[0]) if with_loss else None)
         self.pending = []
         if failures:
             self.close()  # a dead or confused worker: start afresh on the next call
