@@ -728,6 +728,61 @@ def _flush_problems(module, rng) -> list[str]:
     return problems
 
 
+def _routed_reference(g: np.ndarray, index: np.ndarray, size: int, height: int, width: int):
+    """route_to_argmax for windows ``size`` apart, one window at a time."""
+    out = np.zeros((g.shape[0], height, width, g.shape[3]), g.dtype)
+    for n, i, j, c in itertools.product(*(range(length) for length in g.shape)):
+        u, v = divmod(int(index[n, i, j, c]), size)
+        out[n, size * i + u, size * j + v, c] = g[n, i, j, c]
+    return out
+
+
+def _remembered_offsets_problems(module, rng) -> list[str]:
+    """A max pool's forward then backward with one index: the backward takes the
+    offsets its forward computed (no second computation); an index changed in one
+    element, or a workspace written into in between, still routes exactly."""
+    problems = []
+    size, height, width = 2, 6, 8
+    a = _values(rng, (2, height, width, 3), "ties")
+    index = np.array(module.window_argmax(a, size, size))
+    g = _values(rng, index.shape, "random")
+    watch = _Watch(module, {"_computed_offsets"})
+    try:
+        workspace: dict = {}
+        # An earlier step's index first: the offsets remembered must then be replaced.
+        for step_index in (np.zeros_like(index), index):
+            gathered = module.gather_windows(
+                a, step_index, size, size, workspace=workspace, key="forward"
+            )
+            expected = np.empty_like(gathered)
+            for n, i, j, c in itertools.product(*(range(length) for length in index.shape)):
+                u, v = divmod(int(step_index[n, i, j, c]), size)
+                expected[n, i, j, c] = a[n, size * i + u, size * j + v, c]
+            if not np.array_equal(gathered, expected):
+                problems.append("gather_windows after another index gathers wrongly")
+        computed = watch.calls["_computed_offsets"]
+        if computed != 2:
+            problems.append("gather_windows took offsets remembered for another index")
+        _spoil(workspace)
+        routed = module.route_to_argmax(
+            g, index, size, size, height, width, workspace=workspace, key="backward"
+        )
+        if watch.calls["_computed_offsets"] != computed:
+            problems.append("route_to_argmax computed again the offsets its gather computed")
+        if not np.array_equal(routed, _routed_reference(g, index, size, height, width)):
+            problems.append("route_to_argmax with remembered offsets routes wrongly")
+        changed = index.copy()
+        changed[1, 2, 3, 2] = (changed[1, 2, 3, 2] + 1) % (size * size)
+        routed = module.route_to_argmax(g, changed, size, size, height, width)
+        if watch.calls["_computed_offsets"] == computed:
+            problems.append("route_to_argmax took offsets remembered for another index")
+        if not np.array_equal(routed, _routed_reference(g, changed, size, height, width)):
+            problems.append("route_to_argmax with a changed index routes wrongly")
+    finally:
+        watch.restore()
+    return problems
+
+
 def all_checks(seed: int = 0) -> list[Check]:
     rng = np.random.default_rng(seed)
     return _convolution_checks(rng) + _window_checks(rng) + _shape_checks(rng) + _sum_checks(rng)
@@ -767,7 +822,8 @@ def check_kernels(source: Path = KERNELS_SOURCE, seed: int = 0) -> tuple[int, li
     ):
         failures += _elementwise_problems(_module_for_source(source, settings, cache), rng)
     failures += _flush_problems(_module_for_source(source, {}, cache), rng)
-    return len(prepared) + 3, failures
+    failures += _remembered_offsets_problems(_module_for_source(source, {}, cache), rng)
+    return len(prepared) + 4, failures
 
 
 def _module_for_source(source: Path, settings: dict, cache: dict):

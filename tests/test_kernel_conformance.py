@@ -112,6 +112,16 @@ MUTATIONS = [
         "if bits.max() < bound:",
     ),
     (
+        "window offsets remembered for any index of the same shape",
+        "if kept is not None and np.array_equal(kept[0], index):",
+        "if kept is not None:",
+    ),
+    (
+        "window offsets remembered without their index",
+        "    np.copyto(copy, index)\n",
+        "",
+    ),
+    (
         "flush_subnormals writing into its input when given another out",
         "    elif out is not a:\n        np.copyto(out, a)",
         "    elif out is not a:\n        out = a",

@@ -837,8 +837,50 @@ def _window_origins(shape, index_shape, stride, workspace, key):
     return origins
 
 
+# How many window selections _window_offsets remembers (per thread): one per max pool
+# of a network, whose forward and backward passes alternate.
+_OFFSETS_KEPT = 4
+
+
+def _remembered_offsets():
+    """For this thread: (shape, index shape and dtype, size, stride) -> (a copy of the
+    index, the offsets computed from it), the most recent last."""
+    remembered = getattr(_thread_scratch, "offsets", None)
+    if remembered is None:
+        remembered = _thread_scratch.offsets = {}
+    return remembered
+
+
 def _window_offsets(shape, index, size, stride, workspace, key):
     """Offset of each window's element at position ``index`` in a C-ordered ``a`` of ``shape``.
+
+    A max pool's backward routes its gradient by the very index its forward gathered
+    with: the offsets of the last few calls are remembered with a copy of their index,
+    and an index equal to that copy, element for element, takes them again.  Comparing
+    small integers costs a fraction of computing the offsets (measured for 32 x 14 x 14
+    x 6 windows: 0.010 against 0.045 ms).  The remembered arrays are this function's
+    own, not the caller's workspace (which the caller may write into), and the offsets
+    returned are only read.
+    """
+    remembered = _remembered_offsets()
+    signature = (tuple(shape), index.shape, index.dtype, size, stride)
+    kept = remembered.pop(signature, None)
+    if kept is not None and np.array_equal(kept[0], index):
+        remembered[signature] = kept  # the most recent again
+        return kept[1]
+    if kept is None:
+        kept = (np.empty_like(index), np.empty(index.shape, np.intp))
+    copy, offsets = kept
+    _computed_offsets(shape, index, size, stride, workspace, key, offsets)
+    np.copyto(copy, index)
+    remembered[signature] = kept
+    while len(remembered) > _OFFSETS_KEPT:
+        del remembered[next(iter(remembered))]
+    return offsets
+
+
+def _computed_offsets(shape, index, size, stride, workspace, key, offsets):
+    """_window_offsets, computed into ``offsets``.
 
     Position k = u*size + v lies u*W + v pixels after the window's origin, and
     (k // size) * (W - size) + k = u*W + v: a few passes over small integers, where a
@@ -857,7 +899,6 @@ def _window_offsets(shape, index, size, stride, workspace, key):
     np.multiply(rows, small(w - size), out=within)
     np.add(within, index, out=within)
     np.multiply(within, small(c), out=within)
-    offsets = buffer(workspace, key + ".offsets", index.shape, np.intp)
     return np.add(origins, within, out=offsets)
 
 
