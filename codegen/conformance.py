@@ -294,10 +294,10 @@ BANDED = {"_BANDED_MIN_TAPS": 1}
 # Narrow chunks: whole chunks of 3 (or 2) output columns and a shorter rest.
 BANDED_NARROW = {"_BANDED_MIN_TAPS": 1, "_BAND_MIN_WIDTH": 3}
 IM2COL = {"_BANDED_MIN_TAPS": _NEVER}
-ONE_IMAGE_BLOCKS = {"_BLOCK_BYTES": 1}
+ONE_IMAGE_BLOCKS = {"_BLOCK_BYTES": 1, "_BANDED_BLOCK_BYTES": 1}
 
 
-def _blocks_of_two(n, bytes_per_image):
+def _blocks_of_two(n, bytes_per_image, budget=None):
     return 2
 
 
