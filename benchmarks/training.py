@@ -313,11 +313,15 @@ def breakdown(net_name, batch, threads, bundle):
     originals = instrument(net, timed)
     update = 0.0
     steps = 0
+    grads = None
+    batch_images = np.empty((min(batch, n), *images.shape[1:]), images.dtype)
     began = time.perf_counter()
     try:
         for start in range(0, n, batch):
             index = order[start : start + batch]
-            _, _, grads = net.loss_and_gradients(images[index], labels[index])
+            # As cnnderive train's loop: the batch and the gradients in kept arrays.
+            x = np.take(images, index, axis=0, out=batch_images[: len(index)])
+            _, _, grads = net.loss_and_gradients(x, labels[index], out=grads)
             update_began = time.perf_counter()
             optimizer.step(net.params, grads)
             update += time.perf_counter() - update_began

@@ -204,6 +204,14 @@ def test_parts_on_worker_processes_give_the_one_process_result(name, batch):
                 grads3[key], grads1[key], rtol=1e-10, atol=1e-14, err_msg=key
             )
         np.testing.assert_allclose(three.logits(images), one.logits(images), rtol=1e-12)
+        # Gradients written into a kept FlatArrays (as the training loop passes the previous
+        # step's) are that very object, holding the same values, with no trace of its old ones.
+        for net, want in ((one, grads1), (three, grads3)):
+            kept = FlatArrays(net.params.shapes(), np.float64)
+            kept.flat[:] = np.nan
+            _, _, into = net.loss_and_gradients(images, labels, out=kept)
+            assert into is kept
+            np.testing.assert_array_equal(into.flat, FlatArrays.copy_of(want, np.float64).flat)
         # The workers see parameter changes made in this process.
         for value in three.params.values():
             value *= 0.5
@@ -464,6 +472,14 @@ def test_shift_images_moves_each_image_by_its_offset():
                 if 0 <= y - down < 7 and 0 <= x - right < 9:
                     expected[i, y, x] = images[i, y - down, x - right]
     assert np.array_equal(moved, expected) and moved.flags.c_contiguous
+    # A kept padded array, as the training loop passes, gives the same images batch after
+    # batch: its border stays zero.
+    padded = np.zeros((6, 13, 15, 3), np.float32)
+    for _ in range(2):
+        assert np.array_equal(shift_images(images, offsets, 3, padded=padded), expected)
+        shift_images(rng.random((6, 7, 9, 3)).astype(np.float32), offsets[::-1], 3, padded=padded)
+    with pytest.raises(ValueError, match="padded has shape"):
+        shift_images(images, offsets, 2, padded=padded)
 
 
 def test_epoch_permutation_depends_only_on_seed_and_epoch():

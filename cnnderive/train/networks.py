@@ -272,6 +272,7 @@ class Network:
         self._loss_cache = None
         self._workers: PartWorkers | None = None
         self._parts: list[slice] = []
+        self._scaled_part: np.ndarray | None = None  # see _combined_gradients
 
     @property
     def uses_workers(self) -> bool:
@@ -436,12 +437,14 @@ class Network:
             workers.receive()
         return self._combined_gradients(parts, first)
 
-    def loss_and_gradients(self, images, labels):
+    def loss_and_gradients(self, images, labels, out: FlatArrays | None = None):
         """``(loss, outputs, grads)`` for one batch: :meth:`forward` then :meth:`backward`
-        (with worker processes, both in one exchange with them)."""
-        return self._passes(images, labels, gradients=True)
+        (with worker processes, both in one exchange with them).  ``out`` as in
+        :meth:`backward`: a training loop passes the previous step's gradients, which it
+        no longer needs, and the step makes no new array of the parameters' size."""
+        return self._passes(images, labels, gradients=True, out=out)
 
-    def _passes(self, images, labels, gradients: bool):
+    def _passes(self, images, labels, gradients: bool, out: FlatArrays | None = None):
         """(loss, outputs, grads or None): the forward pass, and the backward pass if asked."""
         x = np.asarray(images, dtype=self.dtype)
         labels = np.asarray(labels)
@@ -453,7 +456,7 @@ class Network:
             if not gradients:
                 self._parts = parts
                 return float(loss), outputs, None
-            return float(loss), outputs, self._own_backward()
+            return float(loss), outputs, self._own_backward(out)
         self._start_workers(parts, x)
         counts = self._counts(parts)
         with self._exchange() as workers:
@@ -462,7 +465,7 @@ class Network:
             first = parts[0]
             logits = self._own_logits(x[first])
             loss, self._loss_cache = self._loss_forward(logits, self._targets(labels[first]))
-            own_gradients = self._own_backward() if gradients else None
+            own_gradients = self._own_backward(out) if gradients else None
             losses = [float(loss), *workers.receive()]
         loss = sum(w * part_loss for w, part_loss in zip(self._weights(parts), losses))
         outputs = [self.probabilities(logits)]
@@ -487,8 +490,13 @@ class Network:
         (into ``first``)."""
         weights = self._weights(parts)
         np.multiply(first.flat, weights[0], out=first.flat)
+        # Each worker's share is scaled into an array kept for it: a new temporary of the
+        # parameters' size costs more than the arithmetic (see optim.Optimizer._work).
+        scaled = self._scaled_part
+        if scaled is None or scaled.shape != first.flat.shape or scaled.dtype != first.flat.dtype:
+            scaled = self._scaled_part = np.empty_like(first.flat)
         for w, part in zip(weights[1:], self._workers.views.grads):
-            first.flat += w * part.flat
+            first.flat += np.multiply(part.flat, w, out=scaled)
         return first
 
     def predict(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:

@@ -57,7 +57,23 @@ class Optimizer:
         self.epoch = 0
         self.buffers: dict[str, np.ndarray] = {}
         self._joined: dict[str, FlatArrays] = {}  # see _joined_buffer
+        self._works: dict[tuple, np.ndarray] = {}  # see _work
         self._names = list(params)
+
+    def _work(self, like: np.ndarray, slot: int = 0) -> np.ndarray:
+        """A work array of ``like``'s shape and dtype, kept from step to step (not state:
+        its contents mean nothing between steps).
+
+        A new temporary of a LeNet's size (250 KB) at every step costs more than the
+        arithmetic on it: the C library returns the freed memory to the system, and the
+        next step's temporary faults its pages in again (measured: the SGD update took
+        0.12 ms with one, 0.04 ms without).
+        """
+        key = (slot, like.shape, like.dtype)
+        work = self._works.get(key)
+        if work is None:
+            work = self._works[key] = np.empty_like(like)
+        return work
 
     def _buffer(self, key: str, like: np.ndarray) -> np.ndarray:
         buf = self.buffers.get(key)
@@ -188,7 +204,8 @@ class SGD(Optimizer):
     def _update(self, state, param, grad):
         v = state("")
         v *= param.dtype.type(self._mu)
-        v -= param.dtype.type(self._lr_now) * grad
+        scaled = np.multiply(grad, param.dtype.type(self._lr_now), out=self._work(grad))
+        v -= scaled
         param += v
 
 
@@ -229,11 +246,13 @@ class Adam(Optimizer):
         f = param.dtype.type
         m = state("m/")
         v = state("v/")
+        term = self._work(grad)
         m *= f(self.beta1)
-        m += f(1.0 - self.beta1) * grad
+        m += np.multiply(grad, f(1.0 - self.beta1), out=term)
         v *= f(self.beta2)
-        v += f(1.0 - self.beta2) * (grad * grad)
-        denom = np.sqrt(v)
+        np.multiply(grad, grad, out=term)
+        v += np.multiply(term, f(1.0 - self.beta2), out=term)
+        denom = np.sqrt(v, out=self._work(v, slot=1))
         denom += f(self._eps_t)
         np.divide(m, denom, out=denom)
         denom *= f(self._lr_t)

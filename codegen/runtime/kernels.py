@@ -327,6 +327,24 @@ def _scratch_zeros():
     return zeros
 
 
+def _strided(array, offset, shape, strides, *, writeable=True):
+    """A view of the C-contiguous ``array``'s memory from element ``offset`` on, with
+    ``shape`` and byte ``strides`` (which must stay inside ``array``).
+
+    The same view as as_strided's, made by the ndarray constructor straight from the
+    array's buffer: about 2 us against as_strided's 7.5 (which builds an object with an
+    __array_interface__ first), and a LeNet step makes about ten of them.
+    """
+    if not array.flags.c_contiguous:
+        raise ValueError("_strided: the array must be C-contiguous")
+    view = np.ndarray(
+        shape, array.dtype, buffer=array, offset=offset * array.itemsize, strides=strides
+    )
+    if not writeable:
+        view.flags.writeable = False
+    return view
+
+
 def _patch_view(a, kh, kw, stride, axes=(1, 2)):
     """View p[..., u, v] = a[..., stride*i+u, stride*j+v, ...] with (i, j) at ``axes``.
 
@@ -339,12 +357,10 @@ def _patch_view(a, kh, kw, stride, axes=(1, 2)):
     shape[h_axis], shape[w_axis] = out_h, out_w
     strides[h_axis] *= stride
     strides[w_axis] *= stride
-    return as_strided(
-        a,
-        shape=(*shape, kh, kw),
-        strides=(*strides, a.strides[h_axis], a.strides[w_axis]),
-        writeable=False,
-    )
+    shape, strides = (*shape, kh, kw), (*strides, a.strides[h_axis], a.strides[w_axis])
+    if a.flags.c_contiguous:
+        return _strided(a, 0, shape, strides, writeable=False)
+    return as_strided(a, shape=shape, strides=strides, writeable=False)
 
 
 def _copy_window_rows(a, kh, kw, stride, patches):
@@ -362,12 +378,13 @@ def _copy_window_rows(a, kh, kw, stride, patches):
         return
     run = np.dtype((np.void, kw * c * item))
     n_stride, y_stride, x_stride, _ = a.strides
-    rows = as_strided(
-        a.view(np.uint8),
-        (n, out_h, out_w, kh, kw * c * item),
-        (n_stride, y_stride * stride, x_stride * stride, y_stride, 1),
-        writeable=False,
-    ).view(run)[..., 0]
+    shape = (n, out_h, out_w, kh, kw * c * item)
+    strides = (n_stride, y_stride * stride, x_stride * stride, y_stride, 1)
+    if a.flags.c_contiguous:
+        rows = _strided(a.view(np.uint8), 0, shape, strides, writeable=False)
+    else:
+        rows = as_strided(a.view(np.uint8), shape, strides, writeable=False)
+    rows = rows.view(run)[..., 0]
     np.copyto(patches.reshape(n, out_h, out_w, kh, kw * c).view(run)[..., 0], rows)
 
 
@@ -431,14 +448,17 @@ def _correlate_banded(a, kernel, out):
             depth = (span + kw - 1) * kh
             # Chunk q reads p's columns from first + q*span on and writes the output's
             # from there on: one stacked product over the chunks.
-            left = as_strided(
-                matrix[:, first * kh :],
+            # matrix (a reshaped work array) and target (whole rows of out) are contiguous.
+            left = _strided(
+                matrix,
+                first * kh,
                 (chunks, m * out_h, depth),
                 (span * kh * item, matrix.strides[0], item),
                 writeable=False,
             )
-            right = as_strided(
-                target[:, first * c_out :],
+            right = _strided(
+                target,
+                first * c_out,
                 (chunks, m * out_h, span * c_out),
                 (span * c_out * item, target.strides[0], item),
             )
@@ -478,14 +498,18 @@ def _correlate_weights_banded(a, g, dtype):
         gradient = g[start:stop].reshape(m * gh, gw * c_out)
         for first, span, chunks in chunking:
             depth = (span + kw - 1) * kh
-            left = as_strided(
-                matrix[:, first * kh :],
+            # matrix (a reshaped work array) and gradient (whole images of a contiguous
+            # g) are contiguous.
+            left = _strided(
+                matrix,
+                first * kh,
                 (chunks, depth, m * gh),
                 (span * kh * item, item, matrix.strides[0]),
                 writeable=False,
             )
-            right = as_strided(
-                gradient[:, first * c_out :],
+            right = _strided(
+                gradient,
+                first * c_out,
                 (chunks, m * gh, span * c_out),
                 (span * c_out * item, gradient.strides[0], item),
                 writeable=False,
