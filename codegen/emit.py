@@ -57,6 +57,22 @@ WORKSPACE_KERNELS = {
     "route_to_argmax",
 }
 
+# Nodes whose value is always an array of its own, never a view of an operand (pad and
+# dilate give back their input when there is nothing to add, crop and rot180 are views):
+# a statement may write over such a value when nothing else reads it (see
+# Emitter.reuse_arguments).
+OWN_ARRAYS = (
+    ir.Correlate,
+    ir.CorrelateWeights,
+    ir.FullConvolve,
+    ir.WindowSum,
+    ir.GatherWindows,
+    ir.Upsample,
+    ir.ScatterWindows,
+    ir.RouteToArgmax,
+    ir.MatMul,
+)
+
 # Suffix of the variable that holds a shared intermediate, by node type.
 SUFFIXES = {
     ir.Pad: "padded",
@@ -109,6 +125,11 @@ class Emitter:
     kernel_keys: dict = field(default_factory=dict)
     # Inputs of the function that are 1-D arrays (biases), see codegen.ufuncs.
     vectors: frozenset = frozenset()
+    # Whether a lowered pointwise statement may write over an operand that it alone reads
+    # (an OWN_ARRAYS node computed for it and found nowhere else in the function's trees).
+    # Only when every tree of the function was counted before the first statement: the
+    # count then says that nothing later reads the operand.
+    reuse_arguments: bool = False
 
     def branch(self) -> Emitter:
         """An emitter for one branch of an if/else: it starts from what this one has bound."""
@@ -154,6 +175,14 @@ class Emitter:
         and why), the statement runs inside ``np.errstate`` ignoring just those.
         """
         if self.workspace is not None and isinstance(node, ir.Pointwise):
+            private = [
+                child
+                for _, child in node.arguments
+                if self.reuse_arguments
+                and isinstance(child, OWN_ARRAYS)
+                and child not in self.bound
+                and self.uses[child] == 1
+            ]
             expr, arrays = self.pointwise_arguments(node)
             if UfuncLowering.applies(expr, arrays):
                 if target is None:
@@ -161,7 +190,8 @@ class Emitter:
                 lowering = UfuncLowering(
                     arrays, self.workspace, f"{self.function}.{target}", self.vectors
                 )
-                statements = lowering.lower(expr, target)
+                reusable = tuple(self.bound[child] for child in private if child in self.bound)
+                statements = lowering.lower(expr, target, reusable)
                 check_statements(statements, target, expr)
                 self.emit_statements(statements, lowering.expected_errors)
                 return target

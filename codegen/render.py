@@ -297,6 +297,7 @@ def forward_function(layer: Layer) -> Function:
         vectors=frozenset(
             item.name for item in layer.inputs if not item.any_rank and len(item.axes) == 1
         ),
+        reuse_arguments=True,
     )
     for tree in trees:
         emitter.count(tree)

@@ -195,6 +195,14 @@ class _Kernels:
     def buffer(workspace, key, shape, dtype):
         return _Symbolic(sympy.nan)  # contents undefined until written
 
+    # buffer_reusing returns its array (which later writes then change) or a new buffer,
+    # by the shapes at run time: statements that use it are read back both ways.
+    reusing = True
+
+    @classmethod
+    def buffer_reusing(cls, array, workspace, key, shape, dtype):
+        return array if cls.reusing else cls.buffer(workspace, key, shape, dtype)
+
     @staticmethod
     def with_vector(ufunc, x, y, out):
         return ufunc(x, y, out=out)
@@ -231,9 +239,13 @@ def read_printed(code: str, expr: sympy.Expr) -> sympy.Expr:
         raise _unreadable(code, error) from error
 
 
-def read_statements(lines: list[str], target: str, expr: sympy.Expr) -> sympy.Expr:
-    """The expression that the statements ``lines`` leave in ``target``."""
+def read_statements(
+    lines: list[str], target: str, expr: sympy.Expr, reusing: bool = True
+) -> sympy.Expr:
+    """The expression that the statements ``lines`` leave in ``target``; ``reusing``: whether
+    _k.buffer_reusing gives back its array (else a new one)."""
     names = _namespace(expr)
+    names["_k"] = type("_KernelsHere", (_Kernels,), {"reusing": reusing})
     try:
         exec("\n".join(lines), names)  # noqa: S102 - code the lowering just wrote
     except (AttributeError, NameError, TypeError, ValueError) as error:
@@ -295,8 +307,15 @@ def check_printed(code: str, proven: sympy.Expr) -> None:
 
 
 def check_statements(lines: list[str], target: str, proven: sympy.Expr) -> None:
-    """Raise TranslationError unless ``lines`` leave ``proven`` in ``target``."""
-    check(read_statements(lines, target, proven), proven, "\n".join(lines))
+    """Raise TranslationError unless ``lines`` leave ``proven`` in ``target``.
+
+    Statements that write over an operand (_k.buffer_reusing) must be right both when the
+    target is that operand (no statement may then read it after the target is written) and
+    when it is a new array."""
+    code = "\n".join(lines)
+    check(read_statements(lines, target, proven), proven, code)
+    if "_k.buffer_reusing(" in code:
+        check(read_statements(lines, target, proven, reusing=False), proven, code)
 
 
 __all__ = ["TranslationError", "check_printed", "check_statements", "equal"]

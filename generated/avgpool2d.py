@@ -50,7 +50,9 @@ def forward(x, *, size=2, stride=None, workspace=None):
     window_sum = _k.window_sum(
         a=x, size=size, stride=stride, workspace=workspace, key="forward.window_sum1"
     )
-    out = _k.buffer(workspace, "forward.out", window_sum.shape, window_sum.dtype)
+    out = _k.buffer_reusing(
+        window_sum, workspace, "forward.out", window_sum.shape, window_sum.dtype
+    )
     np.divide(window_sum, (size**2), out=out)
     _k.flush_subnormals(out, out=out)
     cache = {

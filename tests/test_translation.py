@@ -43,7 +43,12 @@ def _emit_all_layers():
             trees = [tree for _, tree in layer.forward]
             trees += [case.tree for gradient in layer.gradients for case in gradient.cases]
         for number, tree in enumerate(trees):
-            emitter = Emitter(names={"workspace"}, workspace="workspace", function=f"f{number}")
+            emitter = Emitter(
+                names={"workspace"},
+                workspace="workspace",
+                function=f"f{number}",
+                reuse_arguments=True,
+            )
             emitter.count(tree)
             emitter.assign("result", tree)
             plain = Emitter(names=set(), function=f"g{number}")
@@ -139,6 +144,65 @@ def test_statements_are_read_back_into_their_expression():
     # An array read before anything was written into it is refused.
     with pytest.raises(TranslationError):
         check_statements(lines[:1], "out", a)
+
+
+def test_statements_that_may_write_over_an_operand_are_checked_both_ways():
+    """_k.buffer_reusing gives back its operand or a new array, by the shapes at run time:
+    the statements must be right either way."""
+    reusing = 'out = _k.buffer_reusing(z, workspace, "k", z.shape, z.dtype)'
+    check_statements(
+        [reusing, "np.add(a, z, out=out)", "np.exp(out, out=out)"], "out", sympy.exp(a + z)
+    )
+    # z read again after out, which may be z, was written.
+    with pytest.raises(TranslationError):
+        check_statements(
+            [reusing, "np.exp(z, out=out)", "np.add(out, z, out=out)"], "out", sympy.exp(z) + z
+        )
+    # out read before anything was written into it: right only when it is z.
+    with pytest.raises(TranslationError):
+        check_statements([reusing, "np.add(out, a, out=out)"], "out", z + a)
+
+
+def _emitted(tree, reuse_arguments=True, also=()):
+    emitter = Emitter(
+        names={"workspace", "x", "w", "b"},
+        workspace="workspace",
+        function="forward",
+        reuse_arguments=reuse_arguments,
+    )
+    for counted in (tree, *also):
+        emitter.count(counted)
+    emitter.assign("out", tree)
+    return "\n".join(emitter.lines)
+
+
+def test_a_statement_writes_over_an_array_of_its_own_that_nothing_else_reads():
+    """Reference: the same statement into a kept array of its own, computed by NumPy."""
+    import numpy as np
+
+    from generated import _kernels
+
+    correlated = ir.Correlate(ir.Operand("x"), ir.Operand("w"))
+    tree = ir.pointwise(b + z, b=ir.Operand("b"), z=correlated)
+    code = _emitted(tree)
+    assert "_k.buffer_reusing(z, workspace" in code
+    rng = np.random.default_rng(0)
+    x, w, bias = rng.random((2, 5, 5, 3)), rng.random((3, 3, 3, 4)), rng.random(4)
+    for workspace in (None, {}):
+        names = {"np": np, "_k": _kernels, "x": x, "w": w, "b": bias, "workspace": workspace}
+        exec(code, names)
+        want = _kernels.correlate(x, w) + bias
+        assert np.array_equal(names["out"], want) and names["out"] is names["z"]
+    # Not when another tree of the function reads the same array, when the statement reads
+    # it after its first computation, when the operand may be a view of an input (pad
+    # gives back its input when it adds nothing), or when the emitter is not told that
+    # every tree was counted.
+    assert "buffer_reusing" not in _emitted(tree, also=[ir.pointwise(2 * z, z=correlated)])
+    assert "buffer_reusing" not in _emitted(ir.pointwise(sympy.exp(z) + z, z=correlated))
+    assert "buffer_reusing" not in _emitted(
+        ir.pointwise(b + z, b=ir.Operand("b"), z=ir.Pad(ir.Operand("x"), 0, 0))
+    )
+    assert "buffer_reusing" not in _emitted(tree, reuse_arguments=False)
 
 
 def test_masks_and_named_functions_are_compared_numerically_when_needed():
