@@ -212,6 +212,12 @@ def test_parts_on_worker_processes_give_the_one_process_result(name, batch):
             _, _, into = net.loss_and_gradients(images, labels, out=kept)
             assert into is kept
             np.testing.assert_array_equal(into.flat, FlatArrays.copy_of(want, np.float64).flat)
+            # Anything else is refused before the pass, with the way out.
+            wrong = [dict(want), FlatArrays({"w": (2,)}, np.float64)]
+            wrong.append(FlatArrays(net.params.shapes(), np.float32))
+            for bad in wrong:
+                with pytest.raises(ValueError, match="out=None"):
+                    net.loss_and_gradients(images, labels, out=bad)
         # The workers see parameter changes made in this process.
         for value in three.params.values():
             value *= 0.5

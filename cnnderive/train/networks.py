@@ -428,6 +428,7 @@ class Network:
         ``out`` (a FlatArrays laid out like ``params``, overwritten) if given, else new."""
         if self._loss_cache is None:
             raise RuntimeError("backward() needs a forward() first")
+        self._check_out(out)
         parts, self._parts = self._parts, []
         if len(parts) == 1:
             return self._own_backward(out)
@@ -442,7 +443,22 @@ class Network:
         (with worker processes, both in one exchange with them).  ``out`` as in
         :meth:`backward`: a training loop passes the previous step's gradients, which it
         no longer needs, and the step makes no new array of the parameters' size."""
+        self._check_out(out)
         return self._passes(images, labels, gradients=True, out=out)
+
+    def _check_out(self, out) -> None:
+        if out is None:
+            return
+        if not isinstance(out, FlatArrays) or out.layout != self.params.layout:
+            raise ValueError(
+                "out must be the gradients of an earlier step of this network (a FlatArrays "
+                f"laid out like its parameters), not {type(out).__name__}; or pass out=None"
+            )
+        if out.flat.dtype != self.dtype:
+            raise ValueError(
+                f"out holds {out.flat.dtype} values, the network computes in {self.dtype}; "
+                "pass gradients of this network or out=None"
+            )
 
     def _passes(self, images, labels, gradients: bool, out: FlatArrays | None = None):
         """(loss, outputs, grads or None): the forward pass, and the backward pass if asked."""
