@@ -320,7 +320,7 @@ def breakdown(net_name, batch, threads, bundle):
         for start in range(0, n, batch):
             index = order[start : start + batch]
             # As cnnderive train's loop: the batch and the gradients in kept arrays.
-            x = np.take(images, index, axis=0, out=batch_images[: len(index)])
+            x = np.take(images, index, axis=0, out=batch_images[: len(index)], mode="clip")
             _, _, grads = net.loss_and_gradients(x, labels[index], out=grads)
             update_began = time.perf_counter()
             optimizer.step(net.params, grads)

@@ -391,7 +391,9 @@ def train(
                 began = time.perf_counter()
                 for step in range(1, steps + 1):
                     index = order[(step - 1) * batch : step * batch]
-                    x = np.take(images, index, axis=0, out=batch_images[: len(index)])
+                    # mode="clip": the indices are a permutation's, all in range; the
+                    # default mode="raise" would gather into a new array and copy it.
+                    x = np.take(images, index, axis=0, out=batch_images[: len(index)], mode="clip")
                     y = labels[index]
                     if recipe.shift:
                         x = shift_images(
