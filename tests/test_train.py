@@ -442,6 +442,42 @@ def test_flat_arrays_copy_into_their_views_and_keep_their_names():
     assert joined(arrays, dict(arrays)) is None
 
 
+def test_updates_with_gradients_of_another_dtype_are_the_written_out_formulas():
+    """Reference: the update rules written out as NumPy expressions, float64 parameters and
+    float32 gradients (each product in the dtype the expression gives it), bit for bit."""
+    rng = np.random.default_rng(5)
+    start = {"a_w": rng.standard_normal((3, 4)), "a_b": rng.standard_normal(4)}
+    grads = {
+        name: rng.standard_normal(value.shape).astype(np.float32) for name, value in start.items()
+    }
+    for kind in ("sgd", "adam"):
+        params = {name: value.copy() for name, value in start.items()}
+        opt = optim.build(kind, params, lr=0.1)
+        for _ in range(3):
+            opt.step(params, grads)
+        for name, value in start.items():
+            want, f = value.copy(), np.float64
+            first, second = np.zeros_like(want), np.zeros_like(want)
+            for step in range(1, 4):
+                g = grads[name]
+                if kind == "sgd":
+                    mu = opt.momentum_start + (opt.momentum - opt.momentum_start) * min(
+                        (step - 1) / opt.momentum_steps, 1.0
+                    )
+                    first *= f(mu)
+                    first -= f(opt.lr) * g
+                    want += first
+                else:
+                    first *= f(opt.beta1)
+                    first += f(1.0 - opt.beta1) * g
+                    second *= f(opt.beta2)
+                    second += f(1.0 - opt.beta2) * (g * g)
+                    lr_t = opt.lr * np.sqrt(1 - opt.beta2**step) / (1 - opt.beta1**step)
+                    eps_t = opt.eps * np.sqrt(1 - opt.beta2**step)
+                    want -= f(lr_t) * (first / (np.sqrt(second) + f(eps_t)))
+            assert np.array_equal(params[name], want), (kind, name)
+
+
 def test_sgd_schedule_momentum_rises_and_lr_halves():
     sgd = optim.SGD({"w": np.zeros(2, np.float32)}, lr=0.1, momentum_steps=10)
     sgd.start_epoch(1)
