@@ -476,6 +476,14 @@ def test_updates_with_gradients_of_another_dtype_are_the_written_out_formulas():
                     eps_t = opt.eps * np.sqrt(1 - opt.beta2**step)
                     want -= f(lr_t) * (first / (np.sqrt(second) + f(eps_t)))
             assert np.array_equal(params[name], want), (kind, name)
+        # Gradients given as lists are read as arrays, as before the work arrays.
+        listed = {name: value.copy() for name, value in start.items()}
+        optim.build(kind, listed, lr=0.1).step(listed, {n: g.tolist() for n, g in grads.items()})
+        again = {name: value.copy() for name, value in start.items()}
+        optim.build(kind, again, lr=0.1).step(
+            again, {n: np.asarray(g.tolist()) for n, g in grads.items()}
+        )
+        assert all(np.array_equal(listed[n], again[n]) for n in start)
 
 
 def test_sgd_schedule_momentum_rises_and_lr_halves():
