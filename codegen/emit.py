@@ -175,14 +175,15 @@ class Emitter:
         and why), the statement runs inside ``np.errstate`` ignoring just those.
         """
         if self.workspace is not None and isinstance(node, ir.Pointwise):
-            private = [
-                child
-                for _, child in node.arguments
-                if self.reuse_arguments
-                and isinstance(child, OWN_ARRAYS)
-                and child not in self.bound
-                and self.uses[child] == 1
-            ]
+            private = []
+            if self.reuse_arguments:
+                private = [
+                    child
+                    for _, child in node.arguments
+                    if isinstance(child, OWN_ARRAYS)
+                    and child not in self.bound
+                    and self.uses[child] == 1
+                ]
             expr, arrays = self.pointwise_arguments(node)
             if UfuncLowering.applies(expr, arrays):
                 if target is None:
@@ -190,7 +191,8 @@ class Emitter:
                 lowering = UfuncLowering(
                     arrays, self.workspace, f"{self.function}.{target}", self.vectors
                 )
-                reusable = tuple(self.bound[child] for child in private if child in self.bound)
+                # pointwise_arguments bound each of them: a kernel call is not a name.
+                reusable = tuple(self.bound[child] for child in private)
                 statements = lowering.lower(expr, target, reusable)
                 check_statements(statements, target, expr)
                 self.emit_statements(statements, lowering.expected_errors)

@@ -508,8 +508,9 @@ class Network:
         np.multiply(first.flat, weights[0], out=first.flat)
         # Each worker's share is scaled into an array kept for it: a new temporary of the
         # parameters' size costs more than the arithmetic (see optim.Optimizer._work).
+        # (``first`` is laid out like the parameters, in their dtype: _check_out.)
         scaled = self._scaled_part
-        if scaled is None or scaled.shape != first.flat.shape or scaled.dtype != first.flat.dtype:
+        if scaled is None:
             scaled = self._scaled_part = np.empty_like(first.flat)
         for w, part in zip(weights[1:], self._workers.views.grads):
             first.flat += np.multiply(part.flat, w, out=scaled)

@@ -128,7 +128,7 @@ class Optimizer:
             self._update(
                 lambda prefix, name=name, param=param: self._buffer(prefix + name, param),
                 param,
-                grads[name],
+                np.asarray(grads[name]),  # any array-like, as the written-out rules took
             )
 
     def _update(self, state, param, grad):  # pragma: no cover - abstract
@@ -204,7 +204,6 @@ class SGD(Optimizer):
 
     def _update(self, state, param, grad):
         v = state("")
-        grad = np.asarray(grad)  # any array-like, as the written-out rule took
         lr = param.dtype.type(self._lr_now)
         v *= param.dtype.type(self._mu)
         # lr * grad, in its own dtype (a NumPy scalar of the parameters' type times grad).
@@ -249,7 +248,6 @@ class Adam(Optimizer):
         f = param.dtype.type
         m = state("m/")
         v = state("v/")
-        grad = np.asarray(grad)  # any array-like, as the written-out rule took
         # (1 - b) * grad and (1 - b) * grad**2 in the dtype those expressions have.
         term = self._work(grad.shape, np.result_type(f(1.0), grad))
         square = self._work(grad.shape, grad.dtype, slot=1)
