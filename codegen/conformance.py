@@ -728,13 +728,10 @@ def _flush_problems(module, rng) -> list[str]:
     return problems
 
 
-def _routed_reference(g: np.ndarray, index: np.ndarray, size: int, height: int, width: int):
-    """route_to_argmax for windows ``size`` apart, one window at a time."""
-    out = np.zeros((g.shape[0], height, width, g.shape[3]), g.dtype)
-    for n, i, j, c in itertools.product(*(range(length) for length in g.shape)):
-        u, v = divmod(int(index[n, i, j, c]), size)
-        out[n, size * i + u, size * j + v, c] = g[n, i, j, c]
-    return out
+def _routed_reference(g, index, size, height, width) -> np.ndarray:
+    """The interpreter's route_to_argmax for windows ``size`` apart."""
+    node = ir.RouteToArgmax(ir.Operand("g"), ir.Operand("index"), size, size, height, width)
+    return reference(node, {"g": g, "index": index})
 
 
 def _remembered_offsets_problems(module, rng) -> list[str]:
@@ -754,10 +751,8 @@ def _remembered_offsets_problems(module, rng) -> list[str]:
             gathered = module.gather_windows(
                 a, step_index, size, size, workspace=workspace, key="forward"
             )
-            expected = np.empty_like(gathered)
-            for n, i, j, c in itertools.product(*(range(length) for length in index.shape)):
-                u, v = divmod(int(step_index[n, i, j, c]), size)
-                expected[n, i, j, c] = a[n, size * i + u, size * j + v, c]
+            node = ir.GatherWindows(ir.Operand("a"), ir.Operand("index"), size, size)
+            expected = reference(node, {"a": a, "index": step_index})
             if not np.array_equal(gathered, expected):
                 problems.append("gather_windows after another index gathers wrongly")
         computed = watch.calls["_computed_offsets"]
