@@ -230,6 +230,15 @@ def _difference(got, expected, exact: bool) -> str | None:
     return None
 
 
+def _forget_kept_patches(module) -> None:
+    """Forget the patch matrices the module's forward correlations kept for this thread:
+    each check then unrolls its own input (the kept ones have a check of their own,
+    _kept_patches_problems)."""
+    remembered = getattr(module._thread_scratch, "patches", None)
+    if remembered is not None:
+        remembered.clear()
+
+
 def _run(module, check: Check, expected: np.ndarray) -> list[str]:
     """Failures of one check: without a workspace, then twice with one (spoiled between)."""
     kernel = kernel_name(check.node)
@@ -240,6 +249,7 @@ def _run(module, check: Check, expected: np.ndarray) -> list[str]:
         modes += ["workspace", "kept workspace"]
     workspace: dict = {}
     for mode in modes:
+        _forget_kept_patches(module)
         arguments = _kernel_arguments(check.node, check.arrays)
         watch = _Watch(module, set(check.taken) | set(check.avoided))
         try:
@@ -778,6 +788,45 @@ def _remembered_offsets_problems(module, rng) -> list[str]:
     return problems
 
 
+def _kept_patches_problems(module, rng) -> list[str]:
+    """A convolution's forward then its weights' gradient of one input: the weights take
+    the patches the forward unrolled (no second unrolling), for one-channel rows
+    (banded) and for multi-channel windows (im2col); the same array written into in
+    between, or another input of the same shape, is unrolled again and correlated
+    exactly."""
+    problems = []
+    for label, c_in, unroll in (("rows", 1, "_row_patches"), ("windows", 2, "_copy_window_rows")):
+        a = _values(rng, (2, 7, 8, c_in), "ties")
+        kernel = _values(rng, (3, 3, c_in, 2), "ties")
+        g = _values(rng, (2, 5, 6, 2), "ties")
+        node = ir.CorrelateWeights(ir.Operand("a"), ir.Operand("g"))
+        watch = _Watch(module, {unroll})
+        try:
+            _forget_kept_patches(module)
+            module.correlate(a, kernel)
+            unrolled = watch.calls[unroll]
+            if not unrolled:
+                problems.append(f"kept {label}: the forward did not unroll through {unroll}")
+            for step, change in enumerate((None, "in place", "another array")):
+                if change == "in place":
+                    a[1, 2, 3, 0] += 1  # the array the forward unrolled, written into
+                elif change == "another array":
+                    a = a.copy()  # another array, of other values
+                    a[0, 0, 0, c_in - 1] -= 1
+                before = watch.calls[unroll]
+                got = module.correlate_weights(a, g)
+                again = watch.calls[unroll] > before
+                if change is None and again:
+                    problems.append(f"kept {label}: the weights unrolled the forward's input again")
+                if change is not None and not again:
+                    problems.append(f"kept {label}: patches taken for an input changed {change}")
+                if not np.array_equal(got, reference(node, {"a": a, "g": g})):
+                    problems.append(f"kept {label}: correlate_weights wrong after step {step}")
+        finally:
+            watch.restore()
+    return problems
+
+
 def all_checks(seed: int = 0) -> list[Check]:
     rng = np.random.default_rng(seed)
     return _convolution_checks(rng) + _window_checks(rng) + _shape_checks(rng) + _sum_checks(rng)
@@ -818,7 +867,8 @@ def check_kernels(source: Path = KERNELS_SOURCE, seed: int = 0) -> tuple[int, li
         failures += _elementwise_problems(_module_for_source(source, settings, cache), rng)
     failures += _flush_problems(_module_for_source(source, {}, cache), rng)
     failures += _remembered_offsets_problems(_module_for_source(source, {}, cache), rng)
-    return len(prepared) + 4, failures
+    failures += _kept_patches_problems(_module_for_source(source, BANDED, cache), rng)
+    return len(prepared) + 5, failures
 
 
 def _module_for_source(source: Path, settings: dict, cache: dict):

@@ -122,6 +122,16 @@ MUTATIONS = [
         "",
     ),
     (
+        "kept patches taken for any input of the same shape",
+        "    if not np.array_equal(copy.view(bits), source.view(bits)):\n        return None\n",
+        "",
+    ),
+    (
+        "kept patches remembered without a copy of their input",
+        "    np.copyto(copy, source)\n",
+        "",
+    ),
+    (
         "flush_subnormals writing into its input when given another out",
         "    elif out is not a:\n        np.copyto(out, a)",
         "    elif out is not a:\n        out = a",
