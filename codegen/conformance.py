@@ -234,9 +234,7 @@ def _forget_kept_patches(module) -> None:
     """Forget the patch matrices the module's forward correlations kept for this thread:
     each check then unrolls its own input (the kept ones have a check of their own,
     _kept_patches_problems)."""
-    remembered = getattr(module._thread_scratch, "patches", None)
-    if remembered is not None:
-        remembered.clear()
+    module._remembered_patches().clear()
 
 
 def _run(module, check: Check, expected: np.ndarray) -> list[str]:

@@ -383,8 +383,9 @@ _PATCHES_KEPT = 4
 
 
 def _remembered_patches():
-    """For this thread: signature -> (a copy of the unrolled input, its patches as a
-    1-D array), the most recent last."""
+    """For this thread: (signature, input shape, input dtype) -> (a copy of the unrolled
+    input, its patches as a 1-D array), the most recent last.  The signature names the
+    unrolling and its patches' dtype; with the input's shape it fixes their size."""
     remembered = getattr(_thread_scratch, "patches", None)
     if remembered is None:
         remembered = _thread_scratch.patches = {}
@@ -402,8 +403,8 @@ def _patches_to_keep(signature, source, size, dtype):
     dtype = np.dtype(dtype)
     if size * dtype.itemsize > _KEPT_PATCH_BYTES or _bits(source.dtype) is None:
         return None
-    kept = _remembered_patches().pop(signature, None)
-    if kept is None or kept[0].shape != source.shape or kept[1].size != size:
+    kept = _remembered_patches().pop((signature, source.shape, source.dtype), None)
+    if kept is None:
         kept = (np.empty(source.shape, source.dtype), np.empty(size, dtype))
     return kept
 
@@ -414,7 +415,7 @@ def _remember_patches(signature, source, kept):
     copy, _ = kept
     np.copyto(copy, source)
     remembered = _remembered_patches()
-    remembered[signature] = kept
+    remembered[(signature, source.shape, source.dtype)] = kept
     while len(remembered) > _PATCHES_KEPT:
         del remembered[next(iter(remembered))]
 
@@ -422,12 +423,10 @@ def _remember_patches(signature, source, kept):
 def _kept_patches(signature, source):
     """The patches remembered for ``signature`` if ``source`` equals the copy they were
     made from, bit for bit (NaN payloads and signed zeros too), else None."""
-    kept = _remembered_patches().get(signature)
+    kept = _remembered_patches().get((signature, source.shape, source.dtype))
     if kept is None:
         return None
     copy, patches = kept
-    if copy.shape != source.shape or copy.dtype != source.dtype:
-        return None
     bits = _bits(copy.dtype)
     if not np.array_equal(copy.view(bits), source.view(bits)):
         return None
@@ -524,7 +523,7 @@ def _correlate_banded(a, kernel, out):
     block = _block_size(n, (out_h * w * kh + out_h * out_w * c_out) * item, _BANDED_BLOCK_BYTES)
     per_image = out_h * w * kh
     # Kept for correlate_weights (see _KEPT_PATCH_BYTES); else a work array per block.
-    signature = ("rows", a.shape, kh, dtype)
+    signature = ("rows", kh, dtype)
     kept = _patches_to_keep(signature, a, n * per_image, dtype)
     if kept is None:
         patch_buffer = _scratch("patches", block * per_image, dtype)
@@ -580,7 +579,7 @@ def _correlate_weights_banded(a, g, dtype):
     block = _block_size(n, (gh * w * kh + gh * gw * c_out) * item, _BANDED_BLOCK_BYTES)
     per_image = gh * w * kh
     # The forward's row patches when it unrolled this very input (see _KEPT_PATCH_BYTES).
-    kept = _kept_patches(("rows", a.shape, kh, dtype), a)
+    kept = _kept_patches(("rows", kh, dtype), a)
     if kept is None:
         patch_buffer = _scratch("patches", block * per_image, dtype)
     product_buffer = _scratch(
@@ -664,7 +663,7 @@ def correlate(a, kernel, stride=1, *, workspace=None, key=""):
         # Rows (n, i, j), columns (u, v, c): each copied run is a window row, KW*C long.
         # Kept for correlate_weights when small enough (see _KEPT_PATCH_BYTES).
         flat = out.reshape(n * rows, c_out)
-        signature = ("windows", a.shape, kh, kw, stride, dtype)
+        signature = ("windows", kh, kw, stride, dtype)
         kept = _patches_to_keep(signature, a, n * rows * taps, dtype)
         for start, stop in _blocks(n, block):
             m = stop - start
@@ -702,7 +701,7 @@ def correlate_weights(a, g):
         return banded.reshape(kh, kw, c_in, c_out)
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
     # The forward's patches when it unrolled this very input (see _KEPT_PATCH_BYTES).
-    kept = None if c_in == 1 else _kept_patches(("windows", a.shape, kh, kw, 1, dtype), a)
+    kept = None if c_in == 1 else _kept_patches(("windows", kh, kw, 1, dtype), a)
     if kept is None:
         patch_buffer = _scratch("patches", block * rows * taps, dtype)
     # The transposed product, (C_out x rows) by (rows x taps), is summed: BLAS runs it
