@@ -759,3 +759,30 @@ def test_an_inf_pixel_spoils_only_the_outputs_whose_window_holds_it():
     np.testing.assert_array_equal(np.isfinite(out), np.isfinite(direct))
     finite = np.isfinite(direct)
     np.testing.assert_allclose(out[finite], direct[finite], rtol=1e-10, atol=1e-10)
+
+
+def test_an_inf_in_the_weights_gradient_spoils_only_the_weights_whose_terms_hold_it():
+    """The banded weights product (seed-sized kernel, one input channel) computes and
+    drops entries for pixels outside the windows: an inf pixel or an inf upstream
+    gradient must reach exactly the weights whose sums hold it, as in the sums written
+    out directly (where inf * 0 is NaN too)."""
+    from generated import conv2d
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 16, 40, 1))
+    w = rng.normal(size=(9, 9, 1, 3))
+    _, cache = conv2d.forward(x, w, np.zeros(3))
+    x[1, 7, 20, 0] = np.inf  # after the forward: its cache holds the same array
+    upstream = rng.normal(size=(2, 8, 32, 3))
+    upstream[0, 3, 30, 2] = -np.inf
+    upstream[1, 0, 0, 0] = 0.0
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, as in the direct sums
+        _, dw, _ = conv2d.backward(upstream, cache, input_gradient=False)
+    windows = np.lib.stride_tricks.sliding_window_view(x[..., 0], (8, 32), axis=(1, 2))
+    with np.errstate(invalid="ignore"):
+        direct = np.einsum("nuvij,nijo->uvo", windows, upstream)
+    np.testing.assert_array_equal(np.isnan(dw[:, :, 0, :]), np.isnan(direct))
+    np.testing.assert_array_equal(np.isinf(dw[:, :, 0, :]), np.isinf(direct))
+    finite = np.isfinite(direct)
+    assert not finite.all()
+    np.testing.assert_allclose(dw[:, :, 0, :][finite], direct[finite], rtol=1e-10, atol=1e-10)
