@@ -710,7 +710,16 @@ def _flush_problems(module, rng) -> list[str]:
         with_subnormals = np.concatenate([special, subnormal, normal])
         # Without subnormal values the kernel takes its early way out: nothing may change.
         without = np.concatenate([special, normal])
-        cases = itertools.product((with_subnormals, without), ("new", "in place", "other"))
+        # Values all on one side of zero take a shorter test (one reduction): with and
+        # without subnormal values among them, and with a NaN, on either side.
+        positive = np.abs(np.concatenate([normal, np.array([info.tiny, np.inf], dtype)]))
+        positive_subnormal = np.concatenate([positive, np.abs(subnormal)])
+        positive_nan = np.concatenate([positive, np.array([np.nan], dtype)])
+        one_sided = [positive, positive_subnormal, positive_nan]
+        one_sided += [-values for values in one_sided]
+        cases = itertools.product(
+            (with_subnormals, without, *one_sided), ("new", "in place", "other")
+        )
         for values, where in cases:
             values = values[rng.permutation(values.size)].reshape(-1, 1)
             is_subnormal = (values != 0) & (np.abs(values) < info.tiny)

@@ -112,6 +112,16 @@ MUTATIONS = [
         "if bits.max() < bound:",
     ),
     (
+        "flush_subnormals' one-sided test taking zero for its bound",
+        "        if out.min() >= tiny:",
+        "        if out.min() >= 0:",
+    ),
+    (
+        "flush_subnormals' one-sided test for negative values taking zero for its bound",
+        "elif (samples < 0).all() and out.max() <= -tiny:",
+        "elif (samples < 0).all() and out.max() <= 0:",
+    ),
+    (
         "window offsets remembered for any index of the same shape",
         "if kept is not None and np.array_equal(kept[0], index):",
         "if kept is not None:",
