@@ -796,6 +796,85 @@ def _remembered_offsets_problems(module, rng) -> list[str]:
     return problems
 
 
+def _gather_at_argmax_problems(module, rng) -> list[str]:
+    """A max pool's forward as the generated code runs it: window_argmax, then
+    gather_windows at that index of the same input with ``argmax_key``, which returns the
+    maxima window_argmax kept. The result must be the element at each window's first
+    maximum bit for bit (the interpreter's index, the element read from the input): with
+    windows whose maximum is 0.0 or -0.0 in either order, NaN windows, and an index that
+    is not the one window_argmax kept. Without zeros or NaN no offset may be computed."""
+    problems = []
+    for (size, stride), kind, dtype in itertools.product(
+        ((2, 2), (3, 3), (2, 1), (3, 2)),
+        ("random", "ties", "signed zeros", "NaN"),
+        (np.float32, np.float64),
+    ):
+        shape = (2, 7, 8, 3)
+        if kind == "signed zeros":
+            a = rng.choice([-0.0, 0.0, -1.0], size=shape).astype(dtype)
+        else:
+            a = _values(rng, shape, "ties" if kind == "ties" else "random", dtype)
+            if kind == "ties":
+                a = a + dtype(3)  # positive: maxima never zero
+            if kind == "NaN":
+                a = _with_nan(rng, a)
+        label = f"gather_windows at window_argmax's index ({size}x{size} stride {stride}, {kind}, "
+        label += f"{np.dtype(dtype).name})"
+        index_reference = _window_argmax_reference(a.astype(np.float64), size, stride)
+        windows = np.lib.stride_tricks.sliding_window_view(a, (size, size), axis=(1, 2))
+        windows = windows[:, ::stride, ::stride].reshape(index_reference.shape + (size * size,))
+        expected = np.take_along_axis(windows, index_reference[..., None], axis=-1)[..., 0]
+        bits = _unsigned_like(np.dtype(dtype))
+        workspace: dict = {}
+        watch = _Watch(module, {"_window_offsets"})
+        try:
+            index = module.window_argmax(a, size, stride, workspace=workspace, key="argmax")
+            # Its own index, then another one (the first position of every window): the
+            # kept maxima belong to the first only.
+            first_positions = np.zeros_like(index)
+            for given, wanted, name in (
+                (index, expected, "its index"),
+                (first_positions, windows[..., 0], "another index"),
+            ):
+                got = np.array(
+                    module.gather_windows(
+                        a,
+                        given,
+                        size,
+                        stride,
+                        argmax_key="argmax",
+                        workspace=workspace,
+                        key="gather",
+                    )
+                )
+                if got.dtype != wanted.dtype or not np.array_equal(
+                    got.view(bits), np.ascontiguousarray(wanted).view(bits)
+                ):
+                    problems.append(f"{label}, given {name}: not the element at that index")
+            if kind in ("random", "ties") and watch.calls["_window_offsets"] != 1:
+                problems.append(f"{label}: gathered instead of taking the kept maxima")
+        finally:
+            watch.restore()
+    # Windows of size 1 keep no maxima: a later call in the same workspace must not take
+    # those of an earlier call with larger windows and an output of the same shape.
+    workspace = {}
+    larger = _values(rng, (2, 4, 4, 3), "random")
+    module.window_argmax(larger, 2, 2, workspace=workspace, key="argmax")
+    single = _values(rng, (2, 2, 2, 3), "random")
+    index = module.window_argmax(single, 1, 1, workspace=workspace, key="argmax")
+    got = module.gather_windows(
+        single, index, 1, 1, argmax_key="argmax", workspace=workspace, key="gather"
+    )
+    if not np.array_equal(got, single):
+        problems.append("gather_windows in 1x1 windows took maxima kept by an earlier call")
+    return problems
+
+
+def _unsigned_like(dtype):
+    """The unsigned integer type as wide as ``dtype``: to compare floats bit for bit."""
+    return np.dtype(f"u{dtype.itemsize}")
+
+
 def _kept_patches_problems(module, rng) -> list[str]:
     """A convolution's forward then its weights' gradient of one input: the weights take
     the patches the forward unrolled (no second unrolling), for one-channel rows
@@ -876,7 +955,8 @@ def check_kernels(source: Path = KERNELS_SOURCE, seed: int = 0) -> tuple[int, li
     failures += _flush_problems(_module_for_source(source, {}, cache), rng)
     failures += _remembered_offsets_problems(_module_for_source(source, {}, cache), rng)
     failures += _kept_patches_problems(_module_for_source(source, BANDED, cache), rng)
-    return len(prepared) + 5, failures
+    failures += _gather_at_argmax_problems(_module_for_source(source, {}, cache), rng)
+    return len(prepared) + 6, failures
 
 
 def _module_for_source(source: Path, settings: dict, cache: dict):
@@ -900,6 +980,9 @@ def signature_problems(module) -> list[str]:
     those, and ``workspace`` and ``key`` where the emitter passes them."""
     expected = {name: [f.name for f in fields(node)] for node, name in KERNELS.items()}
     expected["sum_leading"] = ["a", "count"]
+    # gather_windows also takes the key of the window_argmax call that made its index
+    # (Emitter.argmax_key).
+    expected["gather_windows"].append("argmax_key")
     problems = []
     for kernel, names in sorted(expected.items()):
         function = getattr(module, kernel, None)

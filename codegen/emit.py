@@ -286,12 +286,36 @@ class Emitter:
                     code = integer_code(value)
                 arguments.append(f"{f.name}={code}")
             kernel = KERNELS[type(node)]
+            argmax_key = self.argmax_key(node)
+            if argmax_key is not None:
+                arguments.append(f'argmax_key="{argmax_key}"')
             if self.workspace is not None and kernel in WORKSPACE_KERNELS:
                 number = len(self.kernel_keys) + 1
                 key = self.kernel_keys.setdefault(node, f"{self.function}.{kernel}{number}")
                 arguments += [f"workspace={self.workspace}", f'key="{key}"']
             return f"{KERNEL_MODULE}.{kernel}({', '.join(arguments)})"
         raise TypeError(f"no NumPy emission for {type(node).__name__}")
+
+    def argmax_key(self, node: ir.Node) -> str | None:
+        """For a gather at the argmax of the same input over the same windows, the
+        workspace key of that window_argmax call (its arguments emitted already): the
+        kernel then takes the maxima that call kept instead of gathering (see
+        gather_windows). None for any other node, or without a workspace."""
+        if self.workspace is None or not isinstance(node, ir.GatherWindows):
+            return None
+        index = node.index
+        if isinstance(index, ir.Operand):
+            # A name assigned earlier in the function (a forward's cached argmax).
+            named = [bound for bound, name in self.bound.items() if name == index.name]
+            index = named[0] if len(named) == 1 else index
+        if not (
+            isinstance(index, ir.WindowArgmax)
+            and index.a == node.a
+            and index.size == node.size
+            and index.stride == node.stride
+        ):
+            return None
+        return self.kernel_keys.get(index)
 
     def indexed_call(self, node: ir.Node) -> str:
         """A call of the index-space primitive that computes ``node``; maps and index

@@ -56,6 +56,7 @@ def forward(x, *, size=2, stride=None, workspace=None):
         index=argmax,
         size=size,
         stride=stride,
+        argmax_key="forward.window_argmax1",
         workspace=workspace,
         key="forward.gather_windows2",
     )

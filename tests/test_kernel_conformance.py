@@ -122,6 +122,21 @@ MUTATIONS = [
         "elif (samples < 0).all() and out.max() <= 0:",
     ),
     (
+        "gather_windows taking window_argmax's maxima when one of them is zero",
+        "maxima.dtype == a.dtype and maxima.all():",
+        "maxima.dtype == a.dtype:",
+    ),
+    (
+        "gather_windows taking window_argmax's maxima for any index",
+        "and workspace.get(argmax_key + _MAXIMA_OF) is index",
+        "and workspace.get(argmax_key + _MAXIMA_OF) is not None",
+    ),
+    (
+        "window_argmax leaving an earlier call's maxima for gather_windows",
+        "        workspace.pop(key + _MAXIMA_OF, None)",
+        "        pass",
+    ),
+    (
         "window offsets remembered for any index of the same shape",
         "if kept is not None and np.array_equal(kept[0], index):",
         "if kept is not None:",
