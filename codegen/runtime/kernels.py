@@ -990,7 +990,6 @@ def window_argmax(a, size, stride, *, workspace=None, key=""):
     return index
 
 
-
 def _window_origins(shape, index_shape, stride, workspace, key):
     """origins[n,i,j,c]: offset of a[n, stride*i, stride*j, c] in a C-ordered ``a`` of ``shape``.
 
