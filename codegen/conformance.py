@@ -575,7 +575,7 @@ def _window_checks(rng) -> list[Check]:
             )
     # Without an unsigned type of its width (long double), route_to_argmax selects by
     # boolean masks instead of bits.
-    if _bits_missing(np.longdouble):
+    if _unsigned_like(np.longdouble) is None:
         index = rng.integers(0, 4, size=(2, 3, 3, 2))
         checks.append(
             Check(
@@ -597,12 +597,13 @@ def _window_checks(rng) -> list[Check]:
     return checks
 
 
-def _bits_missing(dtype) -> bool:
+def _unsigned_like(dtype):
+    """The unsigned integer type as wide as ``dtype`` (to compare floats bit for bit), or
+    None where there is none (long double on most machines)."""
     try:
-        np.dtype(f"u{np.dtype(dtype).itemsize}")
-        return False
+        return np.dtype(f"u{np.dtype(dtype).itemsize}")
     except TypeError:
-        return True
+        return None
 
 
 def _shape_checks(rng) -> list[Check]:
@@ -665,7 +666,7 @@ def _sum_checks(rng) -> list[Check]:
             label = f"sum_leading {shape} over {count} axes, {kind} {np.dtype(dtype).name}, {name}"
             node = ir.Sum(a, tuple(range(count)))
             checks.append(Check(label, node, {"a": array}, settings, taken, exact=kind == "ties"))
-    if _bits_missing(np.longdouble):  # no BLAS for long double: never joined
+    if _unsigned_like(np.longdouble) is None:  # no BLAS for long double: never joined
         array = _values(rng, (4, 8, 8, 3), "ties", np.longdouble)
         node = ir.Sum(a, (0, 1, 2))
         checks.append(
@@ -818,13 +819,15 @@ def _gather_at_argmax_problems(module, rng) -> list[str]:
                 a = a + dtype(3)  # positive: maxima never zero
             if kind == "NaN":
                 a = _with_nan(rng, a)
-        label = f"gather_windows at window_argmax's index ({size}x{size} stride {stride}, {kind}, "
-        label += f"{np.dtype(dtype).name})"
+        label = (
+            f"gather_windows at window_argmax's index ({size}x{size} stride {stride}, {kind}, "
+            f"{np.dtype(dtype).name})"
+        )
         index_reference = _window_argmax_reference(a.astype(np.float64), size, stride)
         windows = np.lib.stride_tricks.sliding_window_view(a, (size, size), axis=(1, 2))
         windows = windows[:, ::stride, ::stride].reshape(index_reference.shape + (size * size,))
         expected = np.take_along_axis(windows, index_reference[..., None], axis=-1)[..., 0]
-        bits = _unsigned_like(np.dtype(dtype))
+        bits = _unsigned_like(dtype)
         workspace: dict = {}
         watch = _Watch(module, {"_window_offsets"})
         try:
@@ -868,11 +871,6 @@ def _gather_at_argmax_problems(module, rng) -> list[str]:
     if not np.array_equal(got, single):
         problems.append("gather_windows in 1x1 windows took maxima kept by an earlier call")
     return problems
-
-
-def _unsigned_like(dtype):
-    """The unsigned integer type as wide as ``dtype``: to compare floats bit for bit."""
-    return np.dtype(f"u{dtype.itemsize}")
 
 
 def _kept_patches_problems(module, rng) -> list[str]:

@@ -1101,7 +1101,7 @@ def gather_windows(a, index, size, stride, *, argmax_key=None, workspace=None, k
         and workspace.get(argmax_key + _MAXIMA_OF) is index
     ):
         maxima = workspace[argmax_key + _MAXIMA]
-        if maxima.shape == index.shape and maxima.dtype == a.dtype and maxima.all():
+        if maxima.all():
             return maxima
     # One take from the flattened input at computed offsets: it moves exactly the chosen
     # element's bits (any dtype, NaN payloads and signed zeros included) and reads only
@@ -1256,9 +1256,9 @@ def flush_subnormals(a, out=None):
         return out
     unsigned = _UNSIGNED_OF_SIZE.get(out.dtype.itemsize)
     if unsigned is None:  # long double: no integer of its size to read its bits with
-        np.copyto(out, 0, where=(out != 0) & (np.abs(out) < np.finfo(out.dtype).tiny))
+        np.copyto(out, 0, where=(out != 0) & (np.abs(out) < tiny))
         return out
-    tiny_bits = int(np.array(np.finfo(out.dtype).tiny, dtype=out.dtype).view(unsigned))
+    tiny_bits = int(np.array(tiny, dtype=out.dtype).view(unsigned))
     bound = unsigned((tiny_bits << 1) - 1)
     bits = _scratch("flush_subnormals.bits", out.size, unsigned).reshape(out.shape)
     values = out.view(unsigned)
