@@ -228,6 +228,37 @@ def test_parts_on_worker_processes_give_the_one_process_result(name, batch):
         three.close()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_meanwhile_runs_once_after_this_process_part_and_changes_nothing(threads):
+    """loss_and_gradients(meanwhile=f) calls f once, after this process's part and, with
+    workers, while their request is still unanswered; the step's results are bit for bit
+    those of a step without it."""
+    rng = np.random.default_rng(8)
+    images, labels = rng.random((6, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 6)
+    plain, hooked = build("lenet", threads=threads), build("lenet", threads=threads)
+    seen = []
+
+    def meanwhile():
+        # This process's part is done: its loss cache has been used up by its backward.
+        seen.append((hooked._loss_cache, list(hooked._workers.pending) if threads > 1 else []))
+
+    try:
+        want = plain.loss_and_gradients(images, labels)
+        got = hooked.loss_and_gradients(images, labels, meanwhile=meanwhile)
+        assert seen == [(None, [0] if threads > 1 else [])]
+        assert got[0] == want[0]
+        assert np.array_equal(got[1], want[1])
+        assert np.array_equal(got[2].flat, want[2].flat)
+        # An error in it stops the step like any other, and the next step is whole.
+        with pytest.raises(ZeroDivisionError):
+            hooked.loss_and_gradients(images, labels, meanwhile=lambda: 1 / 0)
+        again = hooked.loss_and_gradients(images, labels)
+        assert np.array_equal(again[2].flat, want[2].flat)
+    finally:
+        plain.close()
+        hooked.close()
+
+
 def test_a_failing_worker_names_the_error_and_the_network_recovers():
     net = build("lenet", threads=2)
     try:
@@ -530,6 +561,37 @@ def test_shift_images_moves_each_image_by_its_offset():
         shift_images(rng.random((6, 7, 9, 3)).astype(np.float32), offsets[::-1], 3, padded=padded)
     with pytest.raises(ValueError, match="padded has shape"):
         shift_images(images, offsets, 2, padded=padded)
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_epoch_batches_are_the_permutations_batches_whether_gathered_ahead_or_not(shift):
+    """_EpochBatches hands out step s's images and labels, gathered ahead by gather_next or
+    not; gathering the next batch leaves the current one's images as they were."""
+    from cnnderive.train.loop import _EpochBatches
+
+    rng = np.random.default_rng(3)
+    images = rng.random((23, 5, 4, 2)).astype(np.float32)
+    labels = np.arange(23)
+    order = epoch_permutation(1, 1, 23)
+    offsets = epoch_shifts(1, 1, 23, shift) if shift else None
+    buffers = [np.empty((5, 5, 4, 2), np.float32) for _ in range(2)]
+    padded = np.zeros((5, 5 + 2 * shift, 4 + 2 * shift, 2), np.float32) if shift else None
+    batches = _EpochBatches(images, labels, order, 5, buffers, shift, offsets, padded)
+    assert batches.steps == 5
+    for step in range(1, 6):
+        index = order[(step - 1) * 5 : step * 5]
+        want = images[index]
+        if shift:
+            want = shift_images(want, offsets[(step - 1) * 5 : step * 5], shift)
+        x, y = batches.of_step(step)
+        held = x.copy()
+        if step % 2:  # every other step gathers its successor ahead
+            batches.gather_next()
+            batches.gather_next()  # a second call gathers nothing more
+        assert np.array_equal(x, held) and np.array_equal(x, want), step
+        assert np.array_equal(y, labels[index]), step
+    batches.gather_next()  # after the last step: nothing to gather
+    assert batches._next is None
 
 
 def test_epoch_permutation_depends_only_on_seed_and_epoch():

@@ -195,6 +195,55 @@ def shift_images(
     return np.ascontiguousarray(np.moveaxis(picked, 1, -1))
 
 
+class _EpochBatches:
+    """The batches of one epoch, in order, each gathered into one of two kept arrays.
+
+    A step reads its batch from one array while :meth:`gather_next`, which the loop
+    passes to the step as its ``meanwhile`` (Network.loss_and_gradients), gathers the
+    next batch into the other: with worker processes this runs while they finish their
+    parts, where between two steps they would wait for it (see
+    Network._passes: gathering 64 images takes 0.02-0.05 ms).
+    """
+
+    def __init__(self, images, labels, order, batch, buffers, shift, offsets, padded):
+        self.images, self.labels, self.order = images, labels, order
+        self.batch_size = batch
+        self.buffers, self.shift, self.offsets, self.padded = buffers, shift, offsets, padded
+        self.steps = math.ceil(len(order) / batch)
+        self._step = 0  # the step whose batch was handed out last
+        self._next = None  # (step, images, labels) gathered ahead
+
+    def _gather(self, step: int):
+        first = (step - 1) * self.batch_size
+        index = self.order[first : first + self.batch_size]
+        # mode="clip": the indices are a permutation's, all in range; the default
+        # mode="raise" would gather into a new array and copy it.
+        out = self.buffers[step % 2][: len(index)]
+        x = np.take(self.images, index, axis=0, out=out, mode="clip")
+        if self.shift:
+            x = shift_images(
+                x,
+                self.offsets[first : first + self.batch_size],
+                self.shift,
+                padded=self.padded[: len(index)],
+            )
+        return x, self.labels[index]
+
+    def of_step(self, step: int):
+        """(images, labels) of step ``step`` (counted from 1)."""
+        if self._next is not None and self._next[0] == step:
+            _, x, y = self._next
+        else:
+            x, y = self._gather(step)
+        self._step, self._next = step, None
+        return x, y
+
+    def gather_next(self) -> None:
+        """Gather the batch after the one handed out last, if there is one."""
+        if self._step < self.steps and self._next is None:
+            self._next = (self._step + 1, *self._gather(self._step + 1))
+
+
 def prepare_splits(
     net: Network, bundle: DataBundle, limit: int | None = None
 ) -> tuple[Split, Split, Split | None]:
@@ -354,7 +403,8 @@ def train(
     # into the previous step's: new arrays of that size at every step cost more than the
     # copying (the C library returns the freed memory, the next step faults its pages
     # in again; see optim.Optimizer._work).
-    batch_images = np.empty((min(batch, n), *images.shape[1:]), images.dtype)
+    # Two such arrays, used in turn (see _EpochBatches).
+    batch_images = [np.empty((min(batch, n), *images.shape[1:]), images.dtype) for _ in range(2)]
     if recipe.shift:
         height, width, channels = images.shape[1:]
         padded_images = np.zeros(
@@ -388,21 +438,22 @@ def train(
                     leave=False,
                     dynamic_ncols=True,
                 )
+                batches = _EpochBatches(
+                    images,
+                    labels,
+                    order,
+                    batch,
+                    batch_images,
+                    recipe.shift,
+                    offsets if recipe.shift else None,
+                    padded_images if recipe.shift else None,
+                )
                 began = time.perf_counter()
                 for step in range(1, steps + 1):
-                    index = order[(step - 1) * batch : step * batch]
-                    # mode="clip": the indices are a permutation's, all in range; the
-                    # default mode="raise" would gather into a new array and copy it.
-                    x = np.take(images, index, axis=0, out=batch_images[: len(index)], mode="clip")
-                    y = labels[index]
-                    if recipe.shift:
-                        x = shift_images(
-                            x,
-                            offsets[(step - 1) * batch : step * batch],
-                            recipe.shift,
-                            padded=padded_images[: len(index)],
-                        )
-                    loss, outputs, grads = net.loss_and_gradients(x, y, out=grads)
+                    x, y = batches.of_step(step)
+                    loss, outputs, grads = net.loss_and_gradients(
+                        x, y, out=grads, meanwhile=batches.gather_next
+                    )
                     if not math.isfinite(loss):
                         raise TrainingDiverged(
                             epoch,

@@ -272,7 +272,7 @@ class Network:
         self._loss_cache = None
         self._workers: PartWorkers | None = None
         self._parts: list[slice] = []
-        self._scaled_part: np.ndarray | None = None  # see _combined_gradients
+        self._scaled_part: np.ndarray | None = None  # see _add_worker_gradients
 
     @property
     def uses_workers(self) -> bool:
@@ -432,19 +432,34 @@ class Network:
         parts, self._parts = self._parts, []
         if len(parts) == 1:
             return self._own_backward(out)
+        weights = self._weights(parts)
         with self._exchange() as workers:
             workers.send("backward", self._counts(parts))
             first = self._own_backward(out)
+            self._scale_own_gradients(weights, first)
             workers.receive()
-        return self._combined_gradients(parts, first)
+        return self._add_worker_gradients(weights, first)
 
-    def loss_and_gradients(self, images, labels, out: FlatArrays | None = None):
+    def loss_and_gradients(
+        self,
+        images,
+        labels,
+        out: FlatArrays | None = None,
+        meanwhile: Callable[[], None] | None = None,
+    ):
         """``(loss, outputs, grads)`` for one batch: :meth:`forward` then :meth:`backward`
         (with worker processes, both in one exchange with them).  ``out`` as in
         :meth:`backward`: a training loop passes the previous step's gradients, which it
-        no longer needs, and the step makes no new array of the parameters' size."""
+        no longer needs, and the step makes no new array of the parameters' size.
+
+        ``meanwhile``: a function of no arguments, called once during the step, after
+        this process has computed its own part of the batch and before it waits for the
+        workers' parts.  Work that does not depend on this step (a training loop gathers
+        its next batch there) then runs while the workers finish, instead of while they
+        wait for the next request.  It must not change ``images``, ``labels`` or the
+        parameters."""
         self._check_out(out)
-        return self._passes(images, labels, gradients=True, out=out)
+        return self._passes(images, labels, gradients=True, out=out, meanwhile=meanwhile)
 
     def _check_out(self, out) -> None:
         if out is None:
@@ -460,8 +475,9 @@ class Network:
                 "pass gradients of this network or out=None"
             )
 
-    def _passes(self, images, labels, gradients: bool, out: FlatArrays | None = None):
-        """(loss, outputs, grads or None): the forward pass, and the backward pass if asked."""
+    def _passes(self, images, labels, gradients: bool, out=None, meanwhile=None):
+        """(loss, outputs, grads or None): the forward pass, and the backward pass if asked.
+        ``meanwhile`` as in :meth:`loss_and_gradients`."""
         x = np.asarray(images, dtype=self.dtype)
         labels = np.asarray(labels)
         parts = self._split(len(x))
@@ -472,9 +488,13 @@ class Network:
             if not gradients:
                 self._parts = parts
                 return float(loss), outputs, None
-            return float(loss), outputs, self._own_backward(out)
+            grads = self._own_backward(out)
+            if meanwhile is not None:
+                meanwhile()
+            return float(loss), outputs, grads
         self._start_workers(parts, x)
         counts = self._counts(parts)
+        weights = self._weights(parts)
         with self._exchange() as workers:
             kind = "step" if gradients else "forward"
             workers.send(kind, counts, [labels[part] for part in parts[1:]])
@@ -482,14 +502,24 @@ class Network:
             logits = self._own_logits(x[first])
             loss, self._loss_cache = self._loss_forward(logits, self._targets(labels[first]))
             own_gradients = self._own_backward(out) if gradients else None
+            # What needs no reply is done before waiting for one: the workers are
+            # usually still computing then, while from their reply to the next request
+            # they idle.  Measured on LeNet's steps of 64 images (AMD EPYC Zen 4, one
+            # worker): 0.36-0.38 ms of each 4-4.5 ms step went between this process's
+            # receive and its next send; with this and the training loop's next batch
+            # gathered here (``meanwhile``), 0.24 ms.
+            outputs = [self.probabilities(logits)]
+            if gradients:
+                self._scale_own_gradients(weights, own_gradients)
+            if meanwhile is not None:
+                meanwhile()
             losses = [float(loss), *workers.receive()]
-        loss = sum(w * part_loss for w, part_loss in zip(self._weights(parts), losses))
-        outputs = [self.probabilities(logits)]
+        loss = sum(w * part_loss for w, part_loss in zip(weights, losses))
         outputs += [workers.views.outputs[i][:c] for i, c in enumerate(counts)]
         if not gradients:
             self._parts = parts
             return loss, np.concatenate(outputs), None
-        return loss, np.concatenate(outputs), self._combined_gradients(parts, own_gradients)
+        return loss, np.concatenate(outputs), self._add_worker_gradients(weights, own_gradients)
 
     def _own_backward(self, out: FlatArrays | None = None) -> FlatArrays:
         # Each layer stores its gradients into grads' pieces (FlatArrays copies them);
@@ -501,11 +531,16 @@ class Network:
         self._loss_cache = None
         return grads
 
-    def _combined_gradients(self, parts, first: FlatArrays) -> FlatArrays:
-        """d(sum_i w_i L_i) = sum_i w_i dL_i: part 0's gradients and the workers', in order
-        (into ``first``)."""
-        weights = self._weights(parts)
+    @staticmethod
+    def _scale_own_gradients(weights: list[float], first: FlatArrays) -> None:
+        """The batch's gradients are d(sum_i w_i L_i) = sum_i w_i dL_i over the parts,
+        summed in the parts' order.  This first term, w_0 dL_0, is made in place, before
+        the workers' replies are in (see _add_worker_gradients for the rest)."""
         np.multiply(first.flat, weights[0], out=first.flat)
+
+    def _add_worker_gradients(self, weights: list[float], first: FlatArrays) -> FlatArrays:
+        """The rest of the batch's gradients: ``first`` (holding w_0 dL_0, from
+        _scale_own_gradients) plus each worker's w_i dL_i, in the workers' order."""
         # Each worker's share is scaled into an array kept for it: a new temporary of the
         # parameters' size costs more than the arithmetic (see optim.Optimizer._work).
         # (``first`` is laid out like the parameters, in their dtype: _check_out.)
