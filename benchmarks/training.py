@@ -24,8 +24,11 @@ augmentation (``--shift 0``), each side on ``--threads`` cores (default 2).
   epoch's images/s with the compile time added to one epoch.
 
 Each run is its own process; runs alternate between the implementations, ``--rounds``
-times. The table gives the median images/s over all epochs of all rounds and the range
-of the per-round medians; ratio = generated images/s / reference images/s.
+times, generated first in odd rounds and last in even ones. The table gives the median
+images/s over all epochs of all rounds and the range of the per-round medians; ratio =
+generated images/s / reference images/s, then the range and the median of the
+per-round ratios (a round's runs follow each other, so their ratio is the least
+disturbed by the machine's slow and fast phases).
 
 Then, for the generated network (in this process, one thread): whether subnormal values
 occurred in any layer's output or gradient over a few batches of the trained network;
@@ -422,9 +425,13 @@ def main(argv=None):
     )
     results, loads, torch_text = {}, [], None
     for round_index in range(args.rounds):
+        # The order turns round by round (generated first, then last): a machine that
+        # speeds up or slows down over the minutes of a benchmark would otherwise favour
+        # whichever implementation always runs first.
+        order = impls if round_index % 2 == 0 else impls[::-1]
         for net_name in args.net:
             for batch in args.batch:
-                for impl in impls:
+                for impl in order:
                     load_meter = OtherLoad()
                     record = run_worker(impl, net_name, batch, args)
                     loads.append(load_meter.share())
@@ -449,7 +456,7 @@ def main(argv=None):
         print(torch_text)
 
     print()
-    header = f"{'network':<8} {'batch':>5} {'implementation':<15} {'images/s':>9} {'range':>15} {'ratio':>12}"
+    header = f"{'network':<8} {'batch':>5} {'implementation':<15} {'images/s':>9} {'range':>15} {'ratio':>25}"
     print(header)
     print("-" * len(header))
     for net_name in args.net:
@@ -469,10 +476,13 @@ def main(argv=None):
                 ratio = ""
                 if impl != "generated":
                     ratios = [g / r for g, r in zip(generated_rounds, per_round)]
-                    ratio = f"{generated / median:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+                    ratio = (
+                        f"{generated / median:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}, "
+                        f"median {statistics.median(ratios):.2f})"
+                    )
                 print(
                     f"{net_name:<8} {batch:>5} {NAMES[impl]:<15} {median:>9,.0f} "
-                    f"{spread(per_round):>15} {ratio:>12}"
+                    f"{spread(per_round):>15} {ratio:>25}"
                 )
                 if impl == "compile":
                     records = results[(net_name, batch, impl)]
@@ -486,7 +496,8 @@ def main(argv=None):
     print(
         "images/s: median over every epoch of every round; range: of the per-round medians; "
         "ratio: generated / that implementation (above 1: generated is faster), with the "
-        "range of the per-round ratios"
+        "range and the median of the per-round ratios (each round's two runs ran next to "
+        "each other, so these see the same state of the machine)"
     )
     print(
         "CPU time other processes used during the runs (share of the machine): "
