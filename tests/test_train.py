@@ -457,6 +457,53 @@ def test_one_update_over_flat_arrays_is_the_update_of_each_array(kind, weight_de
     assert at_once._joined and not by_array._joined  # each took the path named above
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("flat", [False, True])
+def test_prepare_step_then_step_is_step_alone_bit_for_bit(kind, flat):
+    """The training loop runs each step's gradient-free part (prepare_step) while the
+    gradients are computed; with it, every update is the one step() alone makes, over
+    the momentum's rise and a state round trip, with the parameters untouched until
+    step()."""
+    rng = np.random.default_rng(3)
+    shapes = {"conv_w": (2, 2, 1, 3), "conv_b": (3,), "fc_w": (12, 2)}
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    grads = [
+        {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(7)
+    ]
+
+    def arrays(values):
+        copies = {k: v.copy() for k, v in values.items()}
+        return FlatArrays.copy_of(copies, np.float32) if flat else copies
+
+    alone, ahead = arrays(start), arrays(start)
+    hyper = {"lr": 0.05, "weight_decay": 0.1}
+    if kind == "sgd":
+        hyper["momentum_steps"] = 4  # the momentum rises during the test
+    by_step, prepared = optim.build(kind, alone, **hyper), optim.build(kind, ahead, **hyper)
+    for opt in (by_step, prepared):
+        opt.start_epoch(1)
+    for step, g in enumerate(grads):
+        if step == 4:
+            prepared.load_state_dict(prepared.state_dict())
+        before = {k: np.array(v) for k, v in ahead.items()}
+        prepared.prepare_step(ahead)
+        assert all(np.array_equal(ahead[k], before[k]) for k in shapes)
+        g = arrays(g)
+        by_step.step(alone, g)
+        prepared.step(ahead, g)
+        for k in shapes:
+            assert np.array_equal(ahead[k].view(np.uint32), alone[k].view(np.uint32)), (step, k)
+    assert by_step.step_count == prepared.step_count == len(grads)
+    # Half a step is neither repeated nor saved.
+    prepared.prepare_step(ahead)
+    with pytest.raises(RuntimeError, match="twice"):
+        prepared.prepare_step(ahead)
+    with pytest.raises(RuntimeError, match="half a step"):
+        prepared.state_dict()
+    prepared.step(ahead, arrays(grads[0]))
+    assert prepared.state_dict()["step"] == len(grads) + 1
+
+
 def test_flat_arrays_copy_into_their_views_and_keep_their_names():
     arrays = FlatArrays({"w": (2, 3), "b": (3,)}, np.float32)
     arrays["b"] = [1, 2, 3]

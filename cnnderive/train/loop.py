@@ -422,6 +422,7 @@ def train(
         # this process holds BLAS to one thread in every pass anyway; set once here, the
         # passes need not set it and put it back at every step.
         single = recipe.threads == 1 or net.uses_workers
+
         one_core = one_blas_thread() if single else contextlib.nullcontext()
         with one_core, np.errstate(over="ignore", invalid="ignore"):
             for epoch in range(start + 1, recipe.epochs + 1):
@@ -448,11 +449,20 @@ def train(
                     offsets if recipe.shift else None,
                     padded_images if recipe.shift else None,
                 )
+
+                def meanwhile(batches=batches) -> None:
+                    # What a step can do while its worker processes finish their parts:
+                    # gather the next batch, and run the optimiser's part of the update
+                    # that needs no gradient (Network.loss_and_gradients,
+                    # Optimizer.prepare_step).
+                    batches.gather_next()
+                    optimizer.prepare_step(net.params)
+
                 began = time.perf_counter()
                 for step in range(1, steps + 1):
                     x, y = batches.of_step(step)
                     loss, outputs, grads = net.loss_and_gradients(
-                        x, y, out=grads, meanwhile=batches.gather_next
+                        x, y, out=grads, meanwhile=meanwhile
                     )
                     if not math.isfinite(loss):
                         raise TrainingDiverged(

@@ -272,7 +272,6 @@ class Network:
         self._loss_cache = None
         self._workers: PartWorkers | None = None
         self._parts: list[slice] = []
-        self._scaled_part: np.ndarray | None = None  # see _add_worker_gradients
 
     @property
     def uses_workers(self) -> bool:
@@ -434,7 +433,7 @@ class Network:
             return self._own_backward(out)
         weights = self._weights(parts)
         with self._exchange() as workers:
-            workers.send("backward", self._counts(parts))
+            workers.send("backward", self._counts(parts), weights=weights[1:])
             first = self._own_backward(out)
             self._scale_own_gradients(weights, first)
             workers.receive()
@@ -497,7 +496,7 @@ class Network:
         weights = self._weights(parts)
         with self._exchange() as workers:
             kind = "step" if gradients else "forward"
-            workers.send(kind, counts, [labels[part] for part in parts[1:]])
+            workers.send(kind, counts, [labels[part] for part in parts[1:]], weights=weights[1:])
             first = parts[0]
             logits = self._own_logits(x[first])
             loss, self._loss_cache = self._loss_forward(logits, self._targets(labels[first]))
@@ -540,15 +539,12 @@ class Network:
 
     def _add_worker_gradients(self, weights: list[float], first: FlatArrays) -> FlatArrays:
         """The rest of the batch's gradients: ``first`` (holding w_0 dL_0, from
-        _scale_own_gradients) plus each worker's w_i dL_i, in the workers' order."""
-        # Each worker's share is scaled into an array kept for it: a new temporary of the
-        # parameters' size costs more than the arithmetic (see optim.Optimizer._work).
+        _scale_own_gradients) plus each worker's w_i dL_i, in the workers' order.  Each
+        worker multiplied its part by w_i itself (the weights went with the request), so
+        only the additions are left here, after the replies are in."""
         # (``first`` is laid out like the parameters, in their dtype: _check_out.)
-        scaled = self._scaled_part
-        if scaled is None:
-            scaled = self._scaled_part = np.empty_like(first.flat)
-        for w, part in zip(weights[1:], self._workers.views.grads):
-            first.flat += np.multiply(part.flat, w, out=scaled)
+        for part in self._workers.views.grads[: len(weights) - 1]:
+            first.flat += part.flat
         return first
 
     def predict(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:

@@ -13,6 +13,10 @@ When the parameters and the gradients are :class:`train.flat.FlatArrays` of one 
 optimiser's state joined the same way; otherwise array by array. The arithmetic on
 each element is the same either way.
 
+A step's part that reads no gradient (the decay of the momentum, or of Adam's moments)
+can be run ahead with :meth:`Optimizer.prepare_step`: the training loop does so while
+the gradients are being computed. The updates stay bit for bit the same.
+
 Both optimisers follow a per-epoch learning-rate schedule,
 ``lr(epoch) = lr * lr_decay ** (epoch - 1)`` for epochs counted from 1; the training
 loop calls :meth:`Optimizer.start_epoch` before each epoch. The schedule and the
@@ -59,6 +63,7 @@ class Optimizer:
         self._joined: dict[str, FlatArrays] = {}  # see _joined_buffer
         self._works: dict[tuple, np.ndarray] = {}  # see _work
         self._names = list(params)
+        self._prepared = False  # prepare_step() has run the next step's first part
 
     def _work(self, shape: tuple[int, ...], dtype, slot: int = 0) -> np.ndarray:
         """A work array of ``shape`` and ``dtype``, kept from step to step (not state: its
@@ -108,31 +113,63 @@ class Optimizer:
             self._joined[prefix] = state
         return state.flat
 
+    def prepare_step(self, params: dict[str, np.ndarray]) -> None:
+        """Run now the part of the next :meth:`step` that reads no gradient (SGD: the
+        momentum's decay, ``v *= mu``; Adam: ``m *= b1`` and ``v *= b2``); that step then
+        does the rest.  The same operations in the same order: the updates are bit for bit
+        those of step() alone.
+
+        A training loop calls it while the gradients are being computed (with worker
+        processes, while it waits for theirs), where the optimiser's state would
+        otherwise be read and written after they are in.  It touches the optimiser's
+        state only, never ``params`` (the passes may still be reading them); a state
+        saved between the two calls would be half a step (state_dict() refuses it).
+        """
+        if self._prepared:
+            raise RuntimeError("prepare_step() was called twice without a step() between")
+        self._each(params, None, self._decay)
+        self._prepared = True
+
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        if not self._prepared:
+            self._each(params, None, self._decay)
+        self._prepared = False
         self.step_count += 1
         if self.weight_decay:
             shrink = 1.0 - self.current_lr * self.weight_decay
             for name in self._names:
                 if name.endswith("_w"):
                     params[name] *= params[name].dtype.type(shrink)
-        flats = joined(params, grads)
+        self._each(params, grads, self._update)
+
+    def _each(self, params, grads, rule) -> None:
+        """``rule(state, param, grad)`` on every parameter (grad None when ``grads`` is)."""
+        flats = joined(params) if grads is None else joined(params, grads)
         if flats is not None:
             # One update of all the parameters at once: the same arithmetic on every
             # element as the update of each array below, in a few calls instead of a
             # few per array (train.flat).
-            param, grad = flats
-            self._update(lambda prefix: self._joined_buffer(prefix, params), param, grad)
+            param = flats[0]
+            grad = None if grads is None else flats[1]
+            rule(lambda prefix: self._joined_buffer(prefix, params), param, grad)
             return
         for name in self._names:
             param = params[name]
-            self._update(
+            rule(
                 lambda prefix, name=name, param=param: self._buffer(prefix + name, param),
                 param,
-                np.asarray(grads[name]),  # any array-like, as the written-out rules took
+                # any array-like, as the written-out rules took
+                None if grads is None else np.asarray(grads[name]),
             )
 
+    def _decay(self, state, param, grad):  # pragma: no cover - abstract
+        """The part of the update of ``param`` that reads no gradient (``grad`` is None):
+        it changes the state ``state(prefix)`` only."""
+        raise NotImplementedError
+
     def _update(self, state, param, grad):  # pragma: no cover - abstract
-        """Update ``param`` in place; ``state(prefix)`` is its optimiser state named ``prefix``."""
+        """The rest of the update (after _decay): ``param`` in place, from ``grad`` and its
+        optimiser state ``state(prefix)``."""
         raise NotImplementedError
 
     def hyperparameters(self) -> dict[str, float]:
@@ -140,6 +177,11 @@ class Optimizer:
 
     def state_dict(self) -> dict:
         """``{"kind", "hyper", "step", "epoch", "buffers"}``; buffers are copies."""
+        if self._prepared:
+            raise RuntimeError(
+                "the optimiser is between prepare_step() and step(): its state is half a "
+                "step; save it after the step"
+            )
         return {
             "kind": self.kind,
             "hyper": self.hyperparameters(),
@@ -157,6 +199,7 @@ class Optimizer:
             setattr(self, name, float(value))
         self.step_count = int(state["step"])
         self.epoch = int(state["epoch"])
+        self._prepared = False
         self.buffers = {key: np.array(buf, copy=True) for key, buf in state["buffers"].items()}
 
 
@@ -198,14 +241,17 @@ class SGD(Optimizer):
         return self.momentum_start + (self.momentum - self.momentum_start) * t
 
     def step(self, params, grads):
-        self._mu = self.current_momentum  # rises with the count of steps taken so far
         self._lr_now = self.current_lr
         super().step(params, grads)
+
+    def _decay(self, state, param, grad):
+        v = state("")
+        # mu rises with the count of steps taken before this one.
+        v *= param.dtype.type(self.current_momentum)
 
     def _update(self, state, param, grad):
         v = state("")
         lr = param.dtype.type(self._lr_now)
-        v *= param.dtype.type(self._mu)
         # lr * grad, in its own dtype (a NumPy scalar of the parameters' type times grad).
         v -= np.multiply(grad, lr, out=self._work(grad.shape, np.result_type(lr, grad)))
         param += v
@@ -244,6 +290,12 @@ class Adam(Optimizer):
         self._eps_t = self.eps * c2
         super().step(params, grads)
 
+    def _decay(self, state, param, grad):
+        f = param.dtype.type
+        m, v = state("m/"), state("v/")
+        m *= f(self.beta1)
+        v *= f(self.beta2)
+
     def _update(self, state, param, grad):
         f = param.dtype.type
         m = state("m/")
@@ -251,9 +303,7 @@ class Adam(Optimizer):
         # (1 - b) * grad and (1 - b) * grad**2 in the dtype those expressions have.
         term = self._work(grad.shape, np.result_type(f(1.0), grad))
         square = self._work(grad.shape, grad.dtype, slot=1)
-        m *= f(self.beta1)
         m += np.multiply(grad, f(1.0 - self.beta1), out=term)
-        v *= f(self.beta2)
         np.multiply(grad, grad, out=square)
         v += np.multiply(square, f(1.0 - self.beta2), out=term)
         denom = np.sqrt(v, out=self._work(v.shape, v.dtype, slot=2))

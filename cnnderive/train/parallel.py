@@ -137,7 +137,9 @@ _NO_LABELS, _SHARED_LABELS, _PIPED_LABELS = 0, 1, 2  # where the request's label
 _ERROR_CATEGORIES = ("divide", "over", "under", "invalid")
 _ERROR_MODES = ("ignore", "warn", "raise", "call", "print", "log")
 _KIND, _COUNT, _LABEL_PLACE, _ERRORS = 0, 1, 2, 3
-_REQUEST_SLOTS = _ERRORS + len(_ERROR_CATEGORIES)
+# Then the factor the part's gradients are multiplied by (a float64's bits).
+_WEIGHT = _ERRORS + len(_ERROR_CATEGORIES)
+_REQUEST_SLOTS = _WEIGHT + 1
 # A reply: its status (int64), then the part's mean loss (float64).
 _OK, _FAILED = 0, 1
 # Request and reply each have a cache line of their own: the parent writes one, the
@@ -223,6 +225,17 @@ def _request_errors(request) -> dict[str, str]:
     }
 
 
+def _weighted_backward(net, grads, request) -> None:
+    """The part's gradients times the request's weight, into ``grads``.
+
+    The parent adds the parts' weighted gradients; the product made here, while the
+    parent is still busy with its own part, is one pass less between its receiving the
+    replies and its next request (the same multiplication, so the same bits)."""
+    net.backward(out=grads)
+    weight = float(request[_WEIGHT : _WEIGHT + 1].view(np.float64)[0])
+    np.multiply(grads.flat, weight, out=grads.flat)
+
+
 def _worker_main(
     connection,
     parent_ends,
@@ -279,11 +292,11 @@ def _worker_main(
                     loss, out = net.forward(images[:count], labels)
                     outputs[:count] = out
                     if kind == "step":
-                        net.backward(out=grads)
+                        _weighted_backward(net, grads, request)
                 elif kind == "logits":
                     outputs[:count] = net.logits(images[:count])
                 else:  # backward
-                    net.backward(out=grads)
+                    _weighted_backward(net, grads, request)
         except BaseException:
             status = _FAILED
             try:
@@ -411,8 +424,17 @@ class PartWorkers:
 
     # -- one round ------------------------------------------------------------------------
 
-    def send(self, kind: str, counts: list[int], labels: list | None = None) -> None:
-        """Ask worker i to run ``kind`` on its first ``counts[i]`` images (and labels)."""
+    def send(
+        self,
+        kind: str,
+        counts: list[int],
+        labels: list | None = None,
+        weights: list[float] | None = None,
+    ) -> None:
+        """Ask worker i to run ``kind`` on its first ``counts[i]`` images (and labels).
+
+        ``weights[i]``: the factor worker i multiplies its gradients by, for the kinds
+        that compute them ("step", "backward"); 1 if None."""
         errors = np.geterr()
         error_modes = [_ERROR_MODES.index(errors[category]) for category in _ERROR_CATEGORIES]
         self.pending, self.pending_kind = [], kind
@@ -441,7 +463,10 @@ class PartWorkers:
                 count,
                 place,
             )
-            request[_ERRORS:] = error_modes
+            request[_ERRORS:_WEIGHT] = error_modes
+            request[_WEIGHT : _WEIGHT + 1].view(np.float64)[0] = (
+                1.0 if weights is None else weights[index]
+            )
             # Released last: the worker reads the request once it takes the semaphore.
             self.semaphores[index][0].release()
             self.pending.append(index)
