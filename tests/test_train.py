@@ -334,6 +334,29 @@ def test_a_worker_killed_between_steps_is_reported_and_replaced():
         net.close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_a_worker_runs_on_one_thread_without_starting_a_blas_thread_pool():
+    """A worker must not start BLAS's thread pool: OpenBLAS's idle pool thread spins for
+    about 0.1 s, on a core the two processes compute on.  The parent runs with BLAS at
+    two threads here, as a script that never limits it does."""
+    import os
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    net = build("lenet", threads=2)
+    try:
+        with threadpool_limits(limits=2, user_api="blas"):
+            images = np.zeros((4, 28, 28, 1), np.float32)
+            net.loss_and_gradients(images, np.arange(4))
+            worker = net._workers.processes[0].pid
+            assert len(os.listdir(f"/proc/{worker}/task")) == 1
+            # and the parent's own setting is its own again
+            blas = [info for info in threadpool_info() if info["user_api"] == "blas"]
+            assert all(info["num_threads"] == 2 for info in blas)
+    finally:
+        net.close()
+
+
 def test_workers_stop_when_the_network_is_dropped_or_its_process_is_killed(tmp_path):
     import gc
     import subprocess
