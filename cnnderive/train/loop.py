@@ -199,7 +199,7 @@ class _EpochBatches:
     """The batches of one epoch, in order, each gathered into one of two kept arrays.
 
     A step reads its batch from one array while :meth:`gather_next`, which the loop
-    passes to the step as its ``meanwhile`` (Network.loss_and_gradients), gathers the
+    calls in the step's ``meanwhile`` (Network.loss_and_gradients), gathers the
     next batch into the other: with worker processes this runs while they finish their
     parts, where between two steps they would wait for it (see
     Network._passes: gathering 64 images takes 0.02-0.05 ms).
@@ -422,7 +422,6 @@ def train(
         # this process holds BLAS to one thread in every pass anyway; set once here, the
         # passes need not set it and put it back at every step.
         single = recipe.threads == 1 or net.uses_workers
-
         one_core = one_blas_thread() if single else contextlib.nullcontext()
         with one_core, np.errstate(over="ignore", invalid="ignore"):
             for epoch in range(start + 1, recipe.epochs + 1):
