@@ -481,7 +481,7 @@ def test_one_update_over_flat_arrays_is_the_update_of_each_array(kind, weight_de
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
-@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("flat", ["arrays", "flat", "flat parameters, array gradients"])
 def test_prepare_step_then_step_is_step_alone_bit_for_bit(kind, flat):
     """The training loop runs each step's gradient-free part (prepare_step) while the
     gradients are computed; with it, every update is the one step() alone makes, over
@@ -494,9 +494,11 @@ def test_prepare_step_then_step_is_step_alone_bit_for_bit(kind, flat):
         {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(7)
     ]
 
-    def arrays(values):
+    def arrays(values, gradients=False):
         copies = {k: v.copy() for k, v in values.items()}
-        return FlatArrays.copy_of(copies, np.float32) if flat else copies
+        if flat == "arrays" or (gradients and flat != "flat"):
+            return copies
+        return FlatArrays.copy_of(copies, np.float32)
 
     alone, ahead = arrays(start), arrays(start)
     hyper = {"lr": 0.05, "weight_decay": 0.1}
@@ -509,9 +511,12 @@ def test_prepare_step_then_step_is_step_alone_bit_for_bit(kind, flat):
         if step == 4:
             prepared.load_state_dict(prepared.state_dict())
         before = {k: np.array(v) for k, v in ahead.items()}
+        state = {k: np.array(v) for k, v in prepared.buffers.items()}
         prepared.prepare_step(ahead)
         assert all(np.array_equal(ahead[k], before[k]) for k in shapes)
-        g = arrays(g)
+        # the state has moved on (its decay), unless there is none yet
+        assert step == 0 or any(not np.array_equal(prepared.buffers[k], state[k]) for k in state)
+        g = arrays(g, gradients=True)
         by_step.step(alone, g)
         prepared.step(ahead, g)
         for k in shapes:
@@ -523,7 +528,7 @@ def test_prepare_step_then_step_is_step_alone_bit_for_bit(kind, flat):
         prepared.prepare_step(ahead)
     with pytest.raises(RuntimeError, match="half a step"):
         prepared.state_dict()
-    prepared.step(ahead, arrays(grads[0]))
+    prepared.step(ahead, arrays(grads[0], gradients=True))
     assert prepared.state_dict()["step"] == len(grads) + 1
 
 

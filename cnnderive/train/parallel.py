@@ -88,7 +88,10 @@ def _blas_at_one_thread_here() -> None:
     on one of the cores the two processes compute on: measured on a 2-core AMD EPYC,
     LeNet's first 10 steps at 64 images took 8-15 ms instead of about 4."""
     blas = (_BLAS or ThreadpoolController()).select(user_api="blas")
-    if any(library.num_threads > 1 for library in blas.lib_controllers):
+    # threadpoolctl reports None where it cannot read the count: then the limit is set.
+    if any(
+        library.num_threads is None or library.num_threads > 1 for library in blas.lib_controllers
+    ):
         blas.limit(limits=1)
 
 
@@ -160,6 +163,8 @@ _OK, _FAILED = 0, 1
 # Request and reply each have a cache line of their own: the parent writes one, the
 # worker the other.
 _CONTROL_BYTES = 128
+# The request's int64 slots fill the first half at most, the reply starts at the second.
+assert _REQUEST_SLOTS * 8 <= _CONTROL_BYTES // 2
 
 
 def _aligned(size: int) -> int:
