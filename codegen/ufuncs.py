@@ -67,7 +67,7 @@ class UfuncLowering:
         if len(names) == 1:
             shape, dtype = f"{names[0]}.shape", f"{names[0]}.dtype"
         else:
-            shape = f"np.broadcast_shapes({', '.join(n + '.shape' for n in names)})"
+            shape = f"_k.broadcast_shapes({', '.join(n + '.shape' for n in names)})"
             dtype = f"np.result_type({', '.join(names)})"
         self.target = target
         self.lines = [f'{target} = _k.buffer({self.workspace}, "{self.key}", {shape}, {dtype})']

@@ -136,6 +136,20 @@ def buffer(workspace, key, shape, dtype):
     return kept
 
 
+def broadcast_shapes(*shapes):
+    """np.broadcast_shapes(*shapes), answered at once when the shapes are all the same.
+
+    The generated elementwise code asks for the shape of every result it keeps, and its
+    operands mostly have one shape: np.broadcast_shapes takes about 2.7 us even then
+    (it builds arrays to broadcast), this test 0.3 us (measured on an AMD EPYC, Zen 4).
+    """
+    first = shapes[0]
+    for shape in shapes[1:]:
+        if shape != first:
+            return np.broadcast_shapes(*shapes)
+    return tuple(first)
+
+
 def buffer_reusing(array, workspace, key, shape, dtype):
     """``array`` itself when it is a writable C-contiguous array of ``shape`` and ``dtype``,
     else buffer(workspace, key, shape, dtype).
@@ -192,7 +206,10 @@ def with_vector(ufunc, x, y, out):
         and full.ndim > 2
         and full.shape[-1] == len(vector)
     ):
-        row = np.tile(vector, full.size // (full.shape[0] * len(vector)))
+        # np.tile's own bookkeeping takes 4.8 us; a broadcast copy into a new row 1.9.
+        row = np.empty((full.size // (full.shape[0] * len(vector)), len(vector)), vector.dtype)
+        row[...] = vector
+        row = row.reshape(-1)
         return _row_against_images(ufunc, x, y, full, row, out)
     return ufunc(x, y, out=out)
 

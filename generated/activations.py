@@ -77,7 +77,7 @@ def sigmoid_backward(da, cache, *, workspace=None):
     dz = _k.buffer(
         workspace,
         "sigmoid_backward.dz",
-        np.broadcast_shapes(da.shape, out.shape),
+        _k.broadcast_shapes(da.shape, out.shape),
         np.result_type(da, out),
     )
     np.subtract(1, out, out=dz, dtype=dz.dtype)
@@ -145,7 +145,7 @@ def relu_backward(da, cache, *, workspace=None):
     z = cache["z"]
     _k.check_upstream("activations.relu_backward", "da", da, cache["out_shape"])
     dz = _k.buffer(
-        workspace, "relu_backward.dz", np.broadcast_shapes(da.shape, z.shape), np.result_type(da, z)
+        workspace, "relu_backward.dz", _k.broadcast_shapes(da.shape, z.shape), np.result_type(da, z)
     )
     np.multiply(da, (z > 0), out=dz)
     return dz
@@ -204,7 +204,7 @@ def tanh_backward(da, cache, *, workspace=None):
     dz = _k.buffer(
         workspace,
         "tanh_backward.dz",
-        np.broadcast_shapes(da.shape, out.shape),
+        _k.broadcast_shapes(da.shape, out.shape),
         np.result_type(da, out),
     )
     np.square(out, out=dz)
@@ -270,7 +270,7 @@ def softmax_backward(da, cache, *, workspace=None):
     dz = _k.buffer(
         workspace,
         "softmax_backward.dz",
-        np.broadcast_shapes(da.shape, out.shape, weighted_sum.shape),
+        _k.broadcast_shapes(da.shape, out.shape, weighted_sum.shape),
         np.result_type(da, out, weighted_sum),
     )
     np.subtract(da, weighted_sum, out=dz)

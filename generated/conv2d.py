@@ -66,7 +66,7 @@ def forward(x, w, b, *, stride=1, padding=0, workspace=None):
         a=x_padded, kernel=w, stride=stride, workspace=workspace, key="forward.correlate2"
     )
     out = _k.buffer_reusing(
-        z, workspace, "forward.out", np.broadcast_shapes(b.shape, z.shape), np.result_type(b, z)
+        z, workspace, "forward.out", _k.broadcast_shapes(b.shape, z.shape), np.result_type(b, z)
     )
     _k.with_vector(np.add, b, z, out)
     cache = {

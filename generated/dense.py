@@ -43,7 +43,7 @@ def forward(x, w, b, *, workspace=None):
     _k.check_workspace("dense.forward", workspace)
     z = x @ w
     out = _k.buffer_reusing(
-        z, workspace, "forward.out", np.broadcast_shapes(b.shape, z.shape), np.result_type(b, z)
+        z, workspace, "forward.out", _k.broadcast_shapes(b.shape, z.shape), np.result_type(b, z)
     )
     _k.with_vector(np.add, b, z, out)
     cache = {"function": "dense.forward", "x": x, "w": w, "out_shape": out.shape}

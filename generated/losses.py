@@ -87,7 +87,7 @@ def bce_backward(cache, *, workspace=None):
     dprobs = _k.buffer(
         workspace,
         "bce_backward.dprobs",
-        np.broadcast_shapes(probs.shape, targets.shape),
+        _k.broadcast_shapes(probs.shape, targets.shape),
         np.result_type(probs, targets),
     )
     np.subtract(probs, targets, out=dprobs)
@@ -178,7 +178,7 @@ def bce_with_logits_backward(cache, *, workspace=None):
         dlogits = _k.buffer(
             workspace,
             "bce_with_logits_backward.dlogits",
-            np.broadcast_shapes(logits.shape, targets.shape),
+            _k.broadcast_shapes(logits.shape, targets.shape),
             np.result_type(logits, targets),
         )
         np.negative(logits, out=dlogits)
@@ -277,7 +277,7 @@ def softmax_cross_entropy_backward(cache, *, workspace=None):
     dlogits = _k.buffer(
         workspace,
         "softmax_cross_entropy_backward.dlogits",
-        np.broadcast_shapes(softmax.shape, target_sum.shape, targets.shape),
+        _k.broadcast_shapes(softmax.shape, target_sum.shape, targets.shape),
         np.result_type(softmax, target_sum, targets),
     )
     np.multiply(softmax, target_sum, out=dlogits)
@@ -353,7 +353,7 @@ def mse_backward(cache, *, workspace=None):
     dpred = _k.buffer(
         workspace,
         "mse_backward.dpred",
-        np.broadcast_shapes(pred.shape, targets.shape),
+        _k.broadcast_shapes(pred.shape, targets.shape),
         np.result_type(pred, targets),
     )
     np.multiply(pred, 2, out=dpred)

@@ -659,6 +659,24 @@ def test_with_vector_is_the_plain_ufunc_bitwise(ufunc, shape):
     assert np.array_equal(out, ufunc(strided, vector))
 
 
+@pytest.mark.parametrize(
+    "shapes",
+    [((2, 3),), ((2, 3), (2, 3)), ((6,), (4, 5, 6)), ((4, 1, 6), (5, 1), (4, 5, 6)), ((), (3,))],
+    ids=str,
+)
+def test_broadcast_shapes_is_numpys(shapes):
+    from generated import _kernels
+
+    assert _kernels.broadcast_shapes(*shapes) == np.broadcast_shapes(*shapes)
+
+
+def test_broadcast_shapes_refuses_what_numpy_refuses():
+    from generated import _kernels
+
+    with pytest.raises(ValueError):
+        _kernels.broadcast_shapes((2, 3), (3, 2))
+
+
 def test_buffer_reusing_gives_back_only_an_array_that_fits_and_may_be_written():
     from generated import _kernels
 
