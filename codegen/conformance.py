@@ -484,6 +484,12 @@ def _convolution_checks(rng) -> list[Check]:
         ("shipped thresholds", {}, (), ()),
         ("banded", BANDED, ("_full_convolve_banded",), ()),
         ("banded, narrow chunks", BANDED_NARROW, ("_full_convolve_banded",), ()),
+        (
+            "banded, one-image blocks",
+            {**BANDED, **ONE_IMAGE_BLOCKS},
+            ("_full_convolve_banded", "_blocks"),
+            (),
+        ),
         ("col2im", IM2COL, (), ("_full_convolve_banded",)),
         ("col2im, one-image blocks", {**IM2COL, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
         ("col2im, blocks of two", {**IM2COL, **BLOCKS_OF_TWO}, ("_blocks",), ()),

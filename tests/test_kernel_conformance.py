@@ -98,8 +98,8 @@ MUTATIONS = [
     ),
     (
         "the banded full convolution adding kernel row u where row KH-1-u belongs",
-        "target = out[:, kh - 1 - u : kh - 1 - u + gh, first:last]",
-        "target = out[:, u : u + gh, first:last]",
+        "target = image_rows[:, kh - 1 - u : kh - 1 - u + gh]",
+        "target = image_rows[:, u : u + gh]",
     ),
     (
         "the banded full convolution's kernel columns one place off their diagonal",
