@@ -12,7 +12,6 @@ Everything is vectorised and computes in the dtype of its inputs.
 import math
 import numbers
 import threading
-from typing import NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
@@ -757,59 +756,34 @@ def correlate_weights(a, g):
     return out.reshape(kh, kw, c_in, c_out)
 
 
-class _Band(NamedTuple):
-    """The band matrix of one chunk of output columns (_full_convolve_banded)."""
+def _convolve_band(gw, width, kernel_shape, dtype):
+    """(band, diagonals): the band of _full_convolve_banded for gradients GW wide,
+    band[j, o, u, x, c] = kernel[u, j + KW-1-x, c, o] (zero where j + KW-1-x is outside
+    0 .. KW-1), and one view of it per kernel column v, the diagonal x = j + KW-1-v laid
+    out as (GW, C_out, KH, C_in).
 
-    first: int  # output columns first .. last-1
-    last: int
-    lowest: int  # read gradient columns lowest .. highest-1
-    highest: int
-    matrix: np.ndarray  # (j, o) x (u, x, c)
-    diagonals: list  # (v, a view of the matrix that holds kernel column v)
-
-
-def _convolve_bands(gw, width, kernel_shape, columns, dtype):
-    """The bands of _full_convolve_banded, one per chunk of output columns.
-
-    Kept per thread with their zeros: a call writes the kernel's values into the
-    ``diagonals`` (views of its matrix, one per kernel column v, each kernel[:, v] laid out
-    as (C_out, KH, C_in) along a diagonal) and nothing else, so the entries off them
-    stay zero from the call that made the band.
+    Kept per thread with its zeros: a call writes the kernel's values into the diagonals
+    and nothing else, so the entries off them stay zero from the call that made the band.
     """
     kh, kw, c_in, c_out = kernel_shape
     kept = getattr(_thread_scratch, "convolve_bands", None)
     if kept is None:
         kept = _thread_scratch.convolve_bands = {}
-    signature = (gw, width, kernel_shape, columns, dtype)
-    bands = kept.get(signature)
-    if bands is not None:
-        return bands
-    bands = []
-    for first in range(0, width, columns):
-        last = min(width, first + columns)
-        lowest, highest = max(0, first - (kw - 1)), min(gw, last)
-        # band[j', o, u, x', c] = kernel[u, v, c, o] with j' + lowest = j, x' + first = x
-        # and v = j + KW-1 - x: kernel column v lies where j' - x' = v - (KW-1) + first - lowest.
-        band = np.zeros((highest - lowest, c_out, kh, last - first, c_in), dtype)
+    signature = (gw, width, kernel_shape, dtype)
+    if signature not in kept:
+        band = np.zeros((gw, c_out, kh, width, c_in), dtype)
         step_j, step_o, step_u, step_x, step_c = band.strides
-        diagonals = []
-        for v in range(kw):
-            shift = v - (kw - 1) + first - lowest
-            start, stop = max(0, shift), min(highest - lowest, last - first + shift)
-            if stop <= start:
-                continue
-            offset = np.ravel_multi_index((start, 0, 0, start - shift, 0), band.shape)
-            diagonal = _strided(
+        diagonals = [
+            _strided(
                 band,
-                int(offset),
-                (stop - start, c_out, kh, c_in),
+                (kw - 1 - v) * c_in,  # band[0, 0, 0, KW-1-v, 0]
+                (gw, c_out, kh, c_in),
                 (step_j + step_x, step_o, step_u, step_c),
             )
-            diagonals.append((v, diagonal))
-        matrix = band.reshape((highest - lowest) * c_out, kh * (last - first) * c_in)
-        bands.append(_Band(first, last, lowest, highest, matrix, diagonals))
-    kept[signature] = bands
-    return bands
+            for v in range(kw)
+        ]
+        kept[signature] = (band, diagonals)
+    return kept[signature]
 
 
 def _full_convolve_banded(g, kernel, out):
@@ -823,7 +797,9 @@ def _full_convolve_banded(g, kernel, out):
     rows, restricted to the columns the chunk reads (a strided view, no copy), with the
     banded matrix
         band[(j, o), (x, c)] = kernel[u, j + KW-1-x, c, o]  (zero off the band);
-    one stacked product per chunk computes it for every u.  The products land in
+    one stacked product per chunk computes it for every u.  One band serves every chunk
+    (a chunk's part of it is a strided view), kept with its zeros (_convolve_band), so a
+    call writes only the kernel's KW diagonals into it.  The products land in
     whole rows of a work array laid out (n, i, u, x, c), so that the KH shifted additions
     that place them are one per u, over runs of whole output rows.
 
@@ -842,11 +818,10 @@ def _full_convolve_banded(g, kernel, out):
     dtype = out.dtype
     width = out.shape[2]
     columns = min(_band_columns(c_in), width)
+    band, diagonals = _convolve_band(gw, width, kernel.shape, dtype)
     turned = kernel.transpose(3, 0, 2, 1).astype(dtype, copy=False)  # (o, u, c, v)
-    bands = _convolve_bands(gw, width, kernel.shape, columns, dtype)
-    for band in bands:
-        for v, diagonal in band.diagonals:
-            np.copyto(diagonal, turned[:, :, :, v])
+    for v, diagonal in enumerate(diagonals):
+        np.copyto(diagonal, turned[:, :, :, v])
     row_length = width * c_in
     block = _block_size(
         n, (gh * gw * c_out + gh * kh * row_length) * dtype.itemsize, _BANDED_BLOCK_BYTES
@@ -857,15 +832,19 @@ def _full_convolve_banded(g, kernel, out):
         m = stop - start
         rows = g[start:stop].reshape(m * gh, gw * c_out)
         products = products_buffer[: m * gh * kh * row_length].reshape(m * gh, kh, row_length)
-        for band in bands:
-            # The band's columns (u, x, c) as KH matrices (j, o) x (x, c), one per u; the
+        for first in range(0, width, columns):
+            # Output columns first .. last-1 read gradient columns lowest .. highest-1.
+            last = min(width, first + columns)
+            lowest, highest = max(0, first - (kw - 1)), min(gw, last)
+            # The band's part for them as KH matrices (j, o) x (x, c), one per u; the
             # products of u go to products[:, u, first*C_in : last*C_in].
-            chunk_width = (band.last - band.first) * c_in
-            by_row = band.matrix.reshape(-1, kh, chunk_width).transpose(1, 0, 2)
+            by_row = band[lowest:highest, :, :, first:last, :].reshape(
+                (highest - lowest) * c_out, kh, (last - first) * c_in
+            )
             np.matmul(
-                rows[None, :, band.lowest * c_out : band.highest * c_out],
-                by_row,
-                out=products[:, :, band.first * c_in : band.last * c_in].transpose(1, 0, 2),
+                rows[None, :, lowest * c_out : highest * c_out],
+                by_row.transpose(1, 0, 2),
+                out=products[:, :, first * c_in : last * c_in].transpose(1, 0, 2),
             )
         products = products.reshape(m, gh, kh, row_length)
         image_rows = out[start:stop].reshape(m, -1, row_length)

@@ -102,9 +102,9 @@ MUTATIONS = [
         "target = image_rows[:, u : u + gh]",
     ),
     (
-        "the banded full convolution's kernel columns one place off their diagonal",
-        "shift = v - (kw - 1) + first - lowest",
-        "shift = v - kw + first - lowest",
+        "the banded full convolution's kernel columns in mirrored order on the band",
+        "(kw - 1 - v) * c_in,  # band[0, 0, 0, KW-1-v, 0]",
+        "v * c_in,",
     ),
     (
         "sum_leading's joined rows summed wrongly",
