@@ -103,8 +103,8 @@ MUTATIONS = [
     ),
     (
         "the banded full convolution's kernel columns in mirrored order on the band",
-        "(kw - 1 - v) * c_in,  # band[0, 0, 0, KW-1-v, 0]",
-        "v * c_in,",
+        "np.copyto(diagonals, kernel.transpose(1, 3, 0, 2)[:, None])",
+        "np.copyto(diagonals, kernel[:, ::-1].transpose(1, 3, 0, 2)[:, None])",
     ),
     (
         "sum_leading's joined rows summed wrongly",

@@ -759,11 +759,12 @@ def correlate_weights(a, g):
 def _convolve_band(gw, width, kernel_shape, dtype):
     """(band, diagonals): the band of _full_convolve_banded for gradients GW wide,
     band[j, o, u, x, c] = kernel[u, j + KW-1-x, c, o] (zero where j + KW-1-x is outside
-    0 .. KW-1), and one view of it per kernel column v, the diagonal x = j + KW-1-v laid
-    out as (GW, C_out, KH, C_in).
+    0 .. KW-1), and the view of it that holds the kernel: diagonals[v, j, o, u, c] =
+    band[j, o, u, j + KW-1-v, c], one diagonal per kernel column v.
 
-    Kept per thread with its zeros: a call writes the kernel's values into the diagonals
-    and nothing else, so the entries off them stay zero from the call that made the band.
+    Kept per thread with its zeros: a call writes the kernel into the diagonals (one
+    copy) and nothing else, so the entries off them stay zero from the call that made
+    the band.
     """
     kh, kw, c_in, c_out = kernel_shape
     kept = getattr(_thread_scratch, "convolve_bands", None)
@@ -773,15 +774,12 @@ def _convolve_band(gw, width, kernel_shape, dtype):
     if signature not in kept:
         band = np.zeros((gw, c_out, kh, width, c_in), dtype)
         step_j, step_o, step_u, step_x, step_c = band.strides
-        diagonals = [
-            _strided(
-                band,
-                (kw - 1 - v) * c_in,  # band[0, 0, 0, KW-1-v, 0]
-                (gw, c_out, kh, c_in),
-                (step_j + step_x, step_o, step_u, step_c),
-            )
-            for v in range(kw)
-        ]
+        diagonals = _strided(
+            band,
+            (kw - 1) * c_in,  # band[0, 0, 0, KW-1, 0], where v = 0 starts
+            (kw, gw, c_out, kh, c_in),
+            (-step_x, step_j + step_x, step_o, step_u, step_c),
+        )
         kept[signature] = (band, diagonals)
     return kept[signature]
 
@@ -799,7 +797,7 @@ def _full_convolve_banded(g, kernel, out):
         band[(j, o), (x, c)] = kernel[u, j + KW-1-x, c, o]  (zero off the band);
     one stacked product per chunk computes it for every u.  One band serves every chunk
     (a chunk's part of it is a strided view), kept with its zeros (_convolve_band), so a
-    call writes only the kernel's KW diagonals into it.  The products land in
+    call writes only the kernel's KW diagonals into it, in one copy.  The products land in
     whole rows of a work array laid out (n, i, u, x, c), so that the KH shifted additions
     that place them are one per u, over runs of whole output rows.
 
@@ -819,9 +817,8 @@ def _full_convolve_banded(g, kernel, out):
     width = out.shape[2]
     columns = min(_band_columns(c_in), width)
     band, diagonals = _convolve_band(gw, width, kernel.shape, dtype)
-    turned = kernel.transpose(3, 0, 2, 1).astype(dtype, copy=False)  # (o, u, c, v)
-    for v, diagonal in enumerate(diagonals):
-        np.copyto(diagonal, turned[:, :, :, v])
+    # diagonals[v, j, o, u, c] = kernel[u, v, c, o] for every j.
+    np.copyto(diagonals, kernel.transpose(1, 3, 0, 2)[:, None])
     row_length = width * c_in
     block = _block_size(
         n, (gh * gw * c_out + gh * kh * row_length) * dtype.itemsize, _BANDED_BLOCK_BYTES
@@ -1301,6 +1298,21 @@ _SUM_MIN_SIZE = 1 << 16
 _SUM_ROW_LENGTH = 512
 
 
+def _ones(length, dtype):
+    """A read-only vector of ``length`` ones of ``dtype``: a view of one kept per thread
+    and dtype, made again only when a longer one is asked for (a new np.ones at every
+    call of sum_leading took a fifth of its time on the biases of a LeNet step)."""
+    kept = getattr(_thread_scratch, "ones", None)
+    if kept is None:
+        kept = _thread_scratch.ones = {}
+    dtype = np.dtype(dtype)
+    ones = kept.get(dtype)
+    if ones is None or ones.size < length:
+        ones = kept[dtype] = np.ones(max(length, 1024), dtype)
+        ones.flags.writeable = False
+    return ones[:length]
+
+
 def sum_leading(a, count):
     """Sum over the first ``count`` axes.  Done as one vector-matrix product: BLAS reduces
     a tall (rows, C) array several times faster than NumPy's strided sum."""
@@ -1324,7 +1336,7 @@ def sum_leading(a, count):
     ):
         joined = math.gcd(rows, 1 << max(0, (_SUM_ROW_LENGTH // max(1, columns)).bit_length() - 1))
     flat = a.reshape(rows // joined, joined * columns)
-    partial = np.ones(rows // joined, dtype=a.dtype) @ flat
+    partial = _ones(rows // joined, a.dtype) @ flat
     if joined > 1:
         partial = partial.reshape(joined, columns).sum(axis=0)
     return partial.reshape(a.shape[count:])
