@@ -518,6 +518,31 @@ def _row_patches(a, kh, out_h, buffer):
     return patches
 
 
+def _correlate_band(columns, kernel_shape, dtype):
+    """(band, diagonals): the band of _correlate_banded for ``columns`` output columns,
+    band[(x, u), (jj, o)] = kernel[u, x - jj, o] (zero unless 0 <= x - jj < KW) as a
+    matrix, and the view of it that holds the kernel: diagonals[jj, v, u, o] =
+    band[jj + v, u, jj, o].
+
+    Kept per thread with its zeros: a call writes the kernel into the diagonals (one
+    copy) and nothing else, so the entries off them stay zero from the call that made
+    the band.
+    """
+    kh, kw, c_out = kernel_shape
+    kept = getattr(_thread_scratch, "correlate_bands", None)
+    if kept is None:
+        kept = _thread_scratch.correlate_bands = {}
+    signature = (columns, kernel_shape, dtype)
+    if signature not in kept:
+        band = np.zeros((columns + kw - 1, kh, columns, c_out), dtype=dtype)
+        step_x, step_u, step_jj, step_o = band.strides
+        diagonals = _strided(
+            band, 0, (columns, kw, kh, c_out), (step_x + step_jj, step_x, step_u, step_o)
+        )
+        kept[signature] = (band.reshape((columns + kw - 1) * kh, columns * c_out), diagonals)
+    return kept[signature]
+
+
 def _correlate_banded(a, kernel, out):
     """correlate at stride 1 of one-channel images a (N, H, W) with kernel (KH, KW, C_out), into out.
 
@@ -537,10 +562,8 @@ def _correlate_banded(a, kernel, out):
     dtype = out.dtype
     item = dtype.itemsize
     columns = min(_band_columns(c_out), out_w)
-    band = np.zeros((columns + kw - 1, kh, columns, c_out), dtype=dtype)
-    for jj in range(columns):
-        band[jj : jj + kw, :, jj, :] = kernel.transpose(1, 0, 2)
-    band = band.reshape((columns + kw - 1) * kh, columns * c_out)
+    band, diagonals = _correlate_band(columns, kernel.shape, dtype)
+    np.copyto(diagonals, kernel.transpose(1, 0, 2)[None])
     flat_out = out.reshape(n * out_h, out_w * c_out)
     block = _block_size(n, (out_h * w * kh + out_h * out_w * c_out) * item, _BANDED_BLOCK_BYTES)
     per_image = out_h * w * kh
@@ -642,9 +665,13 @@ def _correlate_weights_banded(a, g, dtype):
             sums[span] += products.sum(axis=0)
     out = np.zeros((kh, kw, c_out), dtype=dtype)
     for span, total in sums.items():
-        total = total.reshape(span + kw - 1, kh, span, c_out)
-        for jj in range(span):
-            out += total[jj : jj + kw, :, jj, :].transpose(1, 0, 2)
+        # diagonals[jj, v, u, o] = total[(jj + v, u), (jj, o)]: the terms of out[u, v, o]
+        # for output column jj, summed over jj in one reduction.
+        step_x, step_u, step_jj, step_o = total.reshape(span + kw - 1, kh, span, c_out).strides
+        diagonals = _strided(
+            total, 0, (span, kw, kh, c_out), (step_x + step_jj, step_x, step_u, step_o)
+        )
+        out += diagonals.sum(axis=0).transpose(1, 0, 2)
     return out
 
 
@@ -953,12 +980,14 @@ def _index_dtype(size):
     return np.min_scalar_type(-(size * size))
 
 
+# The unsigned integer types by their size in bytes (a lookup: making the type from its
+# name took 2 us, at several calls a step).
+_UNSIGNED_DTYPES = {size: np.dtype(f"u{size}") for size in (1, 2, 4, 8)}
+
+
 def _bits(dtype):
     """The unsigned integer type as wide as ``dtype``, or None if there is none."""
-    try:
-        return np.dtype(f"u{np.dtype(dtype).itemsize}")
-    except TypeError:
-        return None
+    return _UNSIGNED_DTYPES.get(np.dtype(dtype).itemsize)
 
 
 def _masks(index, count, bits, workspace, key):
