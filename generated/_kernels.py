@@ -9,6 +9,7 @@ compositions of these functions, emitted from trees that derive/ proved.
 Everything is vectorised and computes in the dtype of its inputs.
 """
 
+import functools
 import math
 import numbers
 import threading
@@ -975,6 +976,7 @@ def _position(a, u, v, stride, out_h, out_w):
     ]
 
 
+@functools.lru_cache(maxsize=64)
 def _index_dtype(size):
     """The smallest integer type that holds every window position 0 .. size*size-1."""
     return np.min_scalar_type(-(size * size))
@@ -1052,7 +1054,13 @@ def _pixels(a):
         return None
     if a.strides[3] != a.itemsize:
         a = np.ascontiguousarray(a)
-    return a.view(np.dtype((np.void, a.itemsize * a.shape[3])))[..., 0]
+    return a.view(_record_dtype(a.itemsize * a.shape[3]))[..., 0]
+
+
+@functools.lru_cache(maxsize=64)
+def _record_dtype(size):
+    """A record of ``size`` bytes (kept: making the dtype took most of _pixels' 3 us)."""
+    return np.dtype((np.void, size))
 
 
 def _copy_position(a, pixels, u, v, stride, out):
@@ -1099,10 +1107,10 @@ def window_argmax(a, size, stride, *, workspace=None, key=""):
             u, v = divmod(position, size)
             _copy_position(a, pixels, u, v, stride, positions[position])
     index = buffer(workspace, key, shape, _index_dtype(size))
-    index.fill(0)
     if workspace is not None:
         workspace.pop(key + _MAXIMA_OF, None)  # until this call's maxima are known
     if count == 1:
+        index.fill(0)
         return index
     if workspace is None:
         top = _scratch("window_argmax.top", positions[0].size, a.dtype).reshape(shape)
@@ -1123,8 +1131,11 @@ def window_argmax(a, size, stride, *, workspace=None, key=""):
     # Counting back from the last position: index_k = [a_k < max] * (1 + index_(k+1)),
     # index_last = 0.  index_0 is then the first position whose value equals the
     # window's maximum: equal values compare equal, so a tie goes to the first maximum.
+    # The step from the last position, index = [a_(last-1) < max], is one copy.
     below = buffer(workspace, key + ".below", shape, bool)
-    for candidate in positions[-2::-1]:
+    np.less(positions[-2], top, out=below)
+    np.copyto(index, below)
+    for candidate in positions[-3::-1]:
         np.less(candidate, top, out=below)
         index += 1
         np.multiply(index, below, out=index)
@@ -1178,23 +1189,31 @@ def _remembered_offsets():
     return remembered
 
 
-def _window_offsets(shape, index, size, stride, workspace, key):
+def _window_offsets(shape, index, size, stride, workspace, key, *, remember):
     """Offset of each window's element at position ``index`` in a C-ordered ``a`` of ``shape``.
 
     A max pool's backward routes its gradient by the very index its forward gathered
-    with: the offsets of the last few calls are remembered with a copy of their index,
-    and an index equal to that copy, element for element, takes them again.  Comparing
-    small integers costs a fraction of computing the offsets (measured for 32 x 14 x 14
-    x 6 windows: 0.010 against 0.045 ms).  The remembered arrays are this function's
-    own, not the caller's workspace (which the caller may write into), and the offsets
+    with: the offsets that gather_windows computes (``remember=True``) are remembered for
+    the last few calls with a copy of their index, and an index equal to that copy,
+    element for element, takes them again.  Comparing small integers costs a fraction
+    of computing the offsets (measured for 32 x 14 x 14 x 6 windows: 0.010 against 0.045
+    ms).  route_to_argmax only looks (``remember=False``): where its forward's gather
+    took the kept maxima and computed nothing, its index is new at every step, and
+    comparing it with the last step's and copying it would be two passes for nothing;
+    its offsets then go to the workspace.  The remembered arrays are this function's own,
+    not the caller's workspace (which the caller may write into), and the offsets
     returned are only read.
     """
     remembered = _remembered_offsets()
     signature = (tuple(shape), index.shape, index.dtype, size, stride)
-    kept = remembered.pop(signature, None)
+    kept = remembered.get(signature)
     if kept is not None and np.array_equal(kept[0], index):
-        remembered[signature] = kept  # the most recent again
+        remembered[signature] = remembered.pop(signature)  # the most recent again
         return kept[1]
+    if not remember:
+        offsets = buffer(workspace, key + ".offsets", index.shape, np.intp)
+        return _computed_offsets(shape, index, size, stride, workspace, key, offsets)
+    remembered.pop(signature, None)
     if kept is None:
         kept = (np.empty_like(index), np.empty(index.shape, np.intp))
     copy, offsets = kept
@@ -1253,7 +1272,7 @@ def gather_windows(a, index, size, stride, *, argmax_key=None, workspace=None, k
     # those, where selecting position by position copied and masked every position
     # (measured: about half the time for 2x2 windows).
     flat = np.ascontiguousarray(a).reshape(-1)
-    offsets = _window_offsets(a.shape, index, size, stride, workspace, key)
+    offsets = _window_offsets(a.shape, index, size, stride, workspace, key, remember=True)
     # mode="clip": every offset is in range, and with the default mode="raise" take
     # writes into a new array and copies that into ``out``.
     return flat.take(offsets, out=buffer(workspace, key, index.shape, a.dtype), mode="clip")
@@ -1271,7 +1290,7 @@ def route_to_argmax(g, index, size, stride, height, width, *, workspace=None, ke
         # position; ndarray.put moves element by element (0.44 ms, against 0.17 ms for
         # the assignment alone).
         out.fill(0)
-        offsets = _window_offsets(out.shape, index, size, stride, workspace, key)
+        offsets = _window_offsets(out.shape, index, size, stride, workspace, key, remember=False)
         out.reshape(-1)[offsets] = g
         return out
     # Overlapping windows (stride < size): an element may be chosen by several windows,

@@ -68,7 +68,9 @@ MUTATIONS = [
     ),
     (
         "window_argmax letting the last maximum win a tie",
-        "    for candidate in positions[-2::-1]:\n"
+        "    np.less(positions[-2], top, out=below)\n"
+        "    np.copyto(index, below)\n"
+        "    for candidate in positions[-3::-1]:\n"
         "        np.less(candidate, top, out=below)\n"
         "        index += 1\n"
         "        np.multiply(index, below, out=index)",
