@@ -294,7 +294,8 @@ def rot180(kernel):
 # matrix stays in the CPU caches between being written and being multiplied, and
 # no temporary is large enough to be mmapped (and page-faulted in) afresh on
 # every call.  One input channel and a kernel of _BANDED_MIN_TAPS or more taps
-# take the banded correlations below instead of im2col.
+# take the banded correlations below instead of im2col; full_convolve takes its
+# banded product for kernels of that many taps whatever the channels.
 
 _BLOCK_BYTES = 1 << 22
 # The banded correlations' blocks are smaller (counted as row patches and output): their
