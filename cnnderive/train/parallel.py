@@ -22,10 +22,10 @@ memory, announced by releasing a semaphore: the request's (kind of pass, images,
 parent's floating-point error settings, the part's weight) by the parent, the reply's
 (status, loss) by the worker. A process that waits tries the semaphore for a short
 while before it blocks on it (``_POLL_SECONDS``). A pipe per worker carries what does
-not fit in numbers: an error's traceback, and labels that are not integers. Each worker holds BLAS to one thread, as
-the parent does while the parts run: the parts already keep every core busy. The workers
-are forked with that limit already set, so that they never start a BLAS thread pool
-(see _blas_at_one_thread_here).
+not fit in numbers: an error's traceback, and labels that are not integers. Each worker
+holds BLAS to one thread, as the parent does while the parts run: the parts already keep
+every core busy. The workers are forked with that limit already set, so that they never
+start a BLAS thread pool (see _blas_at_one_thread_here).
 
 The workers are started with ``fork`` (POSIX), lazily, on the first call that needs
 them, with room for the largest part seen so far; a larger part restarts them.

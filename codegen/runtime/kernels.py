@@ -342,17 +342,25 @@ def _blocks(n, block):
 _thread_scratch = threading.local()
 
 
+def _per_thread(name):
+    """A dict kept for this thread under ``name``: the kernels' kept work arrays, bands,
+    patches and offsets live in thread-local storage because the kernels are called from
+    several threads at once."""
+    kept = getattr(_thread_scratch, name, None)
+    if kept is None:
+        kept = {}
+        setattr(_thread_scratch, name, kept)
+    return kept
+
+
 def _scratch(name, size, dtype):
     """A 1-D work array of ``size`` elements, kept from call to call for this thread only.
 
     A fresh temporary of a few MiB is mapped from the system and page-faulted in on every
     call once other arrays have been freed in between (as in training); a kept one is not.
-    It lives in thread-local storage because the kernels are called from several threads
-    at once.  Nothing made from it may be returned: its contents change at the next call.
+    It lives in thread-local storage (_per_thread).  Nothing made from it may be returned: its contents change at the next call.
     """
-    buffers = getattr(_thread_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _thread_scratch.buffers = {}
+    buffers = _per_thread("buffers")
     dtype = np.dtype(dtype)
     buffer = buffers.get((name, dtype))
     if buffer is None or buffer.size < size:
@@ -365,10 +373,7 @@ def _scratch_zeros():
     """For this thread: (name, dtype) of a _scratch work array -> the layout of the zeros
     its kernel wrote in it and nothing has overwritten since.  Forgotten when the work
     array is replaced by a larger one."""
-    zeros = getattr(_thread_scratch, "zeros", None)
-    if zeros is None:
-        zeros = _thread_scratch.zeros = {}
-    return zeros
+    return _per_thread("zeros")
 
 
 def _strided(array, offset, shape, strides, *, writeable=True):
@@ -410,9 +415,7 @@ def _remembered_patches():
     """For this thread: (signature, input shape, input dtype) -> (a copy of the unrolled
     input, its patches as a 1-D array), the most recent last.  The signature names the
     unrolling and its patches' dtype; with the input's shape it fixes their size."""
-    remembered = getattr(_thread_scratch, "patches", None)
-    if remembered is None:
-        remembered = _thread_scratch.patches = {}
+    remembered = _per_thread("patches")
     return remembered
 
 
@@ -520,6 +523,15 @@ def _row_patches(a, kh, out_h, buffer):
     return patches
 
 
+def _band_diagonals(band, kw):
+    """diagonals[jj, v, u, o] = band[jj + v, u, jj, o]: the view of a C-contiguous band
+    (X, KH, J, C_out) of _correlate_banded or _correlate_weights_banded along which the
+    kernel's column v lies for output column jj (X = J + KW - 1)."""
+    _, kh, columns, c_out = band.shape
+    step_x, step_u, step_jj, step_o = band.strides
+    return _strided(band, 0, (columns, kw, kh, c_out), (step_x + step_jj, step_x, step_u, step_o))
+
+
 def _correlate_band(columns, kernel_shape, dtype):
     """(band, diagonals): the band of _correlate_banded for ``columns`` output columns,
     band[(x, u), (jj, o)] = kernel[u, x - jj, o] (zero unless 0 <= x - jj < KW) as a
@@ -531,17 +543,14 @@ def _correlate_band(columns, kernel_shape, dtype):
     the band.
     """
     kh, kw, c_out = kernel_shape
-    kept = getattr(_thread_scratch, "correlate_bands", None)
-    if kept is None:
-        kept = _thread_scratch.correlate_bands = {}
+    kept = _per_thread("correlate_bands")
     signature = (columns, kernel_shape, dtype)
     if signature not in kept:
         band = np.zeros((columns + kw - 1, kh, columns, c_out), dtype=dtype)
-        step_x, step_u, step_jj, step_o = band.strides
-        diagonals = _strided(
-            band, 0, (columns, kw, kh, c_out), (step_x + step_jj, step_x, step_u, step_o)
+        kept[signature] = (
+            band.reshape((columns + kw - 1) * kh, columns * c_out),
+            _band_diagonals(band, kw),
         )
-        kept[signature] = (band.reshape((columns + kw - 1) * kh, columns * c_out), diagonals)
     return kept[signature]
 
 
@@ -667,12 +676,9 @@ def _correlate_weights_banded(a, g, dtype):
             sums[span] += products.sum(axis=0)
     out = np.zeros((kh, kw, c_out), dtype=dtype)
     for span, total in sums.items():
-        # diagonals[jj, v, u, o] = total[(jj + v, u), (jj, o)]: the terms of out[u, v, o]
-        # for output column jj, summed over jj in one reduction.
-        step_x, step_u, step_jj, step_o = total.reshape(span + kw - 1, kh, span, c_out).strides
-        diagonals = _strided(
-            total, 0, (span, kw, kh, c_out), (step_x + step_jj, step_x, step_u, step_o)
-        )
+        # The terms of out[u, v, o] for output column jj lie on the band's diagonals,
+        # summed over jj in one reduction.
+        diagonals = _band_diagonals(total.reshape(span + kw - 1, kh, span, c_out), kw)
         out += diagonals.sum(axis=0).transpose(1, 0, 2)
     return out
 
@@ -796,9 +802,7 @@ def _convolve_band(gw, width, kernel_shape, dtype):
     the band.
     """
     kh, kw, c_in, c_out = kernel_shape
-    kept = getattr(_thread_scratch, "convolve_bands", None)
-    if kept is None:
-        kept = _thread_scratch.convolve_bands = {}
+    kept = _per_thread("convolve_bands")
     signature = (gw, width, kernel_shape, dtype)
     if signature not in kept:
         band = np.zeros((gw, c_out, kh, width, c_in), dtype)
@@ -1184,9 +1188,7 @@ _OFFSETS_KEPT = 4
 def _remembered_offsets():
     """For this thread: (shape, index shape and dtype, size, stride) -> (a copy of the
     index, the offsets computed from it), the most recent last."""
-    remembered = getattr(_thread_scratch, "offsets", None)
-    if remembered is None:
-        remembered = _thread_scratch.offsets = {}
+    remembered = _per_thread("offsets")
     return remembered
 
 
@@ -1351,9 +1353,7 @@ def _ones(length, dtype):
     """A read-only vector of ``length`` ones of ``dtype``: a view of one kept per thread
     and dtype, made again only when a longer one is asked for (a new np.ones at every
     call of sum_leading took a fifth of its time on the biases of a LeNet step)."""
-    kept = getattr(_thread_scratch, "ones", None)
-    if kept is None:
-        kept = _thread_scratch.ones = {}
+    kept = _per_thread("ones")
     dtype = np.dtype(dtype)
     ones = kept.get(dtype)
     if ones is None or ones.size < length:
