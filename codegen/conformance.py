@@ -302,7 +302,7 @@ BANDED = {"_BANDED_MIN_TAPS": 1}
 # Narrow chunks: whole chunks of 3 (or 2) output columns and a shorter rest.
 BANDED_NARROW = {"_BANDED_MIN_TAPS": 1, "_BAND_MIN_WIDTH": 3}
 IM2COL = {"_BANDED_MIN_TAPS": _NEVER}
-ONE_IMAGE_BLOCKS = {"_BLOCK_BYTES": 1, "_BANDED_BLOCK_BYTES": 1}
+ONE_IMAGE_BLOCKS = {"_BLOCK_BYTES": 1, "_BANDED_BLOCK_BYTES": 1, "_ROWS_BLOCK_BYTES": 1}
 
 
 def _blocks_of_two(n, bytes_per_image, budget=None):
@@ -352,8 +352,10 @@ def _convolution_checks(rng) -> list[Check]:
                     (t for t in taken if t != "_correlate_banded"),
                     ("_correlate_banded",),
                 )
-            if c_in > 1 and "im2col" in name:
-                taken = tuple(taken) + ("_copy_window_rows",)
+            if c_in > 1:
+                # Several channels take the row patches whatever the thresholds.
+                name = name.replace("im2col", "rows")
+                taken = tuple(taken) + ("_correlate_rows", "_channel_rows")
             checks.append(
                 Check(
                     f"correlate {kh}x{kw}x{c_in}x{c_out} stride {stride}, {kind} values, {name}",
@@ -450,6 +452,9 @@ def _convolution_checks(rng) -> list[Check]:
         for name, settings, taken, avoided in weight_paths:
             if "banded" in name and c_in != 1:
                 taken, avoided = (), ("_correlate_weights_banded",)
+            if c_in > 1:
+                name = name.replace("im2col", "rows")
+                taken = tuple(taken) + ("_correlate_weights_rows",)
             checks.append(
                 Check(
                     f"correlate_weights {h}x{w}x{c_in} with {gh}x{gw}x{c_out}, {kind} values, {name}",
@@ -914,11 +919,11 @@ def _gather_at_argmax_problems(module, rng) -> list[str]:
 def _kept_patches_problems(module, rng) -> list[str]:
     """A convolution's forward then its weights' gradient of one input: the weights take
     the patches the forward unrolled (no second unrolling), for one-channel rows
-    (banded) and for multi-channel windows (im2col); the same array written into in
+    (banded) and for multi-channel row patches; the same array written into in
     between, or another input of the same shape, is unrolled again and correlated
     exactly."""
     problems = []
-    for label, c_in, unroll in (("rows", 1, "_row_patches"), ("windows", 2, "_copy_window_rows")):
+    for label, c_in, unroll in (("rows", 1, "_row_patches"), ("channel rows", 2, "_channel_rows")):
         a = _values(rng, (2, 7, 8, c_in), "ties")
         kernel = _values(rng, (3, 3, c_in, 2), "ties")
         g = _values(rng, (2, 5, 6, 2), "ties")

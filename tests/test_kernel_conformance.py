@@ -42,6 +42,7 @@ def test_every_kernel_the_emitter_calls_is_checked():
         "banded",
         "banded, narrow chunks",
         "im2col",
+        "rows",
         "one-image blocks",
         "blocks of two",
         "NaN",
@@ -107,6 +108,21 @@ MUTATIONS = [
         "the banded full convolution's kernel columns in mirrored order on the band",
         "np.copyto(diagonals, kernel.transpose(1, 3, 0, 2)[:, None])",
         "np.copyto(diagonals, kernel[:, ::-1].transpose(1, 3, 0, 2)[:, None])",
+    ),
+    (
+        "the row patches' product taking the kernel's taps in (u, v, c) order",
+        "weights = kernel.transpose(1, 0, 2, 3).reshape(depth, c_out)",
+        "weights = kernel.reshape(depth, c_out)",
+    ),
+    (
+        "the row patches unrolled at stride 1 whatever the stride",
+        "strides=(n_step, y_step * stride, x_step, y_step),",
+        "strides=(n_step, y_step, x_step, y_step),",
+    ),
+    (
+        "the weights' gradient from the row patches with its kernel rows and columns swapped",
+        "sums.reshape(c_out, kw, kh, c_in).transpose(2, 1, 3, 0)",
+        "sums.reshape(c_out, kh, kw, c_in).transpose(1, 2, 3, 0)",
     ),
     (
         "sum_leading's joined rows summed wrongly",

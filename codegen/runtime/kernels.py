@@ -306,6 +306,12 @@ _BLOCK_BYTES = 1 << 22
 # 0.70 -> 0.61 and 0.75 -> 0.67 ms, at batch 128 2.99 -> 2.43 and 3.19 -> 2.60 ms; 5x5
 # kernels with 6 outputs at batch 128 1.05 -> 0.87 and 1.16 -> 1.00 ms.
 _BANDED_BLOCK_BYTES = 1 << 19
+# The multi-channel row patches' blocks (_correlate_rows, counted as row patches and
+# output): each output column's product reads every row of the block's patches, so a
+# block pays for staying in a core's cache.  Measured on an AMD EPYC (Zen 4), LeNet
+# steps (5x5x6 -> 16): at 128 images per process 5-9 % faster than with blocks of
+# _BLOCK_BYTES, at 32 (one block either way) the same.
+_ROWS_BLOCK_BYTES = 768 << 10
 # Output columns per product in the banded correlations: enough that each product
 # writes at least this many columns (BLAS is slow on narrower outputs), and no more,
 # since the band's zeros grow with it.  Measured with the blocks above, forward and
@@ -402,12 +408,14 @@ def _strided(array, offset, shape, strides, *, writeable=True):
 # its patch matrix, with a copy of the input it unrolled; the backward takes it when its
 # input equals that copy bit for bit, and unrolls the input again otherwise (measured
 # on a LeNet step of 32 images: 0.07 ms of row patches for conv1, 0.06 ms of windows
-# for conv2, against about 0.01 ms to copy and compare each input).  Only patch
-# matrices of at most _KEPT_PATCH_BYTES are kept: larger batches unroll block by block
-# into a work array that stays in a core's cache.  Up to _PATCHES_KEPT are remembered
-# per thread: one per convolution of a network, whose forward passes all run before
-# the backward passes.
-_KEPT_PATCH_BYTES = 1 << 21
+# for conv2, against about 0.01 ms to copy and compare each input).  Only patches of
+# at most _KEPT_PATCH_BYTES are kept: larger batches unroll block by block into a work
+# array that stays in a core's cache (4 MB holds both of LeNet's row patches at 128
+# images per process, 2.3 and 2.2 MB; with 2 MB, unrolling them again made its steps
+# 3-5 % slower on an AMD EPYC Zen 4).  Up to _PATCHES_KEPT are remembered per thread:
+# one per convolution of a network, whose forward passes all run before the backward
+# passes.
+_KEPT_PATCH_BYTES = 1 << 22
 _PATCHES_KEPT = 4
 
 
@@ -476,25 +484,129 @@ def _patch_view(a, kh, kw, stride, axes=(1, 2)):
     return _strided(a, 0, shape, strides, writeable=False)
 
 
-def _copy_window_rows(a, kh, kw, stride, patches):
-    """patches[n, i, j, u, v, c] = a[n, s*i+u, s*j+v, c], for a contiguous ``patches``.
+def _channel_rows(a, kh, stride, out_h, buffer):
+    """p[n, i, x, u, c] = a[n, s*i+u, x, c] for images a (N, H, W, C), in ``buffer``.
 
-    Each (v, c) run is KW*C consecutive elements of a row of ``a`` when its pixels and
-    channels are adjacent in memory: the runs are then moved as single records of that
-    many bytes (measured: twice as fast as an element-wise copy for 5x5x6 windows).
+    Row i of p holds the KH input rows that output row i reads, interleaved pixel by
+    pixel.  The window of output column j, in (v, u, c) order, is then the KW*KH*C
+    consecutive values of that row from pixel s*j on: the products of _correlate_rows
+    read every window in place, where im2col would copy each pixel KW times more.  A
+    pixel's C values are moved as one record of their bytes.
     """
-    n, h, w, c = a.shape
-    out_h, out_w = patches.shape[1:3]
-    item = a.itemsize
-    if a.dtype != patches.dtype or a.strides[3] != item or a.strides[2] != c * item or a.size == 0:
-        np.copyto(patches, _patch_view(a, kh, kw, stride).transpose(0, 1, 2, 4, 5, 3))
-        return
-    run = np.dtype((np.void, kw * c * item))
-    n_stride, y_stride, x_stride, _ = a.strides
-    shape = (n, out_h, out_w, kh, kw * c * item)
-    strides = (n_stride, y_stride * stride, x_stride * stride, y_stride, 1)
-    rows = _strided(a.view(np.uint8), 0, shape, strides, writeable=False).view(run)[..., 0]
-    np.copyto(patches.reshape(n, out_h, out_w, kh, kw * c).view(run)[..., 0], rows)
+    n, _, w, c = a.shape
+    patches = buffer[: n * out_h * w * kh * c].reshape(n, out_h, w, kh, c)
+    pixels = _pixels(a)
+    if pixels is None:
+        return patches
+    n_step, y_step, x_step = pixels.strides
+    rows = as_strided(
+        pixels,
+        shape=(n, out_h, w, kh),
+        strides=(n_step, y_step * stride, x_step, y_step),
+        writeable=False,
+    )
+    np.copyto(patches.view(pixels.dtype)[..., 0], rows)
+    return patches
+
+
+def _window_products(rows, out_w, stride, depth, item):
+    """The windows of _channel_rows' ``rows`` (M, OH, W, KH, C) as a stack of matrices:
+    [j][(m, i), :] is the window of output pixel (m, i, j), ``depth`` = KW*KH*C values in
+    (v, u, c) order (a strided view, no copy)."""
+    m, out_h, w, kh, c = rows.shape
+    return _strided(
+        rows,
+        0,
+        (out_w, m * out_h, depth),
+        (stride * kh * c * item, w * kh * c * item, item),
+        writeable=False,
+    )
+
+
+def _correlate_rows(a, kernel, stride, out):
+    """correlate of images a (N, H, W, C_in) with kernel (KH, KW, C_in, C_out), into out.
+
+    im2col copies each pixel KH*KW times into a patch matrix and makes one product.
+    Here only the kernel's rows are unrolled (_channel_rows): output column j's product,
+    (all output rows) x (KW*KH*C_in) by (KW*KH*C_in) x C_out, reads its windows from
+    the row patches in place and writes out[:, :, j, :] in place.  The products are the
+    same as im2col's, and so is every output's sum of its own window's terms (an inf or
+    NaN pixel spoils only the outputs whose windows hold it); the patches are KW times
+    smaller (measured for LeNet's 5x5x6 -> 16 at 32 images, AMD EPYC Zen 4: forward
+    0.33 -> 0.22 ms, weights 0.28 -> 0.16 ms).
+    """
+    n, h, w, c_in = a.shape
+    kh, kw, _, c_out = kernel.shape
+    _, out_h, out_w, _ = out.shape
+    dtype = out.dtype
+    item = dtype.itemsize
+    depth = kw * kh * c_in
+    # The kernel with its taps in the windows' (v, u, c) order.
+    weights = kernel.transpose(1, 0, 2, 3).reshape(depth, c_out)
+    per_image = out_h * w * kh * c_in
+    block = _block_size(n, (per_image + out_h * out_w * c_out) * item, _ROWS_BLOCK_BYTES)
+    # Kept for correlate_weights (see _KEPT_PATCH_BYTES); else a work array per block.
+    signature = ("channel rows", kh, stride, dtype)
+    kept = _patches_to_keep(signature, a, n * per_image, dtype)
+    if kept is None:
+        patch_buffer = _scratch("patches", block * per_image, dtype)
+    for start, stop in _blocks(n, block):
+        m = stop - start
+        if kept is not None:
+            patch_buffer = kept[1][start * per_image : stop * per_image]
+        rows = _channel_rows(a[start:stop], kh, stride, out_h, patch_buffer)
+        # out (a kept buffer) is C-contiguous: [j][(m, i), o] is a strided view of it.
+        target = _strided(
+            out,
+            start * out_h * out_w * c_out,
+            (out_w, m * out_h, c_out),
+            (c_out * item, out_w * c_out * item, item),
+        )
+        np.matmul(_window_products(rows, out_w, stride, depth, item), weights, out=target)
+    if kept is not None:
+        _remember_patches(signature, a, kept)
+
+
+def _correlate_weights_rows(a, g, dtype):
+    """correlate_weights of images a (N, H, W, C_in) with g (N, GH, GW, C_out): (KH, KW, C_in, C_out).
+
+    The transpose of _correlate_rows: for output column j, the product of g[:, :, j, :]
+    (transposed) with the windows of column j read in place from the row patches holds
+    every weight's terms of that column; the products are summed over columns and
+    blocks.  Uses the forward's row patches when it unrolled this very input.
+    """
+    n, h, w, c_in = a.shape
+    _, gh, gw, c_out = g.shape
+    kh, kw = h - gh + 1, w - gw + 1
+    item = dtype.itemsize
+    depth = kw * kh * c_in
+    per_image = gh * w * kh * c_in
+    block = _block_size(n, (per_image + gh * gw * c_out) * item, _ROWS_BLOCK_BYTES)
+    # The forward's row patches when it unrolled this very input (see _KEPT_PATCH_BYTES).
+    kept = _kept_patches(("channel rows", kh, 1, dtype), a)
+    if kept is None:
+        patch_buffer = _scratch("patches", block * per_image, dtype)
+    products = _scratch("correlate_weights.products", gw * c_out * depth, dtype)
+    products = products.reshape(gw, c_out, depth)
+    sums = np.zeros((c_out, depth), dtype=dtype)
+    for start, stop in _blocks(n, block):
+        m = stop - start
+        if kept is None:
+            rows = _channel_rows(a[start:stop], kh, 1, gh, patch_buffer)
+        else:
+            rows = kept[start * per_image : stop * per_image].reshape(m, gh, w, kh, c_in)
+        # g is C-contiguous: [j][o, (m, i)] is a strided view of it (g[:, :, j, :] transposed).
+        gradient = _strided(
+            g,
+            start * gh * gw * c_out,
+            (gw, c_out, m * gh),
+            (c_out * item, item, gw * c_out * item),
+            writeable=False,
+        )
+        np.matmul(gradient, _window_products(rows, gw, 1, depth, item), out=products)
+        sums += products.sum(axis=0)
+    # sums[o, (v, u, c)] -> out[u, v, c, o]
+    return np.ascontiguousarray(sums.reshape(c_out, kw, kh, c_in).transpose(2, 1, 3, 0))
 
 
 def _band_columns(c_out):
@@ -701,40 +813,22 @@ def correlate(a, kernel, stride=1, *, workspace=None, key=""):
     if c_in == 1 and stride == 1 and kh * kw >= _BANDED_MIN_TAPS and np.isfinite(a).all():
         _correlate_banded(a[:, :, :, 0], kernel[:, :, 0, :].astype(dtype, copy=False), out)
         return out
+    if c_in > 1:
+        _correlate_rows(a.astype(dtype, copy=False), kernel.astype(dtype, copy=False), stride, out)
+        return out
+    # One channel: patches laid out (u, v, n, i, j), each copied run an output row,
+    # out_w long.
     weights = kernel.reshape(taps, c_out).astype(dtype, copy=False)
     rows = out_h * out_w
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
     patch_buffer = _scratch("patches", block * rows * taps, dtype)
-    if c_in == 1:
-        # Patches laid out (u, v, n, i, j): each copied run is an output row, out_w long.
-        view = _patch_view(a[:, :, :, 0], kh, kw, stride).transpose(3, 4, 0, 1, 2)
-        flat = out.reshape(n * rows, c_out)
-        for start, stop in _blocks(n, block):
-            m = stop - start
-            patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, out_h, out_w)
-            np.copyto(patches, view[:, :, start:stop])
-            np.matmul(
-                patches.reshape(taps, m * rows).T, weights, out=flat[start * rows : stop * rows]
-            )
-    else:
-        # Rows (n, i, j), columns (u, v, c): each copied run is a window row, KW*C long.
-        # Kept for correlate_weights when small enough (see _KEPT_PATCH_BYTES).
-        flat = out.reshape(n * rows, c_out)
-        signature = ("windows", kh, kw, stride, dtype)
-        kept = _patches_to_keep(signature, a, n * rows * taps, dtype)
-        for start, stop in _blocks(n, block):
-            m = stop - start
-            if kept is None:
-                patches = patch_buffer[: m * rows * taps]
-            else:
-                patches = kept[1][start * rows * taps : stop * rows * taps]
-            patches = patches.reshape(m, out_h, out_w, kh, kw, c_in)
-            _copy_window_rows(a[start:stop], kh, kw, stride, patches)
-            np.matmul(
-                patches.reshape(m * rows, taps), weights, out=flat[start * rows : stop * rows]
-            )
-        if kept is not None:
-            _remember_patches(signature, a, kept)
+    view = _patch_view(a[:, :, :, 0], kh, kw, stride).transpose(3, 4, 0, 1, 2)
+    flat = out.reshape(n * rows, c_out)
+    for start, stop in _blocks(n, block):
+        m = stop - start
+        patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, out_h, out_w)
+        np.copyto(patches, view[:, :, start:stop])
+        np.matmul(patches.reshape(taps, m * rows).T, weights, out=flat[start * rows : stop * rows])
     return out
 
 
@@ -759,33 +853,29 @@ def correlate_weights(a, g):
             a[:, :, :, 0].astype(dtype, copy=False), np.ascontiguousarray(g, dtype=dtype), dtype
         )
         return banded.reshape(kh, kw, c_in, c_out)
+    if c_in > 1:
+        rows_result = _correlate_weights_rows(
+            a.astype(dtype, copy=False), np.ascontiguousarray(g, dtype=dtype), dtype
+        )
+        return rows_result
+    # One channel: patches laid out (u, v, n, i, j), each copied run a row of the
+    # gradient's width.
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
-    # The forward's patches when it unrolled this very input (see _KEPT_PATCH_BYTES).
-    kept = None if c_in == 1 else _kept_patches(("windows", kh, kw, 1, dtype), a)
-    if kept is None:
-        patch_buffer = _scratch("patches", block * rows * taps, dtype)
+    patch_buffer = _scratch("patches", block * rows * taps, dtype)
     # The transposed product, (C_out x rows) by (rows x taps), is summed: BLAS runs it
     # faster than (taps x rows) by (rows x C_out) (measured: about 9% for 5x5x6 windows
     # and 16 outputs).
     sums = np.zeros((c_out, taps), dtype=dtype)
     partial = np.empty_like(sums)
     g_flat = g.reshape(n * rows, c_out).astype(dtype, copy=False)
-    if c_in == 1:
-        # Patches laid out (u, v, n, i, j): each copied run is a row of the gradient's width.
-        view = _patch_view(a[:, :, :, 0], kh, kw, 1).transpose(3, 4, 0, 1, 2)
+    view = _patch_view(a[:, :, :, 0], kh, kw, 1).transpose(3, 4, 0, 1, 2)
     for start, stop in _blocks(n, block):
         m = stop - start
-        if c_in == 1:
-            patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, gh, gw)
-            np.copyto(patches, view[:, :, start:stop])
-            matrix = patches.reshape(taps, m * rows)
-        elif kept is not None:
-            matrix = kept[start * rows * taps : stop * rows * taps].reshape(m * rows, taps).T
-        else:
-            patches = patch_buffer[: m * rows * taps].reshape(m, gh, gw, kh, kw, c_in)
-            _copy_window_rows(a[start:stop], kh, kw, 1, patches)
-            matrix = patches.reshape(m * rows, taps).T
-        np.matmul(g_flat[start * rows : stop * rows].T, matrix.T, out=partial)
+        patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, gh, gw)
+        np.copyto(patches, view[:, :, start:stop])
+        np.matmul(
+            g_flat[start * rows : stop * rows].T, patches.reshape(taps, m * rows).T, out=partial
+        )
         sums += partial
     out[...] = sums.T
     return out.reshape(kh, kw, c_in, c_out)
