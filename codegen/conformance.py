@@ -301,7 +301,10 @@ def _path_problems(check: Check, watch: _Watch) -> list[str]:
 BANDED = {"_BANDED_MIN_TAPS": 1}
 # Narrow chunks: whole chunks of 3 (or 2) output columns and a shorter rest.
 BANDED_NARROW = {"_BANDED_MIN_TAPS": 1, "_BAND_MIN_WIDTH": 3}
-IM2COL = {"_BANDED_MIN_TAPS": _NEVER}
+# im2col for every kernel, one channel or several.
+IM2COL = {"_BANDED_MIN_TAPS": _NEVER, "_ROWS_MAX_WEIGHTS": 0}
+# Row patches for every kernel of several channels.
+ROWS = {"_ROWS_MAX_WEIGHTS": _NEVER}
 ONE_IMAGE_BLOCKS = {"_BLOCK_BYTES": 1, "_BANDED_BLOCK_BYTES": 1, "_ROWS_BLOCK_BYTES": 1}
 
 
@@ -336,6 +339,9 @@ def _convolution_checks(rng) -> list[Check]:
         ("im2col, one-image blocks", {**IM2COL, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
         ("banded, one-image blocks", {**BANDED, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
         ("im2col, blocks of two", {**IM2COL, **BLOCKS_OF_TWO}, ("_blocks",), ()),
+        ("rows", ROWS, (), ()),
+        ("rows, one-image blocks", {**ROWS, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
+        ("rows, blocks of two", {**ROWS, **BLOCKS_OF_TWO}, ("_blocks",), ()),
     ]
     for (kh, kw), stride, c_in, kind in itertools.product(
         [(1, 1), (2, 2), (3, 2), (3, 3)], (1, 2, 3), (1, 2), ("random", "ties")
@@ -352,10 +358,14 @@ def _convolution_checks(rng) -> list[Check]:
                     (t for t in taken if t != "_correlate_banded"),
                     ("_correlate_banded",),
                 )
-            if c_in > 1:
-                # Several channels take the row patches whatever the thresholds.
-                name = name.replace("im2col", "rows")
-                taken = tuple(taken) + ("_correlate_rows", "_channel_rows")
+            if c_in > 1 and "im2col" in name:
+                taken = tuple(taken) + ("_copy_window_rows",)
+                avoided = tuple(avoided) + ("_correlate_rows",)
+            if "rows" in name:
+                if c_in > 1:
+                    taken = tuple(taken) + ("_correlate_rows", "_channel_rows")
+                else:  # one channel never takes the row patches
+                    avoided = tuple(avoided) + ("_correlate_rows",)
             checks.append(
                 Check(
                     f"correlate {kh}x{kw}x{c_in}x{c_out} stride {stride}, {kind} values, {name}",
@@ -430,6 +440,27 @@ def _convolution_checks(rng) -> list[Check]:
             IM2COL,
         )
     )
+    # The same two for the row patches, whose records need one dtype and adjacent channels.
+    checks.append(
+        Check(
+            "correlate float32 input, float64 kernel, rows",
+            ir.Correlate(a, k, 2),
+            arrays,
+            ROWS,
+            ("_correlate_rows",),
+            exact=True,
+        )
+    )
+    channels_apart = _values(rng, (2, 7, 6, 3), "random").transpose(0, 2, 1, 3)[:, :, :, ::-1]
+    checks.append(
+        Check(
+            "correlate non-contiguous input, rows",
+            ir.Correlate(a, k, 1),
+            {"a": channels_apart, "kernel": _values(rng, (2, 2, 3, 2), "random")},
+            ROWS,
+            ("_correlate_rows",),
+        )
+    )
 
     # correlate_weights: images and gradient maps at stride 1 (the IR dilates first).
     weight_paths = [
@@ -440,6 +471,9 @@ def _convolution_checks(rng) -> list[Check]:
         ("im2col, one-image blocks", {**IM2COL, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
         ("banded, one-image blocks", {**BANDED, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
         ("im2col, blocks of two", {**IM2COL, **BLOCKS_OF_TWO}, ("_blocks",), ()),
+        ("rows", ROWS, (), ()),
+        ("rows, one-image blocks", {**ROWS, **ONE_IMAGE_BLOCKS}, ("_blocks",), ()),
+        ("rows, blocks of two", {**ROWS, **BLOCKS_OF_TWO}, ("_blocks",), ()),
     ]
     for (gh, gw), c_in, kind in itertools.product(
         [(1, 1), (3, 4), (5, 6)], (1, 2), ("random", "ties")
@@ -452,9 +486,13 @@ def _convolution_checks(rng) -> list[Check]:
         for name, settings, taken, avoided in weight_paths:
             if "banded" in name and c_in != 1:
                 taken, avoided = (), ("_correlate_weights_banded",)
-            if c_in > 1:
-                name = name.replace("im2col", "rows")
-                taken = tuple(taken) + ("_correlate_weights_rows",)
+            if c_in > 1 and "im2col" in name:
+                avoided = tuple(avoided) + ("_correlate_weights_rows",)
+            if "rows" in name:
+                if c_in > 1:
+                    taken = tuple(taken) + ("_correlate_weights_rows",)
+                else:
+                    avoided = tuple(avoided) + ("_correlate_weights_rows",)
             checks.append(
                 Check(
                     f"correlate_weights {h}x{w}x{c_in} with {gh}x{gw}x{c_out}, {kind} values, {name}",
@@ -916,14 +954,18 @@ def _gather_at_argmax_problems(module, rng) -> list[str]:
     return problems
 
 
-def _kept_patches_problems(module, rng) -> list[str]:
+def _kept_patches_problems(banded, im2col, rng) -> list[str]:
     """A convolution's forward then its weights' gradient of one input: the weights take
     the patches the forward unrolled (no second unrolling), for one-channel rows
-    (banded) and for multi-channel row patches; the same array written into in
-    between, or another input of the same shape, is unrolled again and correlated
-    exactly."""
+    (banded), multi-channel row patches and multi-channel windows (im2col); the same
+    array written into in between, or another input of the same shape, is unrolled
+    again and correlated exactly."""
     problems = []
-    for label, c_in, unroll in (("rows", 1, "_row_patches"), ("channel rows", 2, "_channel_rows")):
+    for label, module, c_in, unroll in (
+        ("rows", banded, 1, "_row_patches"),
+        ("channel rows", banded, 2, "_channel_rows"),
+        ("windows", im2col, 2, "_copy_window_rows"),
+    ):
         a = _values(rng, (2, 7, 8, c_in), "ties")
         kernel = _values(rng, (3, 3, c_in, 2), "ties")
         g = _values(rng, (2, 5, 6, 2), "ties")
@@ -995,7 +1037,11 @@ def check_kernels(source: Path = KERNELS_SOURCE, seed: int = 0) -> tuple[int, li
         failures += _elementwise_problems(_module_for_source(source, settings, cache), rng)
     failures += _flush_problems(_module_for_source(source, {}, cache), rng)
     failures += _remembered_offsets_problems(_module_for_source(source, {}, cache), rng)
-    failures += _kept_patches_problems(_module_for_source(source, BANDED, cache), rng)
+    failures += _kept_patches_problems(
+        _module_for_source(source, BANDED, cache),
+        _module_for_source(source, {"_ROWS_MAX_WEIGHTS": 0}, cache),
+        rng,
+    )
     failures += _gather_at_argmax_problems(_module_for_source(source, {}, cache), rng)
     return len(prepared) + 6, failures
 

@@ -312,6 +312,15 @@ _BANDED_BLOCK_BYTES = 1 << 19
 # steps (5x5x6 -> 16): at 128 images per process 5-9 % faster than with blocks of
 # _BLOCK_BYTES, at 32 (one block either way) the same.
 _ROWS_BLOCK_BYTES = 768 << 10
+# Several input channels take the row patches when the kernel has at most this many
+# weights (KH*KW*C_in*C_out), im2col otherwise.  Each output column's product packs the
+# whole kernel again, and im2col's copies grow with the channels into long runs, so
+# im2col wins for wide kernels: measured on an AMD EPYC (Zen 4), forward and weights,
+# 3x3 kernels 64 -> 64 on 16x16 images, 8 images 1.28 and 1.35 ms by im2col against
+# 1.45 and 1.89 by rows, 32 images 5.3 and 6.0 against 6.2 and 7.7; rows faster for
+# 3x3 32 -> 32 on 56x56 (2.1 and 2.7 against 2.7 and 3.1 ms), 3x3 16 -> 32 on 32x32
+# (3.4 and 4.0 against 4.5 and 4.3 ms) and LeNet's 5x5 6 -> 16.
+_ROWS_MAX_WEIGHTS = 1 << 14
 # Output columns per product in the banded correlations: enough that each product
 # writes at least this many columns (BLAS is slow on narrower outputs), and no more,
 # since the band's zeros grow with it.  Measured with the blocks above, forward and
@@ -482,6 +491,27 @@ def _patch_view(a, kh, kw, stride, axes=(1, 2)):
     strides[w_axis] *= stride
     shape, strides = (*shape, kh, kw), (*strides, a.strides[h_axis], a.strides[w_axis])
     return _strided(a, 0, shape, strides, writeable=False)
+
+
+def _copy_window_rows(a, kh, kw, stride, patches):
+    """patches[n, i, j, u, v, c] = a[n, s*i+u, s*j+v, c], for a contiguous ``patches``.
+
+    Each (v, c) run is KW*C consecutive elements of a row of ``a`` when its pixels and
+    channels are adjacent in memory: the runs are then moved as single records of that
+    many bytes (measured: twice as fast as an element-wise copy for 5x5x6 windows).
+    """
+    n, h, w, c = a.shape
+    out_h, out_w = patches.shape[1:3]
+    item = a.itemsize
+    if a.dtype != patches.dtype or a.strides[3] != item or a.strides[2] != c * item or a.size == 0:
+        np.copyto(patches, _patch_view(a, kh, kw, stride).transpose(0, 1, 2, 4, 5, 3))
+        return
+    run = np.dtype((np.void, kw * c * item))
+    n_stride, y_stride, x_stride, _ = a.strides
+    shape = (n, out_h, out_w, kh, kw * c * item)
+    strides = (n_stride, y_stride * stride, x_stride * stride, y_stride, 1)
+    rows = _strided(a.view(np.uint8), 0, shape, strides, writeable=False).view(run)[..., 0]
+    np.copyto(patches.reshape(n, out_h, out_w, kh, kw * c).view(run)[..., 0], rows)
 
 
 def _channel_rows(a, kh, stride, out_h, buffer):
@@ -813,22 +843,43 @@ def correlate(a, kernel, stride=1, *, workspace=None, key=""):
     if c_in == 1 and stride == 1 and kh * kw >= _BANDED_MIN_TAPS and np.isfinite(a).all():
         _correlate_banded(a[:, :, :, 0], kernel[:, :, 0, :].astype(dtype, copy=False), out)
         return out
-    if c_in > 1:
+    if c_in > 1 and taps * c_out <= _ROWS_MAX_WEIGHTS:
         _correlate_rows(a.astype(dtype, copy=False), kernel.astype(dtype, copy=False), stride, out)
         return out
-    # One channel: patches laid out (u, v, n, i, j), each copied run an output row,
-    # out_w long.
     weights = kernel.reshape(taps, c_out).astype(dtype, copy=False)
     rows = out_h * out_w
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
     patch_buffer = _scratch("patches", block * rows * taps, dtype)
-    view = _patch_view(a[:, :, :, 0], kh, kw, stride).transpose(3, 4, 0, 1, 2)
-    flat = out.reshape(n * rows, c_out)
-    for start, stop in _blocks(n, block):
-        m = stop - start
-        patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, out_h, out_w)
-        np.copyto(patches, view[:, :, start:stop])
-        np.matmul(patches.reshape(taps, m * rows).T, weights, out=flat[start * rows : stop * rows])
+    if c_in == 1:
+        # Patches laid out (u, v, n, i, j): each copied run is an output row, out_w long.
+        view = _patch_view(a[:, :, :, 0], kh, kw, stride).transpose(3, 4, 0, 1, 2)
+        flat = out.reshape(n * rows, c_out)
+        for start, stop in _blocks(n, block):
+            m = stop - start
+            patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, out_h, out_w)
+            np.copyto(patches, view[:, :, start:stop])
+            np.matmul(
+                patches.reshape(taps, m * rows).T, weights, out=flat[start * rows : stop * rows]
+            )
+    else:
+        # Rows (n, i, j), columns (u, v, c): each copied run is a window row, KW*C long.
+        # Kept for correlate_weights when small enough (see _KEPT_PATCH_BYTES).
+        flat = out.reshape(n * rows, c_out)
+        signature = ("windows", kh, kw, stride, dtype)
+        kept = _patches_to_keep(signature, a, n * rows * taps, dtype)
+        for start, stop in _blocks(n, block):
+            m = stop - start
+            if kept is None:
+                patches = patch_buffer[: m * rows * taps]
+            else:
+                patches = kept[1][start * rows * taps : stop * rows * taps]
+            patches = patches.reshape(m, out_h, out_w, kh, kw, c_in)
+            _copy_window_rows(a[start:stop], kh, kw, stride, patches)
+            np.matmul(
+                patches.reshape(m * rows, taps), weights, out=flat[start * rows : stop * rows]
+            )
+        if kept is not None:
+            _remember_patches(signature, a, kept)
     return out
 
 
@@ -853,29 +904,37 @@ def correlate_weights(a, g):
             a[:, :, :, 0].astype(dtype, copy=False), np.ascontiguousarray(g, dtype=dtype), dtype
         )
         return banded.reshape(kh, kw, c_in, c_out)
-    if c_in > 1:
-        rows_result = _correlate_weights_rows(
+    if c_in > 1 and taps * c_out <= _ROWS_MAX_WEIGHTS:
+        return _correlate_weights_rows(
             a.astype(dtype, copy=False), np.ascontiguousarray(g, dtype=dtype), dtype
         )
-        return rows_result
-    # One channel: patches laid out (u, v, n, i, j), each copied run a row of the
-    # gradient's width.
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
-    patch_buffer = _scratch("patches", block * rows * taps, dtype)
+    # The forward's patches when it unrolled this very input (see _KEPT_PATCH_BYTES).
+    kept = None if c_in == 1 else _kept_patches(("windows", kh, kw, 1, dtype), a)
+    if kept is None:
+        patch_buffer = _scratch("patches", block * rows * taps, dtype)
     # The transposed product, (C_out x rows) by (rows x taps), is summed: BLAS runs it
     # faster than (taps x rows) by (rows x C_out) (measured: about 9% for 5x5x6 windows
     # and 16 outputs).
     sums = np.zeros((c_out, taps), dtype=dtype)
     partial = np.empty_like(sums)
     g_flat = g.reshape(n * rows, c_out).astype(dtype, copy=False)
-    view = _patch_view(a[:, :, :, 0], kh, kw, 1).transpose(3, 4, 0, 1, 2)
+    if c_in == 1:
+        # Patches laid out (u, v, n, i, j): each copied run is a row of the gradient's width.
+        view = _patch_view(a[:, :, :, 0], kh, kw, 1).transpose(3, 4, 0, 1, 2)
     for start, stop in _blocks(n, block):
         m = stop - start
-        patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, gh, gw)
-        np.copyto(patches, view[:, :, start:stop])
-        np.matmul(
-            g_flat[start * rows : stop * rows].T, patches.reshape(taps, m * rows).T, out=partial
-        )
+        if c_in == 1:
+            patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, gh, gw)
+            np.copyto(patches, view[:, :, start:stop])
+            matrix = patches.reshape(taps, m * rows)
+        elif kept is not None:
+            matrix = kept[start * rows * taps : stop * rows * taps].reshape(m * rows, taps).T
+        else:
+            patches = patch_buffer[: m * rows * taps].reshape(m, gh, gw, kh, kw, c_in)
+            _copy_window_rows(a[start:stop], kh, kw, 1, patches)
+            matrix = patches.reshape(m * rows, taps).T
+        np.matmul(g_flat[start * rows : stop * rows].T, matrix.T, out=partial)
         sums += partial
     out[...] = sums.T
     return out.reshape(kh, kw, c_in, c_out)
