@@ -1548,6 +1548,20 @@ def sum_leading(a, count):
 _UNSIGNED_OF_SIZE = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
+@functools.lru_cache(maxsize=16)
+def _subnormal_test(dtype):
+    """(tiny, unsigned, bound) for flush_subnormals on ``dtype``: the smallest normal value,
+    the unsigned integer type of the same size (None if there is none) and the bound of
+    the bit test.  Kept: making them took about 15 us, most of a call on a small array
+    (a loss's gradient)."""
+    tiny = np.finfo(dtype).tiny
+    unsigned = _UNSIGNED_OF_SIZE.get(dtype.itemsize)
+    if unsigned is None:
+        return tiny, None, None
+    tiny_bits = int(np.array(tiny, dtype=dtype).view(unsigned))
+    return tiny, unsigned, unsigned((tiny_bits << 1) - 1)
+
+
 def flush_subnormals(a, out=None):
     """``a`` with every subnormal value replaced by 0, into ``out`` (a new array if None; may be ``a``).
 
@@ -1576,19 +1590,16 @@ def flush_subnormals(a, out=None):
     # against 0.075 ms). Eight values spread over the array pick the side; where their
     # signs differ (a gradient's), the reduction would be wasted (0.02 ms) and the full
     # test below runs at once. A NaN fails the comparisons and takes the full test too.
-    tiny = np.finfo(out.dtype).tiny
+    tiny, unsigned, bound = _subnormal_test(out.dtype)
     samples = out.flat[:: max(1, out.size // 8)]
     if (samples > 0).all():
         if out.min() >= tiny:
             return out
     elif (samples < 0).all() and out.max() <= -tiny:
         return out
-    unsigned = _UNSIGNED_OF_SIZE.get(out.dtype.itemsize)
     if unsigned is None:  # long double: no integer of its size to read its bits with
         np.copyto(out, 0, where=(out != 0) & (np.abs(out) < tiny))
         return out
-    tiny_bits = int(np.array(tiny, dtype=out.dtype).view(unsigned))
-    bound = unsigned((tiny_bits << 1) - 1)
     bits = _scratch("flush_subnormals.bits", out.size, unsigned).reshape(out.shape)
     values = out.view(unsigned)
     np.add(values, values, out=bits)
