@@ -294,8 +294,10 @@ def rot180(kernel):
 # matrix stays in the CPU caches between being written and being multiplied, and
 # no temporary is large enough to be mmapped (and page-faulted in) afresh on
 # every call.  One input channel and a kernel of _BANDED_MIN_TAPS or more taps
-# take the banded correlations below instead of im2col; full_convolve takes its
-# banded product for kernels of that many taps whatever the channels.
+# take the banded correlations below instead of im2col; several input channels and
+# a kernel of at most _ROWS_MAX_WEIGHTS weights take the row patches
+# (_correlate_rows); full_convolve takes its banded product for kernels of
+# _BANDED_MIN_TAPS taps or more whatever the channels.
 
 _BLOCK_BYTES = 1 << 22
 # The banded correlations' blocks are smaller (counted as row patches and output): their
