@@ -417,50 +417,37 @@ def _convolution_checks(rng) -> list[Check]:
                 avoided=("_correlate_banded",),
             )
         )
-    # Mixed dtypes and a non-contiguous input: the element-wise patch copy.
-    arrays = {
+    # Mixed dtypes, and an input whose pixels and channels are not adjacent in memory: the
+    # element-wise patch copy of im2col, and the conversions before the row patches' copy
+    # of whole pixels.
+    mixed = {
         "a": _values(rng, (2, 6, 7, 3), "ties", np.float32),
         "kernel": _values(rng, (2, 3, 3, 2), "ties"),
     }
-    checks.append(
-        Check(
-            "correlate float32 input, float64 kernel",
-            ir.Correlate(a, k, 2),
-            arrays,
-            IM2COL,
-            exact=True,
+    apart = {
+        "a": _values(rng, (2, 7, 6, 3), "random").transpose(0, 2, 1, 3)[:, :, :, ::-1],
+        "kernel": _values(rng, (2, 2, 3, 2), "random"),
+    }
+    for path, settings, taken in (("im2col", IM2COL, ()), ("rows", ROWS, ("_correlate_rows",))):
+        checks.append(
+            Check(
+                f"correlate float32 input, float64 kernel, {path}",
+                ir.Correlate(a, k, 2),
+                mixed,
+                settings,
+                taken,
+                exact=True,
+            )
         )
-    )
-    strided = _values(rng, (2, 7, 6, 3), "random").transpose(0, 2, 1, 3)
-    checks.append(
-        Check(
-            "correlate non-contiguous input",
-            ir.Correlate(a, k, 1),
-            {"a": strided, "kernel": _values(rng, (2, 2, 3, 2), "random")},
-            IM2COL,
+        checks.append(
+            Check(
+                f"correlate non-contiguous input, {path}",
+                ir.Correlate(a, k, 1),
+                apart,
+                settings,
+                taken,
+            )
         )
-    )
-    # The same two for the row patches, whose records need one dtype and adjacent channels.
-    checks.append(
-        Check(
-            "correlate float32 input, float64 kernel, rows",
-            ir.Correlate(a, k, 2),
-            arrays,
-            ROWS,
-            ("_correlate_rows",),
-            exact=True,
-        )
-    )
-    channels_apart = _values(rng, (2, 7, 6, 3), "random").transpose(0, 2, 1, 3)[:, :, :, ::-1]
-    checks.append(
-        Check(
-            "correlate non-contiguous input, rows",
-            ir.Correlate(a, k, 1),
-            {"a": channels_apart, "kernel": _values(rng, (2, 2, 3, 2), "random")},
-            ROWS,
-            ("_correlate_rows",),
-        )
-    )
 
     # correlate_weights: images and gradient maps at stride 1 (the IR dilates first).
     weight_paths = [

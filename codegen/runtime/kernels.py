@@ -466,6 +466,27 @@ def _remember_patches(signature, source, kept):
         del remembered[next(iter(remembered))]
 
 
+def _unrolling_blocks(signature, source, block, per_image, dtype):
+    """(start, stop, buffer) for each block of ``source``'s images: the 1-D buffer to unroll
+    images start .. stop-1 into, per_image elements each.
+
+    The buffers are pieces of patches kept for correlate_weights when they are small
+    enough (_patches_to_keep), remembered once the caller has taken the last block
+    (_remember_patches), so that patches half made are never remembered; else one work
+    array serves every block.
+    """
+    n = len(source)
+    kept = _patches_to_keep(signature, source, n * per_image, dtype)
+    work = _scratch("patches", block * per_image, dtype) if kept is None else None
+    for start, stop in _blocks(n, block):
+        if kept is None:
+            yield start, stop, work
+        else:
+            yield start, stop, kept[1][start * per_image : stop * per_image]
+    if kept is not None:
+        _remember_patches(signature, source, kept)
+
+
 def _kept_patches(signature, source):
     """The patches remembered for ``signature`` if ``source`` equals the copy they were
     made from, bit for bit (NaN payloads and signed zeros too), else None."""
@@ -577,15 +598,9 @@ def _correlate_rows(a, kernel, stride, out):
     weights = kernel.transpose(1, 0, 2, 3).reshape(depth, c_out)
     per_image = out_h * w * kh * c_in
     block = _block_size(n, (per_image + out_h * out_w * c_out) * item, _ROWS_BLOCK_BYTES)
-    # Kept for correlate_weights (see _KEPT_PATCH_BYTES); else a work array per block.
     signature = ("channel rows", kh, stride, dtype)
-    kept = _patches_to_keep(signature, a, n * per_image, dtype)
-    if kept is None:
-        patch_buffer = _scratch("patches", block * per_image, dtype)
-    for start, stop in _blocks(n, block):
+    for start, stop, patch_buffer in _unrolling_blocks(signature, a, block, per_image, dtype):
         m = stop - start
-        if kept is not None:
-            patch_buffer = kept[1][start * per_image : stop * per_image]
         rows = _channel_rows(a[start:stop], kh, stride, out_h, patch_buffer)
         # out (a kept buffer) is C-contiguous: [j][(m, i), o] is a strided view of it.
         target = _strided(
@@ -595,8 +610,6 @@ def _correlate_rows(a, kernel, stride, out):
             (c_out * item, out_w * c_out * item, item),
         )
         np.matmul(_window_products(rows, out_w, stride, depth, item), weights, out=target)
-    if kept is not None:
-        _remember_patches(signature, a, kept)
 
 
 def _correlate_weights_rows(a, g, dtype):
@@ -722,15 +735,9 @@ def _correlate_banded(a, kernel, out):
     flat_out = out.reshape(n * out_h, out_w * c_out)
     block = _block_size(n, (out_h * w * kh + out_h * out_w * c_out) * item, _BANDED_BLOCK_BYTES)
     per_image = out_h * w * kh
-    # Kept for correlate_weights (see _KEPT_PATCH_BYTES); else a work array per block.
     signature = ("rows", kh, dtype)
-    kept = _patches_to_keep(signature, a, n * per_image, dtype)
-    if kept is None:
-        patch_buffer = _scratch("patches", block * per_image, dtype)
-    for start, stop in _blocks(n, block):
+    for start, stop, patch_buffer in _unrolling_blocks(signature, a, block, per_image, dtype):
         m = stop - start
-        if kept is not None:
-            patch_buffer = kept[1][start * per_image : stop * per_image]
         matrix = _row_patches(a[start:stop], kh, out_h, patch_buffer).reshape(m * out_h, w * kh)
         target = flat_out[start * out_h : stop * out_h]
         for first, span, chunks in _band_chunks(out_w, columns):
@@ -752,8 +759,6 @@ def _correlate_banded(a, kernel, out):
                 (span * c_out * item, target.strides[0], item),
             )
             np.matmul(left, band[:depth, : span * c_out], out=right)
-    if kept is not None:
-        _remember_patches(signature, a, kept)
 
 
 def _correlate_weights_banded(a, g, dtype):
@@ -851,9 +856,9 @@ def correlate(a, kernel, stride=1, *, workspace=None, key=""):
     weights = kernel.reshape(taps, c_out).astype(dtype, copy=False)
     rows = out_h * out_w
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
-    patch_buffer = _scratch("patches", block * rows * taps, dtype)
     if c_in == 1:
         # Patches laid out (u, v, n, i, j): each copied run is an output row, out_w long.
+        patch_buffer = _scratch("patches", block * rows * taps, dtype)
         view = _patch_view(a[:, :, :, 0], kh, kw, stride).transpose(3, 4, 0, 1, 2)
         flat = out.reshape(n * rows, c_out)
         for start, stop in _blocks(n, block):
@@ -868,20 +873,13 @@ def correlate(a, kernel, stride=1, *, workspace=None, key=""):
         # Kept for correlate_weights when small enough (see _KEPT_PATCH_BYTES).
         flat = out.reshape(n * rows, c_out)
         signature = ("windows", kh, kw, stride, dtype)
-        kept = _patches_to_keep(signature, a, n * rows * taps, dtype)
-        for start, stop in _blocks(n, block):
+        for start, stop, patches in _unrolling_blocks(signature, a, block, rows * taps, dtype):
             m = stop - start
-            if kept is None:
-                patches = patch_buffer[: m * rows * taps]
-            else:
-                patches = kept[1][start * rows * taps : stop * rows * taps]
-            patches = patches.reshape(m, out_h, out_w, kh, kw, c_in)
+            patches = patches[: m * rows * taps].reshape(m, out_h, out_w, kh, kw, c_in)
             _copy_window_rows(a[start:stop], kh, kw, stride, patches)
             np.matmul(
                 patches.reshape(m * rows, taps), weights, out=flat[start * rows : stop * rows]
             )
-        if kept is not None:
-            _remember_patches(signature, a, kept)
     return out
 
 
