@@ -231,6 +231,8 @@ _avgpool_forward, _avgpool_gradients = derived_closed_forms(
     dims={"x": (_PN, _PH, _PW, _PC)},
     order=("x",),
 )
+
+
 # flush: a quarter of a window of small sigmoid outputs can fall below the smallest normal
 # float (derive.functions.flush_subnormal: the identity in the proof's exact arithmetic).
 def _flushed(tree):
