@@ -375,7 +375,8 @@ def _scratch(name, size, dtype):
 
     A fresh temporary of a few MiB is mapped from the system and page-faulted in on every
     call once other arrays have been freed in between (as in training); a kept one is not.
-    It lives in thread-local storage (_per_thread).  Nothing made from it may be returned: its contents change at the next call.
+    It lives in thread-local storage (_per_thread).  Nothing made from it may be
+    returned: its contents change at the next call.
     """
     buffers = _per_thread("buffers")
     dtype = np.dtype(dtype)
@@ -498,6 +499,25 @@ def _kept_patches(signature, source):
     if not np.array_equal(copy.view(bits), source.view(bits)):
         return None
     return patches
+
+
+def _unrolled_blocks(signature, source, block, per_image, dtype, unroll):
+    """(start, stop, patches) for each block of ``source``'s images: their patches as a
+    1-D array, per_image elements an image.
+
+    The twin of _unrolling_blocks for correlate_weights: pieces of the patches the
+    forward kept when it unrolled this very input (_kept_patches), else the block
+    unrolled again by ``unroll(images, buffer)`` into one work array.
+    """
+    kept = _kept_patches(signature, source)
+    if kept is None:
+        work = _scratch("patches", block * per_image, dtype)
+    for start, stop in _blocks(len(source), block):
+        if kept is None:
+            unroll(source[start:stop], work)
+            yield start, stop, work[: (stop - start) * per_image]
+        else:
+            yield start, stop, kept[start * per_image : stop * per_image]
 
 
 def _patch_view(a, kh, kw, stride, axes=(1, 2)):
@@ -627,19 +647,20 @@ def _correlate_weights_rows(a, g, dtype):
     depth = kw * kh * c_in
     per_image = gh * w * kh * c_in
     block = _block_size(n, (per_image + gh * gw * c_out) * item, _ROWS_BLOCK_BYTES)
-    # The forward's row patches when it unrolled this very input (see _KEPT_PATCH_BYTES).
-    kept = _kept_patches(("channel rows", kh, 1, dtype), a)
-    if kept is None:
-        patch_buffer = _scratch("patches", block * per_image, dtype)
     products = _scratch("correlate_weights.products", gw * c_out * depth, dtype)
     products = products.reshape(gw, c_out, depth)
     sums = np.zeros((c_out, depth), dtype=dtype)
-    for start, stop in _blocks(n, block):
+    blocks = _unrolled_blocks(
+        ("channel rows", kh, 1, dtype),
+        a,
+        block,
+        per_image,
+        dtype,
+        lambda images, buffer: _channel_rows(images, kh, 1, gh, buffer),
+    )
+    for start, stop, patches in blocks:
         m = stop - start
-        if kept is None:
-            rows = _channel_rows(a[start:stop], kh, 1, gh, patch_buffer)
-        else:
-            rows = kept[start * per_image : stop * per_image].reshape(m, gh, w, kh, c_in)
+        rows = patches.reshape(m, gh, w, kh, c_in)
         # g is C-contiguous: [j][o, (m, i)] is a strided view of it (g[:, :, j, :] transposed).
         gradient = _strided(
             g,
@@ -783,22 +804,22 @@ def _correlate_weights_banded(a, g, dtype):
     }
     block = _block_size(n, (gh * w * kh + gh * gw * c_out) * item, _BANDED_BLOCK_BYTES)
     per_image = gh * w * kh
-    # The forward's row patches when it unrolled this very input (see _KEPT_PATCH_BYTES).
-    kept = _kept_patches(("rows", kh, dtype), a)
-    if kept is None:
-        patch_buffer = _scratch("patches", block * per_image, dtype)
     product_buffer = _scratch(
         "correlate_weights.products",
         (gw // columns + 1) * (columns + kw - 1) * kh * columns * c_out,
         dtype,
     )
-    for start, stop in _blocks(n, block):
+    blocks = _unrolled_blocks(
+        ("rows", kh, dtype),
+        a,
+        block,
+        per_image,
+        dtype,
+        lambda images, buffer: _row_patches(images, kh, gh, buffer),
+    )
+    for start, stop, patches in blocks:
         m = stop - start
-        if kept is None:
-            matrix = _row_patches(a[start:stop], kh, gh, patch_buffer)
-        else:
-            matrix = kept[start * per_image : stop * per_image]
-        matrix = matrix.reshape(m * gh, w * kh)
+        matrix = patches.reshape(m * gh, w * kh)
         gradient = g[start:stop].reshape(m * gh, gw * c_out)
         for first, span, chunks in chunking:
             depth = (span + kw - 1) * kh
@@ -909,10 +930,6 @@ def correlate_weights(a, g):
             a.astype(dtype, copy=False), np.ascontiguousarray(g, dtype=dtype), dtype
         )
     block = _block_size(n, rows * (taps + c_out) * dtype.itemsize)
-    # The forward's patches when it unrolled this very input (see _KEPT_PATCH_BYTES).
-    kept = None if c_in == 1 else _kept_patches(("windows", kh, kw, 1, dtype), a)
-    if kept is None:
-        patch_buffer = _scratch("patches", block * rows * taps, dtype)
     # The transposed product, (C_out x rows) by (rows x taps), is summed: BLAS runs it
     # faster than (taps x rows) by (rows x C_out) (measured: about 9% for 5x5x6 windows
     # and 16 outputs).
@@ -921,21 +938,40 @@ def correlate_weights(a, g):
     g_flat = g.reshape(n * rows, c_out).astype(dtype, copy=False)
     if c_in == 1:
         # Patches laid out (u, v, n, i, j): each copied run is a row of the gradient's width.
+        patch_buffer = _scratch("patches", block * rows * taps, dtype)
         view = _patch_view(a[:, :, :, 0], kh, kw, 1).transpose(3, 4, 0, 1, 2)
-    for start, stop in _blocks(n, block):
-        m = stop - start
-        if c_in == 1:
+        for start, stop in _blocks(n, block):
+            m = stop - start
             patches = patch_buffer[: taps * m * rows].reshape(kh, kw, m, gh, gw)
             np.copyto(patches, view[:, :, start:stop])
-            matrix = patches.reshape(taps, m * rows)
-        elif kept is not None:
-            matrix = kept[start * rows * taps : stop * rows * taps].reshape(m * rows, taps).T
-        else:
-            patches = patch_buffer[: m * rows * taps].reshape(m, gh, gw, kh, kw, c_in)
-            _copy_window_rows(a[start:stop], kh, kw, 1, patches)
-            matrix = patches.reshape(m * rows, taps).T
-        np.matmul(g_flat[start * rows : stop * rows].T, matrix.T, out=partial)
-        sums += partial
+            np.matmul(
+                g_flat[start * rows : stop * rows].T, patches.reshape(taps, m * rows).T, out=partial
+            )
+            sums += partial
+    else:
+        # Rows (n, i, j), columns (u, v, c), as correlate unrolled them.
+        blocks = _unrolled_blocks(
+            ("windows", kh, kw, 1, dtype),
+            a,
+            block,
+            rows * taps,
+            dtype,
+            lambda images, buffer: _copy_window_rows(
+                images,
+                kh,
+                kw,
+                1,
+                buffer[: len(images) * rows * taps].reshape(len(images), gh, gw, kh, kw, c_in),
+            ),
+        )
+        for start, stop, patches in blocks:
+            m = stop - start
+            np.matmul(
+                g_flat[start * rows : stop * rows].T,
+                patches.reshape(m * rows, taps),
+                out=partial,
+            )
+            sums += partial
     out[...] = sums.T
     return out.reshape(kh, kw, c_in, c_out)
 
